@@ -1,0 +1,291 @@
+"""Typed configuration: one keyword-only dataclass per component, named recipes, dotted overrides.
+
+A run is fully described by `Config`; `Config.to_dict()` is what gets written to DIR/config.json and
+`Config.from_dict()` reads it back. Command-line overrides look like `model.untie=ffn,attn`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+UNTIE_CHOICES = ("ffn", "attn", "norm")
+
+
+class ConfigError(ValueError):
+    """A user-fixable configuration mistake; the message names the key."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    ffn_dim: int = 0  # 0: Llama's 8/3 * dim, rounded up to a multiple of 64
+    # Which components get separate weights per tower: any subset of {ffn, attn, norm}. Empty = dense.
+    untie: tuple[str, ...] = UNTIE_CHOICES
+    # Modality -> tower name. Modalities that share a name share weights (the MoT leave-one-out study).
+    towers: dict[str, str] = field(default_factory=lambda: {"text": "text", "image": "image"})
+    image_attention: str = "bidirectional"  # or "causal" (Transfusion's ablation)
+    attention_backend: str = "auto"  # auto: flex on CUDA, sdpa elsewhere
+    patch_size: int = 4
+    patcher: str = "linear"
+    image_channels: int = 3
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+
+    @property
+    def hidden_dim(self) -> int:
+        return self.ffn_dim or 64 * -(-(8 * self.dim // 3) // 64)
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        _check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "model.dim, model.n_layers and model.n_heads must be positive")
+        _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        _check(self.head_dim % 2 == 0, f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
+        bad = sorted(set(self.untie) - set(UNTIE_CHOICES))
+        _check(not bad, f"model.untie: unknown component(s) {bad}; choose any subset of {list(UNTIE_CHOICES)}")
+        _check(self.image_attention in ("bidirectional", "causal"), f"model.image_attention={self.image_attention!r}: choose 'bidirectional' or 'causal'")
+        _check(self.attention_backend in ("auto", "sdpa", "flex"), f"model.attention_backend={self.attention_backend!r}: choose 'auto', 'sdpa' or 'flex'")
+        _check(self.patch_size > 0, "model.patch_size must be positive")
+        _check(self.patcher == "linear", f"model.patcher={self.patcher!r}: only 'linear' is available")
+        _check("text" in self.towers, "model.towers must map the 'text' modality to a tower")
+
+
+@dataclass(kw_only=True)
+class ObjectiveConfig:
+    image_loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_diffusion
+    diffusion: str = "ddpm"  # ddpm (epsilon, cosine schedule) or flow (rectified flow, velocity)
+    num_timesteps: int = 1000
+    cfg_dropout: float = 0.1  # probability of dropping an image's caption (classifier-free guidance)
+    image_first_noise_cap: int | None = 500  # max timestep of an image that precedes its caption
+
+    def validate(self) -> None:
+        _check(self.diffusion in ("ddpm", "flow"), f"objective.diffusion={self.diffusion!r}: choose 'ddpm' or 'flow'")
+        _check(0.0 <= self.cfg_dropout < 1.0, "objective.cfg_dropout must be in [0, 1)")
+        _check(self.image_loss_weight >= 0, "objective.image_loss_weight must be >= 0")
+        cap = self.image_first_noise_cap
+        _check(cap is None or 0 < cap <= self.num_timesteps, f"objective.image_first_noise_cap must be in (0, {self.num_timesteps}] or none")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    dataset: str = "shapes"
+    image_size: int = 32
+    tokenizer: str = "bytes"  # bytes, or a path to a trained tokenizers BPE json
+    caption_first_prob: float = 0.8  # else the image comes first (captioning)
+    max_objects: int = 3
+    single_object_prob: float = 0.5
+
+    def validate(self) -> None:
+        _check(self.dataset == "shapes", f"data.dataset={self.dataset!r}: available datasets: ['shapes']")
+        _check(self.image_size >= 8, "data.image_size must be >= 8")
+        _check(0.0 <= self.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1]")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 3e-4
+    min_lr: float = 1.5e-5
+    warmup: int = 10
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 3
+    log_every: int = 10
+    device: str = "auto"  # auto: cuda if available, else cpu
+
+    def validate(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "log_every"):
+            _check(getattr(self, name) > 0, f"train.{name} must be positive")
+        _check(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
+        _check(self.warmup >= 0 and self.checkpoint_every >= 0, "train.warmup and train.checkpoint_every must be >= 0")
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recipe: str = "debug"
+
+    def validate(self) -> "Config":
+        for section in (self.model, self.objective, self.data, self.train):
+            section.validate()
+        _check(self.data.image_size % self.model.patch_size == 0,
+               f"data.image_size={self.data.image_size} must be divisible by model.patch_size={self.model.patch_size}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        cfg = cls()
+        for key, value in _flatten(d):
+            _set(cfg, key, value)
+        return cfg.validate()
+
+    def override(self, overrides: list[str]) -> "Config":
+        """Apply `section.key=value` strings in place; values are parsed by the field's type."""
+        for item in overrides:
+            key, sep, text = item.partition("=")
+            if not sep:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            _set(self, key.strip(), _parse(key.strip(), text.strip(), _field_type(self, key.strip())))
+        return self.validate()
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "objective", "data", "train"):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
+    *path, leaf = key.split(".")
+    obj = cfg
+    for part in path:
+        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
+            raise ConfigError(f"unknown config key {key!r}; sections are model, objective, data, train")
+        obj = getattr(obj, part)
+    names = {f.name for f in dataclasses.fields(obj)}
+    if leaf not in names or dataclasses.is_dataclass(getattr(obj, leaf)):
+        raise ConfigError(f"unknown config key {key!r}; valid keys here: {sorted(names)}")
+    return obj, leaf
+
+
+def _field_type(cfg: Config, key: str) -> Any:
+    obj, leaf = _resolve(cfg, key)
+    return typing.get_type_hints(type(obj))[leaf]
+
+
+def _set(cfg: Config, key: str, value: Any) -> None:
+    obj, leaf = _resolve(cfg, key)
+    hint = typing.get_type_hints(type(obj))[leaf]
+    if typing.get_origin(hint) is tuple and isinstance(value, list):
+        value = tuple(value)
+    setattr(obj, leaf, value)
+
+
+def _parse(key: str, text: str, hint: Any) -> Any:
+    """Parse a command-line string into the field's type, or raise ConfigError naming the key."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if text.lower() in ("none", "null", ""):
+            return None
+        hint = next(a for a in args if a is not type(None))
+    try:
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        if hint in (int, float, str):
+            return hint(text)
+        if typing.get_origin(hint) is tuple:
+            return tuple(s.strip() for s in text.split(",") if s.strip())
+        if typing.get_origin(hint) is dict:
+            pairs = [p.split(":") for p in text.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise ValueError
+            return {k.strip(): v.strip() for k, v in pairs}
+    except ValueError:
+        pass
+    else:
+        raise ConfigError(f"{key}: unsupported type {hint}")
+    raise ConfigError(f"{key}={text!r} is not a valid {getattr(hint, '__name__', hint)}"
+                      + (" (write modality:tower pairs, e.g. text:text,image:image)" if typing.get_origin(hint) is dict else ""))
+
+
+# ---- recipes ---------------------------------------------------------------------------------
+
+RECIPES: dict[str, Callable[[], Config]] = {}
+
+
+def recipe(name: str) -> Callable[[Callable[[], Config]], Callable[[], Config]]:
+    def register(fn: Callable[[], Config]) -> Callable[[], Config]:
+        RECIPES[name] = fn
+        return fn
+    return register
+
+
+def get_recipe(name: str) -> Config:
+    if name not in RECIPES:
+        raise ConfigError(f"unknown recipe {name!r}; available: {sorted(RECIPES)}")
+    cfg = RECIPES[name]()
+    cfg.recipe = name
+    return cfg.validate()
+
+
+@recipe("debug")
+def debug() -> Config:
+    """Seconds on a CPU: drives the tests."""
+    return Config(
+        model=ModelConfig(dim=64, n_layers=2, n_heads=4),
+        data=DataConfig(image_size=16),
+        train=TrainConfig(steps=20, batch_size=4, seq_len=192, lr=1e-3, warmup=5, log_every=5),
+    )
+
+
+@recipe("demo")
+def demo() -> Config:
+    """The default `motfusion demo`: minutes on a 2-core laptop CPU."""
+    return Config(
+        model=ModelConfig(dim=128, n_layers=4, n_heads=4),
+        data=DataConfig(image_size=32),
+        train=TrainConfig(steps=600, batch_size=8, seq_len=320, lr=2e-3, min_lr=1e-4, warmup=50, log_every=10),
+    )
+
+
+def _paper(n_layers: int, dim: int, n_heads: int) -> Config:
+    # The papers' transformer sizes and optimizer. Images: 64px with 4x4 patches = 256 tokens per image,
+    # the paper's token count per image (it uses 256px through a VAE, which motfusion adds separately).
+    return Config(
+        model=ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, patch_size=4),
+        data=DataConfig(image_size=64),
+        train=TrainConfig(steps=250_000, batch_size=512, seq_len=4096, lr=3e-4, min_lr=1.5e-5, warmup=4000,
+                          checkpoint_every=1000, log_every=10),
+    )
+
+
+@recipe("163m")
+def r_163m() -> Config:
+    return _paper(16, 768, 12)
+
+
+@recipe("760m")
+def r_760m() -> Config:
+    return _paper(24, 1536, 24)
+
+
+@recipe("1.4b")
+def r_1_4b() -> Config:
+    return _paper(24, 2048, 16)
+
+
+@recipe("7b")
+def r_7b() -> Config:
+    return _paper(32, 4096, 32)
