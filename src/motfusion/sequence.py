@@ -92,8 +92,9 @@ SEGMENT_ENCODERS[Text] = _encode_text
 SEGMENT_ENCODERS[Image] = _encode_image
 
 
-def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int) -> EncodedDoc:
-    if not doc:
+def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int, close: bool = True) -> EncodedDoc:
+    """`close=False` leaves out the EOS: a prompt that generation continues."""
+    if not doc and close:
         raise ValueError("empty document: it needs at least one segment")
     b = DocBuilder(tokenizer, patch_size)
     b.add([tokenizer.bos], TEXT)
@@ -101,7 +102,8 @@ def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int) -> Enc
         if type(seg) not in SEGMENT_ENCODERS:
             raise ValueError(f"unknown segment type {type(seg).__name__}; known: {[t.__name__ for t in SEGMENT_ENCODERS]}")
         SEGMENT_ENCODERS[type(seg)](b, seg)
-    b.add([tokenizer.eos], TEXT)
+    if close:
+        b.add([tokenizer.eos], TEXT)
     # An image gets the noise cap when it comes before any text and text follows it (it conditions a
     # caption). An image alone, e.g. with its caption dropped for classifier-free guidance, does not.
     is_text = [isinstance(seg, Text) for seg in doc]
