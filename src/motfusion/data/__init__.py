@@ -1,0 +1,1 @@
+"""Datasets: the built-in procedural shapes world."""

@@ -1,0 +1,1 @@
+"""Evaluation: scene checker and GenEval-style metrics for the shapes world."""
