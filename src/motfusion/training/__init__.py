@@ -1,0 +1,15 @@
+"""Training: the loop (trainer), checkpoints, and the metrics log."""
+
+from motfusion.training.checkpoint import CheckpointError, latest_checkpoint, load_model, save_checkpoint
+from motfusion.training.trainer import NonFiniteLossError, TrainResult, lr_at, train
+
+__all__ = [
+    "CheckpointError",
+    "NonFiniteLossError",
+    "TrainResult",
+    "latest_checkpoint",
+    "load_model",
+    "lr_at",
+    "save_checkpoint",
+    "train",
+]
