@@ -85,7 +85,7 @@ class DataConfig:
     single_object_prob: float = 0.5
 
     def validate(self) -> None:
-        _check(self.dataset == "shapes", f"data.dataset={self.dataset!r}: available datasets: ['shapes']")
+        _check(bool(self.dataset), "data.dataset must name a dataset, e.g. shapes")  # resolved in data.pipeline
         _check(self.image_size >= 8, "data.image_size must be >= 8")
         _check(0.0 <= self.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1]")
 

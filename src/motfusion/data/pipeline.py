@@ -9,12 +9,12 @@ document index, or sharding documents across ranks, reproduces exactly the same 
 from __future__ import annotations
 
 import zlib
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 
-from motfusion.config import Config, DataConfig, ObjectiveConfig
+from motfusion.config import Config, ConfigError, DataConfig, ObjectiveConfig
 from motfusion.data.shapes import ShapesDataset
 from motfusion.sequence import Document, EncodedDoc, Image, Packer, Text, encode_document
 from motfusion.tokenizer import Tokenizer
@@ -63,11 +63,27 @@ def document_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, stream, index]))
 
 
-def build_dataset(cfg: Config, split: str) -> Dataset:
-    """The dataset named by `data.dataset` (validated by the config; only "shapes" exists)."""
+# Dataset registry: `data.dataset` is "NAME" or "NAME:ARG" (e.g. a path); each builder takes
+# (cfg, split, arg). A new dataset registers one entry here.
+DatasetBuilder = Callable[[Config, str, str], Dataset]
+DATASETS: dict[str, DatasetBuilder] = {}
+
+
+def _shapes(cfg: Config, split: str, arg: str) -> Dataset:
     d = cfg.data
     return ShapesDataset(image_size=d.image_size, seed=split_seed(cfg, split), split=split,
                          max_objects=d.max_objects, single_object_prob=d.single_object_prob)
+
+
+DATASETS["shapes"] = _shapes
+
+
+def build_dataset(cfg: Config, split: str) -> Dataset:
+    """The dataset named by `data.dataset`: "NAME" or "NAME:ARG"."""
+    name, _, arg = cfg.data.dataset.partition(":")
+    if name not in DATASETS:
+        raise ConfigError(f"data.dataset={cfg.data.dataset!r}: unknown dataset {name!r}; available: {sorted(DATASETS)}")
+    return DATASETS[name](cfg, split, arg)
 
 
 class DocumentStream:
