@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from motfusion.sequence import IGNORE, IMAGE, TEXT, Image, Packer, Text, collate, encode_document
+from motfusion.sequence import IGNORE, IMAGE, TEXT, Image, Packer, Text, collate, encode_document, pack_documents
 from motfusion.tokenizer import ByteTokenizer, train_bpe
 
 from conftest import random_batch
@@ -96,3 +96,12 @@ def test_bpe_tokenizer(tmp_path):
     ids = t.encode("a red circle")
     assert t.decode(ids) == "a red circle" and len(ids) < len("a red circle")
     assert t.boi != t.eoi and t.is_special(t.boi)
+
+
+def test_pack_documents_fills_rows_in_order(tok):
+    docs = [[Text("x" * 20), img()] for _ in range(5)]
+    b = pack_documents(docs, tok, 4, seq_len=64)
+    per_doc = len(encode_document(docs[0], tok, 4))
+    assert b.shape == (5 // (64 // per_doc) + (5 % (64 // per_doc) > 0), 64)
+    assert b.images.shape[0] == 5
+    assert (b.doc.max(dim=1).values + 1).sum() == 5

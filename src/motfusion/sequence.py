@@ -231,3 +231,17 @@ class Packer:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.next_doc = int(state["next_doc"])
+
+
+def pack_documents(docs: list[Document], tokenizer: Tokenizer, patch_size: int, seq_len: int) -> Batch:
+    """Encode documents and pack them greedily, in order, into as many rows of seq_len as needed."""
+    rows: list[list[EncodedDoc]] = [[]]
+    used = 0
+    for doc in docs:
+        enc = encode_document(doc, tokenizer, patch_size)
+        if used + len(enc) > seq_len and rows[-1]:
+            rows.append([])
+            used = 0
+        rows[-1].append(enc)
+        used += len(enc)
+    return collate(rows, seq_len, tokenizer.pad)

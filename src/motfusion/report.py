@@ -1,0 +1,99 @@
+"""What a person looks at after a run: loss curves, a sample grid, captions, and an HTML page."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image as PILImage  # noqa: E402
+
+
+def to_pil(image: torch.Tensor, scale: int = 4) -> PILImage.Image:
+    """(3, H, W) in [-1, 1] -> an upscaled RGB picture (nearest neighbour keeps pixels crisp)."""
+    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+    pic = PILImage.fromarray(arr, "RGB")
+    return pic.resize((pic.width * scale, pic.height * scale), PILImage.NEAREST)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction, as TensorBoard draws it."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** (i + 1)))
+    return out
+
+
+def plot_losses(runs: dict[str, list[dict]], path: Path, keys: tuple[str, ...] = ("loss/text", "loss/image")) -> None:
+    """One panel per modality loss; one line per run (raw, faint, and smoothed)."""
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        for name, rows in runs.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if not pts:
+                continue
+            steps, vals = zip(*pts)
+            line, = ax.plot(steps, smooth(list(vals)), label=name)
+            ax.plot(steps, vals, color=line.get_color(), alpha=0.25, linewidth=0.8)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path, scale: int = 3) -> None:
+    """Rows of samples, one row per prompt, the prompt written on the left."""
+    from PIL import ImageDraw
+    tiles = [[to_pil(im, scale) for im in row] for row in images]
+    tile = tiles[0][0].size[0]
+    pad, label_w = 4, 7 * max(len(p) for p in prompts) + 12
+    cols = max(len(r) for r in tiles)
+    sheet = PILImage.new("RGB", (label_w + cols * (tile + pad), len(tiles) * (tile + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    for r, (prompt, row) in enumerate(zip(prompts, tiles)):
+        y = pad + r * (tile + pad)
+        draw.text((6, y + tile // 2 - 6), prompt, fill="black")
+        for c, pic in enumerate(row):
+            sheet.paste(pic, (label_w + c * (tile + pad), y))
+    sheet.save(path)
+
+
+def write_html(out: Path, title: str, metrics: dict, t2i: list[dict], i2t: list[dict]) -> Path:
+    """index.html beside loss.png and samples.png; t2i rows: {prompt, files, ok}; i2t: {file, truth, caption, ok}."""
+    esc = html.escape
+    mark = lambda ok: "&#10003;" if ok else "&#10007;"
+    summary = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
+                      f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in metrics.items())
+    gen = "".join(
+        f"<tr><td>{mark(r['ok'])} {esc(r['prompt'])}</td><td>"
+        + "".join(f"<img src='{esc(f)}'>" for f in r["files"]) + "</td></tr>" for r in t2i)
+    cap = "".join(
+        f"<tr><td><img src='{esc(r['file'])}'></td><td>{esc(r['truth'])}</td><td>{mark(r['ok'])} {esc(r['caption'])}</td></tr>"
+        for r in i2t)
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 10px;vertical-align:middle}}
+img{{image-rendering:pixelated;margin:2px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style>
+</head><body><h1>{esc(title)}</h1>
+<h2>Metrics</h2><table>{summary}</table>
+<h2>Loss per modality</h2><img src="loss.png">
+<h2>Text to image</h2><p>Prompt (&#10003; when the scene checker finds every clause in the first sample) and samples.</p><table>{gen}</table>
+<h2>Image to text</h2><p>Held-out image, its true caption, the model's caption (&#10003; when all its clauses match the scene).</p>
+<table><tr><th>image</th><th>true caption</th><th>generated</th></tr>{cap}</table>
+</body></html>"""
+    path = out / "index.html"
+    path.write_text(page)
+    return path
