@@ -3,7 +3,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install clean
+# Debian packages the tests read: espeak-ng and fortunes (speech), dataset-fashion-mnist and
+# fonts-noto-color-emoji (real image datasets). `make test` installs the missing ones when it runs
+# as root on a machine with apt-get.
+DEB_PACKAGES := espeak-ng fortunes dataset-fashion-mnist fonts-noto-color-emoji
+
+.PHONY: demo test install clean debs
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/motfusion demo --out runs/demo
 
-test: $(STAMP)
+debs:
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
+	fi
+
+test: $(STAMP) debs
 	$(PY) -m pytest -q
 
 clean:

@@ -9,7 +9,7 @@ from motfusion.config import get_recipe
 from motfusion.sequence import Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: a second thread buys little and oversubscribes when tests spawn processes
 
 
 @pytest.fixture

@@ -139,34 +139,8 @@ def test_keep_checkpoints_prunes_old_ones(tmp_path, tok):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004", "step_00000005"]
 
 
-def _placed_docs(packer, n_batches: int) -> list[tuple]:
-    """Each document the packer placed, in order, as (tokens, image bytes) read back from the batches."""
-    docs = []
-    for _ in range(n_batches):
-        batch = packer.next_batch()
-        for b in range(batch.shape[0]):
-            for d in range(int(batch.doc[b].max()) + 1):
-                at = batch.doc[b] == d
-                images = batch.image[b][at].unique()
-                docs.append((tuple(batch.tokens[b][at].tolist()),
-                             tuple(batch.images[i].numpy().tobytes() for i in images[images >= 0].tolist())))
-    return docs
-
-
 def _doc_key(enc) -> tuple:
     return tuple(enc.tokens), tuple(x.numpy().tobytes() for x in enc.images)
-
-
-def test_ranks_shard_documents_without_gaps_or_duplicates(tok):
-    cfg = small_cfg()
-    ranks = [_placed_docs(make_packer(cfg, tok, rank=r, world_size=2), 2) for r in range(2)]
-    stream = DocumentStream(build_dataset(cfg, "train"), tok, cfg, "train")
-    one_rank = [_doc_key(stream(i)) for i in range(2 * max(map(len, ranks)))]
-    for r, docs in enumerate(ranks):
-        assert docs == one_rank[r::2][:len(docs)]  # rank r holds documents r, r + 2, r + 4, ...
-    n = min(map(len, ranks))
-    assert set(ranks[0][:n]) | set(ranks[1][:n]) == set(one_rank[:2 * n])
-    assert not set(ranks[0]) & set(ranks[1])
 
 
 @dataclass

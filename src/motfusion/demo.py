@@ -18,6 +18,7 @@ from motfusion.report import plot_losses, read_metrics, sample_grid, smooth, to_
 from motfusion.sampling import Generator, SampleConfig
 from motfusion.training.checkpoint import checkpoint_step, latest_checkpoint, load_model
 from motfusion.training.trainer import train
+from motfusion.vae.kl_vae import image_codec
 
 GRID_PROMPTS = 12
 GRID_SAMPLES = 6
@@ -37,7 +38,7 @@ def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int 
     print("evaluating: text to image on held-out prompts, image to text on held-out images ...")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, cfg, tok = load_model(out, device=device)
-    gen = Generator(model, tok, cfg.objective, cfg.data.image_size, sample_cfg)
+    gen = Generator(model, tok, cfg.objective, cfg.data.image_size, sample_cfg, codec=image_codec(cfg, device))
     ev = evaluate_shapes(gen, n_single=n_single, n_prompts=n_prompts, n_captions=n_captions, seed=seed)
     report = write_report(out, cfg, gen, ev, seed)
     history = read_metrics(out / "metrics.jsonl")
@@ -66,7 +67,7 @@ def write_report(out: Path, cfg: Config, gen: Generator, ev, seed: int) -> Path:
     plot_losses({out.name: read_metrics(out / "metrics.jsonl")}, report / "loss.png")
     prompts = ev.prompts[:GRID_PROMPTS // 2] + ev.prompts[-GRID_PROMPTS // 2:]  # single-object and harder forms
     g = torch.Generator(device=gen.device).manual_seed(seed + 100)
-    grid = [list(gen.images([p] * GRID_SAMPLES, g).cpu()) for p in prompts]
+    grid = [list(gen.decode_images(gen.images([p] * GRID_SAMPLES, g)).cpu()) for p in prompts]
     sample_grid(prompts, grid, report / "samples.png")
     return report
 

@@ -1,10 +1,20 @@
 """The Transfusion objective: L = L_LM + lambda * L_diffusion, with a breakdown per modality.
 
+L_LM is the sum over the model's discrete modalities (text, and VQ image codes or speech units when
+the model has them) of each one's next-token loss, weighted by `objective.loss_weights` (default 1),
+each scored by its own head. With a text mixture of experts, its balance loss joins as well.
+
 It lives outside the model (as in DiT): it draws one noise level per image, noises the clean images,
 runs the model once over the whole packed batch, and scores both outputs.
+
+With several ranks, each holds some rows of a global batch. The losses stay means over the GLOBAL
+batch (text: over its LM targets, images: over its images): each rank returns sums divided by the
+global counts, its share, and the shares add up to what one process computes on the whole batch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +23,26 @@ from motfusion.config import ObjectiveConfig
 from motfusion.diffusion import make_process
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.sequence import Batch
+
+
+@dataclass(frozen=True)
+class GlobalBatch:
+    """Where one rank's rows sit in the global batch of a step (see training/distributed.locate)."""
+
+    text_targets: int  # LM targets in the global batch: the text loss's denominator
+    images: int  # images in the global batch: the image loss's denominator
+    image_offset: int = 0  # global index of this rank's first image
+    unit_targets: dict[str, int] = field(default_factory=dict)  # the other discrete heads' LM targets
+
+    def lm_targets(self, modality: str) -> int:
+        """The denominator of `modality`'s LM loss."""
+        return self.text_targets if modality == "text" else self.unit_targets[modality]
+
+    @classmethod
+    def of(cls, batch: Batch) -> "GlobalBatch":
+        """`batch` is the whole batch: one process."""
+        counts = {m: idx.numel() for m, idx in batch.loss_index.items()}
+        return cls(text_targets=counts.pop("text"), images=batch.images.shape[0], unit_targets=counts)
 
 
 class TransfusionObjective:
@@ -26,27 +56,62 @@ class TransfusionObjective:
         cap = T if self.cfg.image_first_noise_cap is None else float(self.cfg.image_first_noise_cap)
         return torch.where(image_first, cap, T)
 
-    def __call__(self, model: TransfusionModel, batch: Batch,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Returns the total loss and a breakdown {"loss/text", "loss/image"} (detached)."""
+    def draw(self, batch: Batch, whole: GlobalBatch,
+             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps (N,) and noise (N, C, H, W) for this rank's images.
+
+        They are drawn for every image of the global batch and the rank keeps its own slice, so global
+        image j gets the same timestep and noise whatever the number of ranks."""
+        x0 = batch.images  # (N, C, H, W)
+        mine = slice(whole.image_offset, whole.image_offset + x0.shape[0])
+        caps = torch.full((whole.images,), float(self.cfg.num_timesteps), device=x0.device)
+        caps[mine] = self.max_timesteps(batch.image_first)  # other ranks' caps do not change this rank's draws
+        t = self.process.sample_timesteps(whole.images, generator, x0.device, max_t=caps)  # (N_global,)
+        noise = torch.randn((whole.images, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
+        return t[mine], noise[mine]
+
+    def __call__(self, model: TransfusionModel, batch: Batch, generator: torch.Generator | None = None,
+                 whole: GlobalBatch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns the total loss and a breakdown (detached): "loss/M" for each discrete modality M of
+        the model, "loss/image" for diffusion, "loss/moe_balance" with a text mixture of experts.
+
+        `whole`: the global batch this rank's `batch` belongs to; the values are then its shares of the
+        global means. None: `batch` is the whole batch and the values are its means."""
         x0 = batch.images  # (N, C, H, W)
         N = x0.shape[0]
-        t = self.process.sample_timesteps(N, generator, x0.device, max_t=self.max_timesteps(batch.image_first))
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        whole = whole or GlobalBatch.of(batch)
+        if N:
+            t, noise = self.draw(batch, whole, generator)
+        else:  # nothing to noise; x0 is a (0, C, 1, 1) placeholder
+            t, noise = torch.zeros(0, device=x0.device), x0
         x_t = self.process.add_noise(x0, noise, t)
         out = model(batch, x_t, t)
 
         zero = out.hidden.sum() * 0  # keeps the graph connected when a modality is absent
-        idx = batch.text_loss_index
-        if idx.numel():
-            hidden = out.hidden.flatten(0, 1)[idx]  # (n_text, D)
-            text_loss = F.cross_entropy(model.text_logits(hidden).float(), batch.targets.flatten()[idx])
-        else:
-            text_loss = zero
-        if N:
-            target = self.process.target(x0, noise, t)
-            image_loss = (out.image.float() - target).pow(2).mean(dim=(1, 2, 3)).mean()  # per image, then over images
-        else:
-            image_loss = zero
-        loss = text_loss + self.cfg.image_loss_weight * image_loss
-        return loss, {"loss/text": text_loss.detach(), "loss/image": image_loss.detach()}
+        core = getattr(model, "module", model)  # under DDP: the heads run after forward, outside the wrapper
+        parts = {m: self.lm_loss(core, out.hidden, batch, m, whole) for m in core.token_modalities}
+        loss = sum(self.cfg.loss_weights.get(m, 1.0) * value for m, value in parts.items())
+        if core.image is not None:  # continuous images: diffusion
+            if N:
+                target = self.process.target(x0, noise, t)
+                per_image = (out.image.float() - target).pow(2).mean(dim=(1, 2, 3))  # (N,) mean over each image
+                parts["image"] = per_image.sum() / whole.images
+            else:
+                parts["image"] = zero
+            loss = loss + self.cfg.image_loss_weight * parts["image"]
+        if core.cfg.text_moe_experts:
+            # A mean over this rank's text tokens: its share is its part of the global text targets.
+            share = batch.text_loss_index.numel() / max(whole.text_targets, 1)
+            parts["moe_balance"] = zero if out.moe_balance is None else out.moe_balance * share
+            loss = loss + self.cfg.moe_balance_weight * parts["moe_balance"]
+        return loss, {f"loss/{m}": value.detach() for m, value in parts.items()}
+
+    @staticmethod
+    def lm_loss(model: TransfusionModel, hidden: torch.Tensor, batch: Batch, modality: str,
+                whole: GlobalBatch) -> torch.Tensor:
+        """Next-token cross-entropy of the positions whose target `modality`'s head predicts."""
+        idx = batch.loss_index[modality]
+        if not idx.numel():
+            return hidden.sum() * 0
+        logits = model.logits(hidden.flatten(0, 1)[idx], modality).float()  # (n, V_modality)
+        return F.cross_entropy(logits, batch.targets.flatten()[idx], reduction="sum") / whole.lm_targets(modality)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-import json
+import math
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +12,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
+
+from motfusion.training.logging import METRICS_FILE, read_metrics as _read_records  # noqa: E402
+
+X_LABELS = {"step": "step", "cumulative_flops": "training FLOPs"}
 
 
 def to_pil(image: torch.Tensor, scale: int = 4) -> PILImage.Image:
@@ -22,7 +26,10 @@ def to_pil(image: torch.Tensor, scale: int = 4) -> PILImage.Image:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a metrics.jsonl (one cut short by a kill mid-write is dropped)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} not found: expected the {METRICS_FILE} of a training run")
+    return _read_records(path)
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
@@ -34,25 +41,41 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def plot_losses(runs: dict[str, list[dict]], path: Path, keys: tuple[str, ...] = ("loss/text", "loss/image")) -> None:
-    """One panel per modality loss; one line per run (raw, faint, and smoothed)."""
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        for name, rows in runs.items():
-            pts = [(r["step"], r[key]) for r in rows if key in r]
-            if not pts:
-                continue
-            steps, vals = zip(*pts)
-            line, = ax.plot(steps, smooth(list(vals)), label=name)
-            ax.plot(steps, vals, color=line.get_color(), alpha=0.25, linewidth=0.8)
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
+def plot_losses(runs: dict[str, list[dict]], path: Path, keys: tuple[str, ...] = ("loss/text", "loss/image"),
+                x_axes: tuple[str, ...] = ("step",)) -> None:
+    """One panel per modality loss (columns) and x axis (rows: "step", "cumulative_flops"); one line
+    per run (raw, faint, and smoothed). Skipped steps' non-finite losses are left out."""
+    fig, axes = plt.subplots(len(x_axes), len(keys), figsize=(5 * len(keys), 3.6 * len(x_axes)), squeeze=False)
+    for row, x in zip(axes, x_axes):
+        for ax, key in zip(row, keys):
+            for name, rows in runs.items():
+                pts = [(r[x], r[key]) for r in rows if key in r and x in r and math.isfinite(r[key])]
+                if not pts:
+                    continue
+                xs, vals = zip(*pts)
+                line, = ax.plot(xs, smooth(list(vals)), label=name)
+                ax.plot(xs, vals, color=line.get_color(), alpha=0.25, linewidth=0.8)
+            ax.set_title(key)
+            ax.set_xlabel(X_LABELS.get(x, x))
+            ax.set_xscale("linear" if x == "step" else "log")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def compare_runs(run_dirs: list[Path], path: Path) -> tuple[str, ...]:
+    """Per-modality loss curves of several runs against steps and against training FLOPs, in one PNG.
+    Returns the loss keys drawn (one column each)."""
+    runs = {str(d): read_metrics(Path(d) / METRICS_FILE) for d in run_dirs}
+    keys = tuple(dict.fromkeys(k for rows in runs.values() for r in rows for k in r if k.startswith("loss/")))
+    if not keys:
+        raise FileNotFoundError(f"no per-modality losses (loss/...) found in the metrics of {', '.join(runs)}")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    plot_losses(runs, path, keys, x_axes=("step", "cumulative_flops"))
+    return keys
 
 
 def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path, scale: int = 3) -> None:
@@ -60,7 +83,8 @@ def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path
     from PIL import ImageDraw
     tiles = [[to_pil(im, scale) for im in row] for row in images]
     tile = tiles[0][0].size[0]
-    pad, label_w = 4, 7 * max(len(p) for p in prompts) + 12
+    measure = ImageDraw.Draw(PILImage.new("RGB", (1, 1)))
+    pad, label_w = 4, int(max(measure.textlength(p) for p in prompts)) + 16
     cols = max(len(r) for r in tiles)
     sheet = PILImage.new("RGB", (label_w + cols * (tile + pad), len(tiles) * (tile + pad) + pad), "white")
     draw = ImageDraw.Draw(sheet)

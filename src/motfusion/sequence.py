@@ -1,9 +1,11 @@
 """Mixed-modal documents and how they are packed into fixed-length rows.
 
-A document is an ordered list of segments (`Text`, `Image`, ...). Encoding turns it into one flat
-sequence: BOS, text bytes, BOI, one slot per image patch, EOI, ..., EOS. Packing places several
-documents in each row of a (B, T) batch and precomputes, once per batch, every index the layers need
-(per-modality positions, image patch positions, loss positions), so no layer syncs with the host.
+A document is an ordered list of segments (`Text`, `Image`, `Units`, ...). Encoding turns it into one
+flat sequence: BOS, text bytes, BOI, one slot per image patch, EOI, ..., EOS; discrete units (VQ image
+codes, speech units) sit between their modality's markers the same way (see ModalitySpec). Packing
+places several documents in each row of a (B, T) batch and precomputes, once per batch, every index
+the layers need (per-modality positions, image patch positions, loss positions per head), so no
+layer syncs with the host.
 """
 
 from __future__ import annotations
@@ -17,16 +19,55 @@ from motfusion.tokenizer import Tokenizer
 
 IGNORE = -100  # target id with no loss
 
-# Modality registry: name -> index stored per position. Discrete modalities have a token head.
+SPAN_END = 0  # local id 0 of a modality whose spans the model closes: "the span ends here"
+
+
+@dataclass(frozen=True)
+class ModalitySpec:
+    """How a modality sits in a sequence.
+
+    Text is the frame: every other modality appears as a span between a start and an end marker,
+    which are text tokens (tokenizer specials). Inside a span each position holds an id local to
+    the modality: a slot for a continuous image (diffusion patches), or an id in the modality's
+    own vocabulary, embedded and predicted by its own table and head. Whether a modality is
+    discrete in a run is the model's choice (`model.vocab_sizes`: image is continuous unless it
+    has a vocabulary there).
+
+    Spans of fixed length (an image: its size fixes the count) are closed by appending the end
+    marker. Spans of variable length (speech) are closed by the model: it predicts their end with
+    its own head as local id SPAN_END, so their vocabulary shifts the units up by one (`offset`).
+    """
+
+    name: str
+    index: int  # stored per position in Batch.modality
+    start: str | None = None  # tokenizer special that opens a span, e.g. "<boi>"
+    end: str | None = None
+    model_closes: bool = False
+
+    @property
+    def offset(self) -> int:
+        """Local id of unit 0: 1 when id 0 is reserved for SPAN_END."""
+        return int(self.model_closes)
+
+
+# Modality registry: name -> spec, and name -> index stored per position.
+SPECS: dict[str, ModalitySpec] = {}
 MODALITIES: dict[str, int] = {}
 
 
-def register_modality(name: str) -> int:
-    return MODALITIES.setdefault(name, len(MODALITIES))
+def register_modality(name: str, start: str | None = None, end: str | None = None, model_closes: bool = False) -> int:
+    """Add a modality (or return the index of one already registered with the same markers)."""
+    spec = SPECS.get(name) or ModalitySpec(name, len(SPECS), start, end, model_closes)
+    if (spec.start, spec.end, spec.model_closes) != (start, end, model_closes):
+        raise ValueError(f"modality {name!r} is already registered as {spec}")
+    SPECS[name] = spec
+    MODALITIES[name] = spec.index
+    return spec.index
 
 
 TEXT = register_modality("text")
-IMAGE = register_modality("image")
+IMAGE = register_modality("image", start="<boi>", end="<eoi>")
+SPEECH = register_modality("speech", start="<bosp>", end="<eosp>", model_closes=True)
 
 
 @dataclass(frozen=True)
@@ -39,7 +80,17 @@ class Image:
     pixels: torch.Tensor  # (C, H, W) in [-1, 1]
 
 
-Segment = Text | Image
+@dataclass(frozen=True)
+class Units:
+    """A span of discrete units of a non-text modality: speech units, or an image's VQ codes.
+
+    `ids` are the units themselves, 0 .. n-1 for a vocabulary of n (`model.vocab_sizes`)."""
+
+    modality: str
+    ids: torch.Tensor | list[int]  # (L,)
+
+
+Segment = Text | Image | Units
 Document = list[Segment]
 
 
@@ -88,8 +139,22 @@ def _encode_image(b: DocBuilder, seg: Image) -> None:
     b.doc.images.append(seg.pixels)
 
 
+def _encode_units(b: DocBuilder, seg: Units) -> None:
+    spec = SPECS.get(seg.modality)
+    if spec is None or spec.start is None:
+        spans = sorted(name for name, s in SPECS.items() if s.start is not None)
+        raise ValueError(f"Units of modality {seg.modality!r}: not a span modality; registered: {spans}")
+    ids = torch.as_tensor(seg.ids).flatten().tolist()
+    if not ids or min(ids) < 0:
+        raise ValueError(f"Units of {seg.modality!r} need at least one id, all >= 0")
+    b.add([b.tok.special_ids[spec.start]], TEXT)
+    b.add([i + spec.offset for i in ids], spec.index)
+    b.add([b.tok.special_ids[spec.end]], TEXT)
+
+
 SEGMENT_ENCODERS[Text] = _encode_text
 SEGMENT_ENCODERS[Image] = _encode_image
+SEGMENT_ENCODERS[Units] = _encode_units
 
 
 def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int, close: bool = True) -> EncodedDoc:
@@ -115,21 +180,25 @@ def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int, close:
 class Batch:
     """A packed (B, T) batch. Per-position tensors are (B, T); flat indices address B * T."""
 
-    tokens: torch.Tensor  # (B, T) text token ids, PAD at image positions
+    tokens: torch.Tensor  # (B, T) ids local to each position's modality vocabulary; PAD at image patches
     modality: torch.Tensor  # (B, T) input modality per position
     doc: torch.Tensor  # (B, T) document id within the row, -1 for padding
     pos: torch.Tensor  # (B, T) RoPE position within the document
     image: torch.Tensor  # (B, T) image index into `images`, -1 elsewhere
-    targets: torch.Tensor  # (B, T) next text token, IGNORE where no LM loss
+    targets: torch.Tensor  # (B, T) next id, in the vocabulary of the head that predicts it; IGNORE: no loss
     images: torch.Tensor  # (N, C, H, W) clean images
     image_index: torch.Tensor  # (N, L) flat positions of each image's patches, raster order
     image_first: torch.Tensor  # (N,) bool: image precedes its caption
     modality_index: dict[str, torch.Tensor]  # name -> flat positions of that input modality
-    text_loss_index: torch.Tensor  # flat positions with an LM target
+    loss_index: dict[str, torch.Tensor]  # name -> flat positions whose target that modality's head predicts
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)
+
+    @property
+    def text_loss_index(self) -> torch.Tensor:
+        return self.loss_index["text"]
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {}
@@ -148,6 +217,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
     pos = torch.zeros((B, T), dtype=torch.long)
     image = torch.full((B, T), -1, dtype=torch.long)
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
+    target_modality = torch.full((B, T), -1, dtype=torch.long)
     images, image_first, image_index = [], [], []
     for b, docs in enumerate(rows):
         start = 0
@@ -162,7 +232,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
             pos[b, sl] = torch.arange(n)
             slot = torch.tensor(enc.image_slot)
             image[b, sl] = torch.where(slot >= 0, slot + len(images), -1)
-            targets[b, sl] = _lm_targets(enc)
+            targets[b, sl], target_modality[b, sl] = _lm_targets(enc)
             for k, pixels in enumerate(enc.images):
                 image_index.append(b * T + start + (slot == k).nonzero().squeeze(1))
                 images.append(pixels)
@@ -170,27 +240,34 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
             start += n
     if len({tuple(x.shape) for x in images}) > 1:
         raise ValueError(f"images in one batch must share a size, got {sorted({tuple(x.shape) for x in images})}")
-    flat_modality = modality.view(-1)
+    flat_modality, flat_target = modality.view(-1), target_modality.view(-1)
     return Batch(
         tokens=tokens, modality=modality, doc=doc_id, pos=pos, image=image, targets=targets,
         images=torch.stack(images) if images else torch.zeros(0, 3, 1, 1),
         image_index=torch.stack(image_index) if image_index else torch.zeros(0, 1, dtype=torch.long),
         image_first=torch.tensor(image_first, dtype=torch.bool),
         modality_index={name: (flat_modality == i).nonzero().squeeze(1) for name, i in MODALITIES.items()},
-        text_loss_index=(targets.view(-1) != IGNORE).nonzero().squeeze(1),
+        loss_index={name: (flat_target == i).nonzero().squeeze(1) for name, i in MODALITIES.items()},
     )
 
 
-def _lm_targets(enc: EncodedDoc) -> torch.Tensor:
-    """Next-token targets: only where the next position is text, and never the EOI after an image."""
-    tok = torch.tensor(enc.tokens)
-    mod = torch.tensor(enc.modality)
-    out = torch.full_like(tok, IGNORE)
-    nxt_text = mod[1:] == TEXT
-    nxt_after_image = mod[:-1] == IMAGE  # the next token is the EOI that closes an image: appended, not predicted
-    keep = nxt_text & ~nxt_after_image
-    out[:-1] = torch.where(keep, tok[1:], IGNORE)
-    return out
+def _lm_targets(enc: EncodedDoc) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token targets, and the modality whose head predicts each (-1 where there is no loss).
+
+    Position i predicts position i + 1 with the head of i + 1's modality, except that
+    - continuous positions (diffusion patches) neither predict nor are predicted: no loss on BOI;
+    - the end marker after a span's last element is appended, not predicted (an image's EOI), unless
+      the model closes that modality's spans: then the span's own head predicts SPAN_END there.
+    """
+    tok, mod, slot = (torch.tensor(x) for x in (enc.tokens, enc.modality, enc.image_slot))
+    continuous = slot >= 0
+    closes = (mod[:-1] != TEXT) & (mod[1:] == TEXT)  # i ends a span; i + 1 is its end marker
+    model_closes = torch.tensor([spec.model_closes for spec in SPECS.values()])[mod[:-1]]
+    keep = ~continuous[:-1] & ~continuous[1:] & (~closes | model_closes)
+    targets, heads = torch.full_like(tok, IGNORE), torch.full_like(tok, -1)
+    targets[:-1] = torch.where(keep, torch.where(closes, SPAN_END, tok[1:]), IGNORE)
+    heads[:-1] = torch.where(keep, torch.where(closes, mod[:-1], mod[1:]), -1)
+    return targets, heads
 
 
 class Packer:
@@ -198,33 +275,46 @@ class Packer:
 
     `doc_fn(i)` returns the i-th encoded document. The state is the index of the first document not
     yet placed, so resuming from `state_dict()` reproduces the same batches exactly.
+
+    With several ranks, `batch_size` is the global batch: every rank packs the same global rows and
+    collates only its own contiguous `batch_size / world_size` of them. So W ranks together train on
+    exactly the batches of one process, and the state is the same on every rank: a checkpoint
+    resumes with any number of ranks. The price: every rank builds all the documents of the global
+    batch, since greedy packing needs their lengths (collating, the larger part, is per rank).
     """
 
     def __init__(self, doc_fn: Callable[[int], EncodedDoc], batch_size: int, seq_len: int, pad_id: int,
-                 start: int = 0, stride: int = 1):
+                 rank: int = 0, world_size: int = 1):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"a global batch of {batch_size} rows does not split over {world_size} ranks")
         self.doc_fn, self.batch_size, self.seq_len, self.pad_id = doc_fn, batch_size, seq_len, pad_id
-        self.next_doc, self.stride = start, stride
+        self.rank, self.world_size = rank, world_size
+        self.next_doc = 0
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
             yield self.next_batch()
 
     def next_batch(self) -> Batch:
-        rows = []
-        for _ in range(self.batch_size):
-            row, used = [], 0
-            while True:
-                enc = self.doc_fn(self.next_doc)
-                if len(enc) > self.seq_len:
-                    raise ValueError(f"document {self.next_doc} has {len(enc)} positions, more than "
-                                     f"train.seq_len={self.seq_len}; raise train.seq_len")
-                if used + len(enc) > self.seq_len:
-                    break
-                row.append(enc)
-                used += len(enc)
-                self.next_doc += self.stride
-            rows.append(row)
-        return collate(rows, self.seq_len, self.pad_id)
+        """This rank's (batch_size / world_size, seq_len) rows of the next global batch."""
+        rows = [self._next_row() for _ in range(self.batch_size)]
+        per_rank = self.batch_size // self.world_size
+        return collate(rows[self.rank * per_rank:(self.rank + 1) * per_rank], self.seq_len, self.pad_id)
+
+    def _next_row(self) -> list[EncodedDoc]:
+        row, used = [], 0
+        while True:
+            enc = self.doc_fn(self.next_doc)
+            if len(enc) > self.seq_len:
+                raise ValueError(f"document {self.next_doc} has {len(enc)} positions, more than "
+                                 f"train.seq_len={self.seq_len}; raise train.seq_len")
+            if used + len(enc) > self.seq_len:
+                return row
+            row.append(enc)
+            used += len(enc)
+            self.next_doc += 1
 
     def state_dict(self) -> dict[str, int]:
         return {"next_doc": self.next_doc}

@@ -1,15 +1,19 @@
 """From a dataset to the Packer: a deterministic stream of encoded mixed-modal documents.
 
 Document `i` of a split is a pure function of (seed, split, i): its sample comes from the dataset's
-`sample(i)` and its layout (caption first or image first, caption dropped or kept) from a numpy
+`sample(i)` (a dataset of ready documents gives `document(i, rng)` instead) and its layout (caption first or image first, caption dropped or kept) from a numpy
 Generator seeded by the same triple. Nothing depends on what was drawn before, so resuming from a
 document index, or sharding documents across ranks, reproduces exactly the same documents.
+A finite dataset (one with `len()`) is read epoch after epoch, each epoch in its own permutation
+seeded by (seed, epoch), so the stream index still grows forever and stays a pure function.
 """
 
 from __future__ import annotations
 
 import zlib
-from typing import Callable, Protocol
+from collections.abc import Sized
+from pathlib import Path
+from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -18,6 +22,8 @@ from motfusion.config import Config, ConfigError, DataConfig, ObjectiveConfig
 from motfusion.data.shapes import ShapesDataset
 from motfusion.sequence import Document, EncodedDoc, Image, Packer, Text, encode_document
 from motfusion.tokenizer import Tokenizer
+from motfusion.vae.kl_vae import LatentImages, image_codec
+from motfusion.vq import ImageTokens, load_image_tokenizer
 
 SPLITS = ("train", "val")
 VAL_SEED = 0  # the val split is the same for every run, so val losses compare across seeds
@@ -28,8 +34,21 @@ class Sample(Protocol):
     caption: str
 
 
-class Dataset(Protocol):
+class PairDataset(Protocol):
+    """(image, caption) pairs: the pipeline lays each out as a document (`document_for`)."""
+
     def sample(self, index: int) -> Sample: ...
+
+
+@runtime_checkable
+class DocumentDataset(Protocol):
+    """Ready documents, e.g. a user's interleaved ones. `rng` is the document's own (seed, split,
+    stream index) generator, for any random choice the dataset makes in laying it out."""
+
+    def document(self, index: int, rng: np.random.Generator) -> Document: ...
+
+
+Dataset = PairDataset | DocumentDataset
 
 
 def document_for(sample: Sample, rng: np.random.Generator, data_cfg: DataConfig,
@@ -75,7 +94,37 @@ def _shapes(cfg: Config, split: str, arg: str) -> Dataset:
                          max_objects=d.max_objects, single_object_prob=d.single_object_prob)
 
 
+def _fashion(cfg: Config, split: str, arg: str) -> Dataset:
+    from motfusion.data.fashion import FASHION_DIR, FashionDataset
+    return FashionDataset(root=Path(arg) if arg else FASHION_DIR, split=split, image_size=cfg.data.image_size)
+
+
+def _emoji(cfg: Config, split: str, arg: str) -> Dataset:
+    from motfusion.data.emoji import EMOJI_FONT, EmojiDataset
+    return EmojiDataset(font_path=Path(arg) if arg else EMOJI_FONT, split=split, image_size=cfg.data.image_size)
+
+
+def _manifest(cfg: Config, split: str, arg: str) -> Dataset:
+    from motfusion.data.user import ManifestDataset
+    return ManifestDataset.build(cfg, split, arg)
+
+
+def _folder(cfg: Config, split: str, arg: str) -> Dataset:
+    from motfusion.data.user import FolderDataset
+    return FolderDataset.build(cfg, split, arg)
+
+
+def _speech(cfg: Config, split: str, arg: str) -> Dataset:
+    from motfusion.speech.synth import SpeechDataset
+    return SpeechDataset.build(cfg, split, arg)
+
+
 DATASETS["shapes"] = _shapes
+DATASETS["fashion"] = _fashion
+DATASETS["emoji"] = _emoji
+DATASETS["manifest"] = _manifest
+DATASETS["folder"] = _folder
+DATASETS["speech"] = _speech
 
 
 def build_dataset(cfg: Config, split: str) -> Dataset:
@@ -84,6 +133,27 @@ def build_dataset(cfg: Config, split: str) -> Dataset:
     if name not in DATASETS:
         raise ConfigError(f"data.dataset={cfg.data.dataset!r}: unknown dataset {name!r}; available: {sorted(DATASETS)}")
     return DATASETS[name](cfg, split, arg)
+
+
+class EpochOrder:
+    """Stream index -> dataset index. Infinite datasets: the identity. Finite ones (with `len()`):
+    index i is item perm_e[i % n] of epoch e = i // n, perm_e a permutation seeded by (seed, epoch)."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.size = len(dataset) if isinstance(dataset, Sized) else None
+        if self.size == 0:
+            raise ValueError("the dataset is empty")
+        self.seed = seed
+        self._perm: tuple[int, np.ndarray] | None = None
+
+    def __call__(self, index: int) -> int:
+        if self.size is None:
+            return index
+        epoch, pos = divmod(index, self.size)
+        if self._perm is None or self._perm[0] != epoch:
+            rng = np.random.default_rng(np.random.SeedSequence([self.seed, zlib.crc32(b"epochs"), epoch]))
+            self._perm = (epoch, rng.permutation(self.size))
+        return int(self._perm[1][pos])
 
 
 class DocumentStream:
@@ -96,26 +166,41 @@ class DocumentStream:
     def __init__(self, dataset: Dataset, tokenizer: Tokenizer, cfg: Config, split: str):
         self.dataset, self.tokenizer, self.cfg, self.split = dataset, tokenizer, cfg, split
         self.seed = split_seed(cfg, split)
+        self.order = EpochOrder(dataset, self.seed)
         self._last: tuple[int, EncodedDoc] | None = None
+        codec = image_codec(cfg)  # data.image_repr=latents: the model sees the frozen VAE's latents
+        self.latents = LatentImages(codec) if codec is not None else None
+        # data.image_repr=tokens: images become VQ codes, a discrete span (the Chameleon setting)
+        tokens = cfg.data.image_repr == "tokens"
+        self.image_tokens = ImageTokens(load_image_tokenizer(cfg.model, cfg.data.image_size)) if tokens else None
 
     def document(self, index: int) -> Document:
         rng = document_rng(self.seed, self.split, index)
-        return document_for(self.dataset.sample(index), rng, self.cfg.data, self.cfg.objective)
+        if isinstance(self.dataset, DocumentDataset):
+            return self.dataset.document(self.order(index), rng)
+        return document_for(self.dataset.sample(self.order(index)), rng, self.cfg.data, self.cfg.objective)
 
     def __call__(self, index: int) -> EncodedDoc:
         if self._last is None or self._last[0] != index:
-            self._last = (index, encode_document(self.document(index), self.tokenizer, self.cfg.model.patch_size))
+            doc = self.document(index)
+            if self.latents is not None:
+                doc = self.latents(doc)
+            if self.image_tokens is not None:
+                doc = self.image_tokens(doc)
+            self._last = (index, encode_document(doc, self.tokenizer, self.cfg.model.patch_size))
         return self._last[1]
 
 
 def make_packer(cfg: Config, tokenizer: Tokenizer, split: str = "train", rank: int = 0,
                 world_size: int = 1) -> Packer:
-    """Packed (train.batch_size, train.seq_len) batches of `split` for one rank.
+    """Packed batches of `split` for one rank: its (train.batch_size / W, train.seq_len) rows of each global batch.
 
-    Rank r takes documents r, r + W, r + 2W, ... (W = world_size): across ranks every document is
-    used once, with no duplicates and no gaps.
+    train.batch_size is the global batch: rank r takes rows r * B / W to (r + 1) * B / W of the batch
+    one process would pack (see Packer), so across ranks every document is used once, in the same
+    rows as with one process.
     """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    if cfg.train.batch_size % world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch; it must be divisible "
+                          f"by the number of processes, {world_size}")
     stream = DocumentStream(build_dataset(cfg, split), tokenizer, cfg, split)
-    return Packer(stream, cfg.train.batch_size, cfg.train.seq_len, tokenizer.pad, start=rank, stride=world_size)
+    return Packer(stream, cfg.train.batch_size, cfg.train.seq_len, tokenizer.pad, rank=rank, world_size=world_size)

@@ -31,12 +31,12 @@ def _batched(items: list, size: int):
 def evaluate_shapes(gen: Generator, *, n_single: int = 48, n_prompts: int = 60, n_captions: int = 64,
                     seed: int = 0, batch_size: int = 32) -> ShapesEval:
     """geneval on single-object prompts and on every caption form; caption_accuracy on held-out images."""
-    size = gen.image_shape[-1]
+    size = gen.image_size
     g = torch.Generator(device=gen.device).manual_seed(seed)
     single = [p for p, _ in single_object_prompts(n_single, seed=seed, image_size=size)]
     mixed = [p for p, _ in eval_prompts(n_prompts, seed=seed + 1, image_size=size)]
     prompts = single + mixed
-    images = [im.cpu() for chunk in _batched(prompts, batch_size) for im in gen.images(chunk, g)]
+    images = [im.cpu() for chunk in _batched(prompts, batch_size) for im in gen.decode_images(gen.images(chunk, g))]
     single_scores = geneval(single, images[:n_single])
     mixed_scores = geneval(mixed, images[n_single:])
     prompt_ok = [all(check(parse_caption(p), read_scene(im)).values()) for p, im in zip(prompts, images)]

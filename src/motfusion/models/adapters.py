@@ -1,7 +1,9 @@
 """Modality adapters: the light per-modality layers around the shared backbone.
 
-Text: token embedding in, logits out. Image: a patcher that turns a noisy image and its timestep into
-patch vectors, and turns the backbone's hidden states back into a prediction of the same shape.
+Discrete modalities (text, and any with a vocabulary in `model.vocab_sizes`: VQ image codes, speech
+units): a token embedding in, logits out, each with its own tables. Continuous images: a patcher that
+turns a noisy image and its timestep into patch vectors, and turns the backbone's hidden states back
+into a prediction of the same shape.
 """
 
 from __future__ import annotations
@@ -12,7 +14,9 @@ import torch
 import torch.nn as nn
 
 
-class TextAdapter(nn.Module):
+class TokenAdapter(nn.Module):
+    """One discrete modality's embedding table and output head, over its own (local) vocabulary."""
+
     def __init__(self, vocab_size: int, dim: int):
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim)

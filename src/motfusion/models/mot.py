@@ -7,6 +7,8 @@ ModuleDict keyed by tower name when it is untied, or under the single key "share
 
 Routing: each tower's positions (precomputed flat indices) are gathered into a contiguous buffer,
 run through that tower's weights, and scattered back. No boolean masks, no host syncs.
+
+With `model.text_moe_experts`, the FFN that serves text is a mixture of experts (models/moe.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch.nn as nn
 from motfusion.config import ModelConfig
 from motfusion.models.attention import attend
 from motfusion.models.layers import RMSNorm, SwiGLU, apply_rope
+from motfusion.models.moe import MoEFFN
 
 SHARED = "shared"
 
@@ -67,6 +70,9 @@ class MoTBlock(nn.Module):
         self.wqkv = per_tower(cfg, "attn", lambda: nn.Linear(D, 3 * D, bias=False))
         self.wo = per_tower(cfg, "attn", lambda: nn.Linear(D, D, bias=False))
         self.ffn = per_tower(cfg, "ffn", lambda: SwiGLU(D, cfg.hidden_dim))
+        if cfg.text_moe_experts:  # MoT's hybrid: the FFN that serves text becomes a mixture of experts
+            text_ffn = weight_key(cfg, "ffn", cfg.towers["text"])
+            self.ffn[text_ffn] = MoEFFN(D, cfg.hidden_dim, cfg.text_moe_experts, cfg.moe_top_k)
         if cfg.qk_norm:  # per-head norms on q and k; they are norms, so they follow `untie=norm`
             self.q_norm = per_tower(cfg, "norm", lambda: RMSNorm(hd, cfg.norm_eps))
             self.k_norm = per_tower(cfg, "norm", lambda: RMSNorm(hd, cfg.norm_eps))

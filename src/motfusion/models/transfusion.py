@@ -1,7 +1,8 @@
 """The unified model: modality adapters around one MoT backbone.
 
 `forward` maps a packed batch (plus the noisy images and their timesteps) to per-modality outputs:
-hidden states for the token heads and a prediction per image. The objective (motfusion.objectives)
+hidden states for the token heads and a prediction per image. Each discrete modality (text, and those
+in `model.vocab_sizes`) has its own embedding table and head; `logits(hidden, modality)` picks it. The objective (motfusion.objectives)
 turns those into losses; the samplers (motfusion.sampling) call the model with a KV cache.
 """
 
@@ -13,18 +14,21 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from motfusion.config import ModelConfig
-from motfusion.models.adapters import LinearPatcher, TextAdapter
+from motfusion.config import ConfigError, ModelConfig
+from motfusion.models.adapters import LinearPatcher, TokenAdapter
 from motfusion.models.attention import SeqMeta, build_mask, resolve_backend
 from motfusion.models.layers import rope_angles
+from motfusion.models.moe import MoEFFN
 from motfusion.models.mot import MoTBackbone
-from motfusion.sequence import Batch
+from motfusion.models.unet import Skips, UNetPatcher
+from motfusion.sequence import SPECS, Batch
 
 
 @dataclass
 class ModelOutput:
     hidden: torch.Tensor  # (B, T, D) after each tower's final norm
     image: torch.Tensor  # (N, C, H, W) the diffusion prediction for each image
+    moe_balance: torch.Tensor | None = None  # () the text MoE's balance loss, mean over its layers
 
 
 class KVCache:
@@ -38,20 +42,32 @@ class KVCache:
         return 0 if self.meta is None else self.meta.doc.shape[1]
 
 
+def build_patcher(cfg: ModelConfig) -> LinearPatcher | UNetPatcher:
+    if cfg.patcher == "unet":
+        return UNetPatcher(channels=cfg.image_channels, patch_size=cfg.patch_size, dim=cfg.dim,
+                           width=cfg.unet_channels, blocks=cfg.unet_blocks)
+    return LinearPatcher(cfg.image_channels, cfg.patch_size, cfg.dim)
+
+
 class TransfusionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
-        self.text = TextAdapter(vocab_size, cfg.dim)
-        self.image = LinearPatcher(cfg.image_channels, cfg.patch_size, cfg.dim)
+        unknown = sorted(set(cfg.vocab_sizes) - set(SPECS))
+        if unknown:
+            raise ConfigError(f"model.vocab_sizes names unknown modalities {unknown}; registered: {list(SPECS)}")
+        self.text = TokenAdapter(vocab_size, cfg.dim)
+        self.discrete = nn.ModuleDict({m: TokenAdapter(SPECS[m].offset + n, cfg.dim) for m, n in cfg.vocab_sizes.items()})
+        self.image = None if "image" in self.discrete else build_patcher(cfg)  # continuous images only
         self.backbone = MoTBackbone(cfg)
         self.apply(self._init)
         for name, p in self.named_parameters():  # scale residual projections by depth, as in GPT-2
             if ".blocks." in name and name.endswith(("wo.weight", "w2.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.n_layers))
-        nn.init.zeros_(self.image.proj_out.weight)
-        nn.init.zeros_(self.image.proj_out.bias)
+        if self.image is not None:
+            nn.init.zeros_(self.image.proj_out.weight)
+            nn.init.zeros_(self.image.proj_out.bias)
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -68,10 +84,10 @@ class TransfusionModel(nn.Module):
         `commit=False` leaves the cache as it was (a denoising step that will be redone)."""
         B, T = batch.shape
         D = self.cfg.dim
-        h = self.text.embed(batch.tokens)  # (B, T, D)
+        h = self._embed_tokens(batch)  # (B, T, D), continuous positions still zero
         N = images.shape[0]
         if N:
-            patches = self.image.embed(images, t)  # (N, L, D)
+            patches, skips = self._embed_images(images, t)  # (N, L, D), and the U-Net's skips for predict
             h = h.view(B * T, D).index_copy(0, batch.image_index.flatten(), patches.flatten(0, 1)).view(B, T, D)
 
         past = len(cache) if cache is not None else 0
@@ -83,23 +99,64 @@ class TransfusionModel(nn.Module):
         rope = rope_angles(batch.pos, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, hd / 2) each
         route = self.backbone.route(batch.modality_index)
 
+        moes = [m for m in self.backbone.modules() if isinstance(m, MoEFFN)]
+        for moe in moes:
+            moe.balance = None
         h, kvs = self.backbone(h, route, rope, mask, cache.layers if past else None)
+        balance = [moe.balance for moe in moes if moe.balance is not None]  # none if no text token ran
         if cache is not None and commit:
             cache.layers, cache.meta = kvs, keys
 
         if N:
             H, W = images.shape[-2:]
-            image_out = self.image.predict(h.view(B * T, D)[batch.image_index], H, W)  # (N, C, H, W)
+            size = (H, W) if skips is None else (H, W, skips)
+            image_out = self.image.predict(h.view(B * T, D)[batch.image_index], *size)  # (N, C, H, W)
         else:
             image_out = images
-        return ModelOutput(hidden=h, image=image_out)
+        return ModelOutput(hidden=h, image=image_out, moe_balance=torch.stack(balance).mean() if balance else None)
+
+    @property
+    def token_modalities(self) -> list[str]:
+        """The discrete modalities, text first; each has an embedding table and a head."""
+        return ["text", *self.discrete]
+
+    def adapter(self, modality: str) -> TokenAdapter:
+        return self.text if modality == "text" else self.discrete[modality]
+
+    def _embed_tokens(self, batch: Batch) -> torch.Tensor:
+        """Gather each discrete modality's positions, look up its own table, scatter -> (B, T, D)."""
+        B, T = batch.shape
+        continuous = {"image"} if self.image is not None else set()
+        missing = [m for m, idx in batch.modality_index.items()
+                   if idx.numel() and m not in self.token_modalities and m not in continuous]
+        if missing:
+            raise ValueError(f"the batch has {missing} positions but the model has no vocabulary for them; "
+                             f"give each a size in model.vocab_sizes (e.g. {missing[0]}:500)")
+        tokens = batch.tokens.flatten()
+        h = self.text.embed.weight.new_zeros(B * T, self.cfg.dim)
+        for m in self.token_modalities:
+            idx = batch.modality_index.get(m)
+            if idx is not None and idx.numel():  # shape metadata only: no host sync
+                h = h.index_copy(0, idx, self.adapter(m).embed(tokens.index_select(0, idx)))
+        return h.view(B, T, self.cfg.dim)
+
+    def _embed_images(self, images: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Skips | None]:
+        """The U-Net's down-path activations must reach its up path in this same forward call."""
+        if isinstance(self.image, UNetPatcher):
+            return self.image.embed(images, t)
+        return self.image.embed(images, t), None
+
+    def logits(self, hidden: torch.Tensor, modality: str = "text") -> torch.Tensor:
+        """(..., D) -> (..., V_modality), with the head of `modality`."""
+        return self.adapter(modality).head(hidden)
 
     def text_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) -> (..., V)."""
-        return self.text.head(hidden)
+        return self.logits(hidden, "text")
 
     def num_params(self, non_embedding: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())
         if non_embedding:
-            n -= sum(p.numel() for p in (*self.text.parameters(), *self.image.parameters()))
+            adapters = [self.text, self.discrete] + ([self.image] if self.image is not None else [])
+            n -= sum(p.numel() for a in adapters for p in a.parameters())
         return n

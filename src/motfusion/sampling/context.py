@@ -47,7 +47,7 @@ class Chunk:
             image_index=torch.stack(image_index) if image_index else self.tokens.new_zeros(0, 1),
             image_first=torch.zeros(len(image_index), dtype=torch.bool, device=self.tokens.device),
             modality_index={m: (flat_mod == i).nonzero().squeeze(1) for m, i in MODALITIES.items()},
-            text_loss_index=self.tokens.new_zeros(0),
+            loss_index={m: self.tokens.new_zeros(0) for m in MODALITIES},
         )
 
 
@@ -59,6 +59,7 @@ class Context:
         self.committed: list[Chunk] = []
         self.next_pos: torch.Tensor | None = None  # (B,) RoPE position of each row's next element
         self.num_images = 0
+        self.last: ModelOutput | None = None  # the outputs of the last committed chunk
 
     def run(self, chunk: Chunk, commit: bool = True) -> ModelOutput:
         """Run `chunk` after the committed positions; returns outputs for the chunk's positions."""
@@ -73,6 +74,7 @@ class Context:
             self.committed.append(chunk)
             self.next_pos = chunk.pos[:, -1] + 1
             self.num_images += chunk.images.shape[0]
+            self.last = out
         return out
 
     # ---- chunk builders -----------------------------------------------------------------------
@@ -96,11 +98,12 @@ class Context:
             c.t = torch.zeros(len(images), device=self.device)  # prompt images are clean
         return c
 
-    def tokens(self, ids: torch.Tensor) -> Chunk:
-        """One text token per row: ids (B,)."""
+    def tokens(self, ids: torch.Tensor, modality: int = TEXT) -> Chunk:
+        """One token per row: ids (B,), local to `modality`'s vocabulary."""
         B = ids.shape[0]
         c = self._empty(B, 1, 0)
         c.tokens[:, 0] = ids
+        c.modality.fill_(modality)
         c.doc.zero_()
         c.pos[:, 0] = self.next_pos
         return c

@@ -5,6 +5,11 @@
   an unconditional context (BOS, BOI) beside it.
 - `generate_captions`: image in (clean, t = 0), caption out, with a KV cache.
 - `generate_interleaved`: sample text; when the model emits BOI, generate an image, append EOI, go on.
+
+Discrete spans (images as VQ codes, speech units) are sampled with the head of their own modality:
+after BOI exactly one image's worth of codes, then EOI is appended; after <bosp> speech units until
+the speech head predicts the end of the span (or max_tokens), then <eosp> is appended. `units` (text
+to units) and `transcribe` (units to text) are the entry points for a modality such as speech.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from motfusion.config import ObjectiveConfig
 from motfusion.diffusion import cfg as guide, make_process, make_sampler
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.sampling.context import Context
-from motfusion.sequence import TEXT, EncodedDoc, Image, Segment, Text, encode_document
+from motfusion.sequence import SPAN_END, SPECS, TEXT, EncodedDoc, Image, Segment, Text, Units, encode_document
 from motfusion.tokenizer import Tokenizer
+from motfusion.vae.kl_vae import LatentCodec
+from motfusion.vq import load_image_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -30,7 +37,7 @@ class SampleConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     use_cache: bool = True
-    clip_x0: bool = True  # pixels live in [-1, 1]
+    clip_x0: bool = True  # pixels live in [-1, 1]; never applied to VAE latents, which are not bounded
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
@@ -51,15 +58,25 @@ class Generator:
     """Holds the model, tokenizer and settings that every decoding mode shares."""
 
     def __init__(self, model: TransfusionModel, tokenizer: Tokenizer, objective: ObjectiveConfig, image_size: int,
-                 cfg: SampleConfig | None = None):
+                 cfg: SampleConfig | None = None, codec: LatentCodec | None = None):
+        """`image_size` is in pixels; `codec` is the frozen VAE of a model that works on latents
+        (motfusion.vae.image_codec(cfg)), on the model's device."""
         self.model, self.tok = model.eval(), tokenizer
         self.cfg = cfg or SampleConfig()
         self.process = make_process(objective.diffusion, objective.num_timesteps)
         auto = "euler" if objective.diffusion == "flow" else "ddim"
         self.sampler_name = auto if self.cfg.sampler == "auto" else self.cfg.sampler
-        self.image_shape = (model.cfg.image_channels, image_size, image_size)
-        self.tokens_per_image = model.image.tokens_per_image(image_size, image_size)
+        self.codec, self.image_size = codec, image_size
         self.device = next(model.parameters()).device
+        side = image_size // codec.downsample if codec is not None else image_size
+        self.image_shape = (model.cfg.image_channels, side, side)  # the model's image space
+        # Images as VQ codes (data.image_repr=tokens): sampled by the image head, decoded by the VQ-VAE.
+        self.vq = load_image_tokenizer(model.cfg, image_size, self.device) if model.image is None else None
+        if self.vq is not None:
+            self.tokens_per_image = (image_size // self.vq.cfg.downsample) ** 2
+        else:
+            self.tokens_per_image = model.image.tokens_per_image(side, side)
+        self.clip_x0 = self.cfg.clip_x0 and codec is None
 
     # ---- building blocks ----------------------------------------------------------------------
 
@@ -70,8 +87,8 @@ class Generator:
         enc.image_slot += [-1] * len(then)
         return enc
 
-    def _logits(self, out) -> torch.Tensor:
-        return self.model.text_logits(out.hidden[:, -1]).float()  # (B, V)
+    def _logits(self, out, modality: str = "text") -> torch.Tensor:
+        return self.model.logits(out.hidden[:, -1], modality).float()  # (B, V_modality)
 
     def decode(self, ctx: Context, logits: torch.Tensor, generator: torch.Generator | None,
                stop: tuple[int, ...]) -> list[list[int]]:
@@ -91,11 +108,39 @@ class Generator:
             logits = self._logits(ctx.run(ctx.tokens(ids)))
         return out
 
+    def span(self, ctx: Context, uncond: Context | None, modality: str, generator: torch.Generator | None,
+             length: int | None = None) -> list[list[int]]:
+        """Sample one span of `modality` per row, after each context's start marker, with that
+        modality's head; `uncond` (an unconditional context) adds classifier-free guidance.
+
+        Every kept id is run, so the contexts end with the span and the caller appends the end
+        marker. Fixed-length spans (image codes) take exactly `length` ids. Spans the model closes
+        (speech) stop at SPAN_END, which is not run, or after `length` (default max_tokens) ids;
+        rows stay in lockstep, and what a row samples after its end is dropped. Returns the units."""
+        spec = SPECS[modality]
+        B = ctx.last.hidden.shape[0]
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for _ in range(length or self.cfg.max_tokens):
+            logits = self._logits(ctx.last, modality)  # (B, V_modality)
+            if uncond is not None:
+                logits = guide(logits, self._logits(uncond.last, modality), self.cfg.guidance)
+            ids = sample_token(logits, self.cfg.temperature, self.cfg.top_p, generator)
+            for b, i in enumerate(ids.tolist()):
+                done[b] = done[b] or (spec.model_closes and i == SPAN_END)
+                if not done[b]:
+                    out[b].append(i - spec.offset)
+            if all(done):
+                break
+            for c in (ctx, uncond) if uncond is not None else (ctx,):
+                c.run(c.tokens(ids, spec.index))
+        return out
+
     def denoise(self, ctx: Context, uncond: Context | None, B: int, generator: torch.Generator | None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
         """Generate one image per row after each context's BOI -> (B, C, H, W). Nothing is committed.
         `noise` (B, C, H, W) fixes the starting point; otherwise it is drawn from `generator`."""
-        sampler = make_sampler(self.process, self.sampler_name, self.cfg.steps, clip_x0=self.cfg.clip_x0)
+        sampler = make_sampler(self.process, self.sampler_name, self.cfg.steps, clip_x0=self.clip_x0)
         x = noise.to(self.device) if noise is not None else torch.randn((B, *self.image_shape), generator=generator, device=self.device)
         for i in range(len(sampler)):
             t = sampler.batch_timesteps(i, x)
@@ -104,7 +149,38 @@ class Generator:
                 pred_u = uncond.run(uncond.image(x, t, self.tokens_per_image), commit=False).image
                 pred = guide(pred, pred_u, self.cfg.guidance)
             x = sampler.step(pred, i, x, generator)
-        return x.clamp(-1, 1) if self.cfg.clip_x0 else x
+        return x.clamp(-1, 1) if self.clip_x0 else x
+
+    def decode_images(self, x: torch.Tensor) -> torch.Tensor:
+        """Model-space images (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], for whatever leaves the
+        library (PNG files, reports, scoring): the VAE decoder with latents, the identity with pixels."""
+        return x if self.codec is None else self.codec.decode(x.to(self.device))
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Pixels (B, 3, H, W) in [-1, 1] -> the model's image space (VAE latents, or the pixels)."""
+        return pixels if self.codec is None else self.codec.encode(pixels.to(self.device))
+
+    def _image_segments(self, images: torch.Tensor) -> list[Segment]:
+        """Model-space images (B, C, H, W) -> one prompt segment each: the image, or its VQ codes."""
+        if self.vq is None:
+            return [Image(im.cpu()) for im in images]
+        return [Units("image", codes.cpu()) for codes in self.vq.encode(images.to(self.device))]
+
+    def _span_starts(self) -> dict[int, str]:
+        """Start marker id -> modality, for every span modality the model can write."""
+        names = (["image"] if self.model.image is not None else []) + list(self.model.discrete)
+        return {self.tok.special_ids[SPECS[m].start]: m for m in names}
+
+    def _write_span(self, ctx: Context, modality: str, generator: torch.Generator | None) -> Segment:
+        """After a start marker: run one span of `modality` into `ctx` (not its end marker); return it."""
+        if modality == "image" and self.vq is None:  # diffusion
+            x = self.denoise(ctx, self._unconditional(1), 1, generator)
+            ctx.run(ctx.image(x, torch.zeros(1, device=self.device), self.tokens_per_image))  # the clean image
+            return Image(x[0].cpu())
+        if modality == "image":
+            codes = self.span(ctx, self._unconditional(1), "image", generator, length=self.tokens_per_image)
+            return Image(self.vq.decode(torch.tensor(codes, device=self.device))[0].cpu())
+        return Units(modality, self.span(ctx, None, modality, generator)[0])
 
     def _unconditional(self, B: int) -> Context | None:
         if self.cfg.guidance == 1.0:
@@ -113,40 +189,68 @@ class Generator:
         ctx.run(ctx.prompt([self._encode([], then=[self.tok.boi])] * B, self.tok.pad))
         return ctx
 
-    # ---- the three modes ----------------------------------------------------------------------
+    # ---- decoding modes -----------------------------------------------------------------------
 
     @torch.no_grad()
     def images(self, prompts: list[str], generator: torch.Generator | None = None,
                noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Text to image: one image per prompt -> (B, C, H, W) in [-1, 1]."""
+        """Text to image: one image per prompt -> (B, C, H, W) in the model's image space (pixels in
+        [-1, 1], or latents: `decode_images` turns them into pixels). With VQ codes: decoded pixels."""
         ctx = Context(self.model, self.cfg.use_cache)
         ctx.run(ctx.prompt([self._encode([Text(p)], then=[self.tok.boi]) for p in prompts], self.tok.pad))
-        return self.denoise(ctx, self._unconditional(len(prompts)), len(prompts), generator, noise)
+        if self.vq is None:
+            return self.denoise(ctx, self._unconditional(len(prompts)), len(prompts), generator, noise)
+        if noise is not None:
+            raise ValueError("`noise` is a diffusion starting point; this model samples images as VQ codes")
+        codes = self.span(ctx, self._unconditional(len(prompts)), "image", generator, length=self.tokens_per_image)
+        return self.vq.decode(torch.tensor(codes, device=self.device))  # (B, C, H, W)
 
     @torch.no_grad()
     def captions(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[str]:
-        """Image to text: images (B, C, H, W) -> one caption each."""
+        """Image to text: pixels (B, 3, H, W) in [-1, 1] -> one caption each (latent models encode them first)."""
+        images = self.encode_images(images)
         ctx = Context(self.model, self.cfg.use_cache)
-        out = ctx.run(ctx.prompt([self._encode([Image(im.cpu())]) for im in images], self.tok.pad))
+        out = ctx.run(ctx.prompt([self._encode([seg]) for seg in self._image_segments(images)], self.tok.pad))
         ids = self.decode(ctx, self._logits(out), generator, stop=(self.tok.eos,))
         return [self.tok.decode(i for i in row if i != self.tok.eos) for row in ids]
 
     @torch.no_grad()
-    def interleaved(self, prompt: str, generator: torch.Generator | None = None, max_images: int = 4) -> list[Segment]:
-        """Free-running: continue `prompt`, switching to diffusion whenever the model emits BOI."""
+    def units(self, prompts: list[str], modality: str, generator: torch.Generator | None = None,
+              max_units: int | None = None) -> list[list[int]]:
+        """Text to units (e.g. speech): after each prompt and `modality`'s start marker, sample units
+        with its head until it ends the span, or for `max_units` (default max_tokens) units."""
+        start = self.tok.special_ids[SPECS[modality].start]
+        ctx = Context(self.model, self.cfg.use_cache)
+        ctx.run(ctx.prompt([self._encode([Text(p)], then=[start]) for p in prompts], self.tok.pad))
+        return self.span(ctx, None, modality, generator, length=max_units)
+
+    @torch.no_grad()
+    def transcribe(self, units: list[list[int]], modality: str, generator: torch.Generator | None = None) -> list[str]:
+        """Units to text (e.g. speech recognition): each unit sequence as a closed span, then text until EOS."""
+        ctx = Context(self.model, self.cfg.use_cache)
+        out = ctx.run(ctx.prompt([self._encode([Units(modality, u)]) for u in units], self.tok.pad))
+        ids = self.decode(ctx, self._logits(out), generator, stop=(self.tok.eos,))
+        return [self.tok.decode(i for i in row if i != self.tok.eos) for row in ids]
+
+    @torch.no_grad()
+    def interleaved(self, prompt: str, generator: torch.Generator | None = None, max_spans: int = 4) -> list[Segment]:
+        """Free-running: continue `prompt`; when the model emits a span's start marker, write that span
+        (an image by diffusion or as VQ codes, speech units), append its end marker and go on.
+        Diffusion images are in the model's image space, like `images`' output."""
         ctx = Context(self.model, self.cfg.use_cache)
         logits = self._logits(ctx.run(ctx.prompt([self._encode([Text(prompt)] if prompt else [])], self.tok.pad)))
         segments: list[Segment] = [Text(prompt)] if prompt else []
-        for _ in range(max_images + 1):
-            ids = self.decode(ctx, logits, generator, stop=(self.tok.eos, self.tok.boi))[0]
+        starts = self._span_starts()
+        for n_spans in range(max_spans + 1):
+            ids = self.decode(ctx, logits, generator, stop=(self.tok.eos, *starts))[0]
             text = self.tok.decode(i for i in ids if not self.tok.is_special(i))
             if text:
                 segments.append(Text(text))
-            if not ids or ids[-1] != self.tok.boi or len([s for s in segments if isinstance(s, Image)]) == max_images:
+            if not ids or ids[-1] not in starts or n_spans == max_spans:
                 break
-            ctx.run(ctx.tokens(torch.tensor([self.tok.boi], device=self.device)))
-            x = self.denoise(ctx, self._unconditional(1), 1, generator)
-            segments.append(Image(x[0].cpu()))
-            ctx.run(ctx.image(x, torch.zeros(1, device=self.device), self.tokens_per_image))  # the clean image
-            logits = self._logits(ctx.run(ctx.tokens(torch.tensor([self.tok.eoi], device=self.device))))
+            modality = starts[ids[-1]]
+            ctx.run(ctx.tokens(torch.tensor([ids[-1]], device=self.device)))
+            segments.append(self._write_span(ctx, modality, generator))
+            end = self.tok.special_ids[SPECS[modality].end]
+            logits = self._logits(ctx.run(ctx.tokens(torch.tensor([end], device=self.device))))
         return segments

@@ -6,26 +6,51 @@ state: tensors and plain containers only, so it loads with `torch.load(weights_o
 
 A checkpoint is written into a temporary sibling directory, every file is fsynced, and the
 directory is renamed into place, so a crash never leaves a partial checkpoint under a final name.
+
+Runs of several processes (training/distributed.py) write one of two formats. Full (one process,
+ddp): the files above, written by rank 0. Sharded (fsdp): `sharded/` holds the weights and the
+optimizer state as torch.distributed.checkpoint (DCP) files, each rank writing its own shards into
+the same temporary directory; rank 0 writes the rest and renames it after a barrier. Either format
+loads into any number of processes and any train.parallel: DCP reshards on load, and full tensors
+are sharded by `set_model_state_dict`. Optimizer state is keyed by parameter name in both.
+
+`export_checkpoint` makes one file to share: the weights as safetensors, the config JSON in its
+metadata (and in a config.json beside it). Nothing here unpickles code: weights come from safetensors,
+the training state from `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from motfusion.config import Config, ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.tokenizer import Tokenizer, build_tokenizer
+from motfusion.training.distributed import barrier, is_distributed, is_main
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
+CONFIG_METADATA = "motfusion_config"  # the metadata key of an exported file's config JSON
+SHARDED_DIR = "sharded"  # a sharded checkpoint's DCP files: {"model": ..., "optimizer": ...}
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_PREFIX = ".tmp-"
 
@@ -72,36 +97,61 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _write_files(tmp: Path, model: torch.nn.Module, cfg: Config, train_state: dict[str, Any]) -> None:
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    safetensors.torch.save_file(weights, tmp / MODEL_FILE)
-    torch.save(train_state, tmp / STATE_FILE)
+def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, cfg: Config,
+                 train_state: dict[str, Any], sharded: bool) -> None:
+    """Called by every rank: the state dict calls and DCP's save are collective."""
+    state, names = dict(train_state), [STATE_FILE, CONFIG_FILE]
+    if sharded:  # each rank writes its shards; DCP fsyncs them and rank 0 writes the metadata
+        shards = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            shards["optimizer"] = get_optimizer_state_dict(model, optimizer)
+        dcp.save(shards, checkpoint_id=tmp / SHARDED_DIR)
+    else:
+        weights = get_model_state_dict(model, options=_FULL)
+        if optimizer is not None:
+            state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_FULL)
+    if not is_main():
+        return
+    if not sharded:
+        safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, tmp / MODEL_FILE)
+        names.append(MODEL_FILE)
+    torch.save(state, tmp / STATE_FILE)
     write_json(tmp / CONFIG_FILE, cfg.to_dict())
-    for name in (MODEL_FILE, STATE_FILE, CONFIG_FILE):
+    for name in names:
         _fsync(tmp / name)
     _fsync(tmp)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Config,
-                    train_state: dict[str, Any], keep: int = 0) -> Path:
-    """Write checkpoint `step` atomically, then keep only the newest `keep` (0: keep all)."""
+def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Config, train_state: dict[str, Any],
+                    keep: int = 0, *, optimizer: torch.optim.Optimizer | None = None, sharded: bool = False) -> Path:
+    """Write checkpoint `step` atomically, then keep only the newest `keep` (0: keep all).
+
+    `model` may be parallelized (training/parallelize.py works in place). With several processes
+    every rank calls this; `sharded` writes the sharded format (see the module docstring)."""
     final = step_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f"{_TMP_PREFIX}{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        _write_files(tmp, model, cfg, train_state)
-        if final.exists():  # the same step written again (e.g. a run redone): replace it whole
-            stale = final.parent / f"{_TMP_PREFIX}{final.name}-old-{os.getpid()}"
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
-        _fsync(final.parent)
-    except BaseException:
+    tmp = final.parent / f"{_TMP_PREFIX}{final.name}"  # the same path on every rank
+    if is_main():
+        final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    try:
+        _write_files(tmp, model, optimizer, cfg, train_state, sharded)
+        barrier()  # every rank's shards are on disk
+        if is_main():
+            if final.exists():  # the same step written again (e.g. a run redone): replace it whole
+                stale = final.parent / f"{_TMP_PREFIX}{final.name}-old"
+                os.replace(final, stale)
+                shutil.rmtree(stale)
+            os.replace(tmp, final)
+            _fsync(final.parent)
+    except BaseException:
+        if is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_checkpoints(run_dir, keep)
+    if is_main():
+        prune_checkpoints(run_dir, keep)
+    barrier()  # no rank reads or overwrites the checkpoint before it is in place
     return final
 
 
@@ -131,14 +181,96 @@ def load_config(directory: Path) -> Config:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from None
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load model.safetensors into `model`; a missing or mismatched tensor is a CheckpointError."""
-    path = _require(Path(ckpt) / MODEL_FILE)
+def weights_mismatch(model: torch.nn.Module, path: Path) -> list[str]:
+    """The tensors of a safetensors file that do not fit `model`: other shapes, missing or extra names."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    with safetensors.safe_open(path, framework="pt") as f:
+        found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    return ([f"{k} {found[k]} in the file, {expected[k]} in the model"
+             for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]]
+            + [f"{k} missing from the file" for k in sorted(expected.keys() - found.keys())]
+            + [f"{k} not in the model" for k in sorted(found.keys() - expected.keys())])
+
+
+def _mismatch_message(path: Path, problems: list[str], model: torch.nn.Module, saved: Config | None) -> str:
+    message = f"{path} does not fit this model"
+    current = getattr(model, "cfg", None)
+    if saved is not None and dataclasses.is_dataclass(current):
+        in_file, in_model = saved.to_dict()["model"], dataclasses.asdict(current)
+        details = [f"model.{k} {in_file.get(k)!r} in the file, {in_model.get(k)!r} in the model"
+                   for k in config_diff(in_file, in_model)]
+        message += f"; its config differs: {', '.join(details)}" if details else ""
+    shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
+    return message + f"; {len(problems)} tensor(s) differ: {shown}"
+
+
+def _weights_file(path: Path) -> Path:
+    """An exported .safetensors file as given, or a checkpoint directory's model.safetensors."""
+    path = Path(path)
+    return _require(path if path.is_file() else path / MODEL_FILE)
+
+
+def _saved_config(path: Path) -> Config | None:
+    """The config that came with a checkpoint directory or an exported file, when there is one."""
     try:
+        return load_exported_config(path) if Path(path).is_file() else load_config(path)
+    except (CheckpointError, ConfigError):
+        return None
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
+    """Load a checkpoint's (or an exported file's) weights into `model`.
+
+    Tensors that do not fit raise a CheckpointError naming them with both shapes, and the config keys
+    in which the checkpoint's model differs from `model.cfg`. `model` may be parallelized (FSDP
+    shards the weights it loads); a sharded checkpoint is resharded to it by DCP."""
+    if is_sharded(ckpt):
+        state = {"model": get_model_state_dict(model)}
+        _load_shards(ckpt, state)
+        set_model_state_dict(model, state["model"])
+        return
+    path = _weights_file(ckpt)
+    try:
+        problems = weights_mismatch(model, path)
         state = safetensors.torch.load_file(path, device="cpu")
-        model.load_state_dict(state, strict=True)
-    except Exception as e:  # a corrupt file, or tensors that do not match this model
-        raise CheckpointError(f"cannot load weights from {path}: {e}") from None
+    except Exception as e:  # not a safetensors file, or a corrupt one
+        raise CheckpointError(f"cannot read weights from {path}: {e}") from None
+    if problems:
+        raise CheckpointError(_mismatch_message(path, problems, model, _saved_config(ckpt)))
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+
+
+def is_sharded(ckpt: Path) -> bool:
+    """A checkpoint in the sharded (FSDP, DCP) format."""
+    return (Path(ckpt) / SHARDED_DIR).is_dir()
+
+
+def _load_shards(ckpt: Path, state: dict[str, Any]) -> None:
+    """Fill `state`'s tensors, laid out as this process holds them, from a sharded checkpoint."""
+    path = Path(ckpt) / SHARDED_DIR
+    try:
+        with warnings.catch_warnings():  # DCP warns that one process without a process group reads alone
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path, no_dist=not is_distributed())
+    except Exception as e:  # missing or mismatched tensors, or unreadable files
+        raise CheckpointError(f"cannot load {path}: {e}") from None
+
+
+def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path,
+                   train_state: dict[str, Any]) -> None:
+    """Restore the optimizer state of `ckpt` (either format; `train_state` is its load_train_state)."""
+    if is_sharded(ckpt):
+        state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+        _load_shards(ckpt, state)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+        return
+    if "optimizer" not in train_state:
+        raise CheckpointError(f"{Path(ckpt) / STATE_FILE} holds no optimizer state; it cannot be resumed")
+    try:
+        set_optimizer_state_dict(model, optimizer, train_state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+    except Exception as e:
+        raise CheckpointError(f"cannot load the optimizer state of {Path(ckpt) / STATE_FILE}: {e}") from None
 
 
 def load_train_state(ckpt: Path) -> dict[str, Any]:
@@ -154,7 +286,7 @@ def resolve_checkpoint(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    if _STEP_DIR.fullmatch(path.name) or (path / MODEL_FILE).is_file():
+    if _STEP_DIR.fullmatch(path.name) or (path / MODEL_FILE).is_file() or is_sharded(path):
         return path
     ckpt = latest_checkpoint(path)
     if ckpt is None:
@@ -162,10 +294,50 @@ def resolve_checkpoint(path: Path) -> Path:
     return ckpt
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[TransfusionModel, Config, Tokenizer]:
-    """Rebuild the model of a checkpoint (or of a run's latest checkpoint) for sampling, in eval mode."""
+def export_checkpoint(path: Path, out: Path) -> Path:
+    """Write a checkpoint's (or a run's latest checkpoint's) weights to the single file `out`
+    (.safetensors), with the config JSON in its metadata and in a config.json beside it."""
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise CheckpointError(f"{out}: the export is one .safetensors file; name it e.g. model.safetensors")
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt)
+    text = json.dumps(cfg.to_dict(), indent=2) + "\n"
+    beside = out.parent / CONFIG_FILE
+    if beside.is_file() and beside.read_text() != text:
+        raise CheckpointError(f"{beside} holds another model's config; export into another directory")
+    if is_sharded(ckpt):  # DCP shards: assembled through the model they belong to
+        state = load_model(ckpt)[0].state_dict()
+    else:
+        state = safetensors.torch.load_file(_weights_file(ckpt), device="cpu")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f"{_TMP_PREFIX}{out.name}-{os.getpid()}")
+    safetensors.torch.save_file(state, tmp, metadata={"format": "pt", CONFIG_METADATA: text})
+    _fsync(tmp)
+    os.replace(tmp, out)
+    beside.write_text(text)
+    return out
+
+
+def load_exported_config(path: Path) -> Config:
+    """The config of an exported file: from its metadata, else from the config.json beside it."""
+    path = Path(path)
+    try:
+        with safetensors.safe_open(path, framework="pt") as f:
+            text = (f.metadata() or {}).get(CONFIG_METADATA)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if text is None:
+        return load_config(path.parent)
+    return Config.from_dict(json.loads(text))
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[TransfusionModel, Config, Tokenizer]:
+    """Rebuild the model of a checkpoint, a run's latest checkpoint or an exported .safetensors file
+    for sampling, in eval mode."""
+    path = Path(path)
+    ckpt = path if path.is_file() else resolve_checkpoint(path)
+    cfg = load_exported_config(ckpt) if path.is_file() else load_config(ckpt)
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     model = TransfusionModel(cfg.model, tokenizer.vocab_size)
     load_weights(model, ckpt)

@@ -4,6 +4,8 @@ On a terminal the console shows a tqdm bar whose postfix carries the latest logg
 otherwise (CI, a file, a notebook cell) it prints one dense line per logged step, like nanoGPT:
 
     step 40/600 | loss 3.2100 | text 2.1000 | image 0.2200 | lr 1.2e-03 | norm 0.41 | 812 tok/s | 245 ms
+
+With `tensorboard=True` the same numbers also go to TensorBoard event files in the run directory.
 """
 
 from __future__ import annotations
@@ -19,32 +21,41 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl. Each is written as one line with its newline, so text after the
+    last newline is a record cut short by a kill mid-write: it is dropped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def format_line(record: dict[str, Any], total_steps: int) -> str:
-    return (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f} | text {record['loss/text']:.4f}"
-            f" | image {record['loss/image']:.4f} | lr {record['lr']:.1e} | norm {record['grad_norm']:.2f}"
+    parts = "".join(f" | {k[5:]} {v:.4f}" for k, v in record.items() if k.startswith("loss/"))  # per modality
+    line = (f"step {record['step']}/{total_steps} | loss {record['loss']:.4f}{parts}"
+            f" | lr {record['lr']:.1e} | norm {record['grad_norm']:.2f}"
             f" | {record['tokens_per_s']:.0f} tok/s | {record['dt_ms']:.0f} ms")
+    if "mfu" in record:
+        line += f" | MFU {100 * record['mfu']:.1f}%"
+    return line + (" | skipped" if record.get("skipped") else "")
 
 
 class TrainLogger:
     """Appends records to metrics.jsonl and reports progress on `stream`.
 
-    `start_step` is the step the run (re)starts from: records after it are dropped from the file,
-    because a resumed run redoes those steps and logs them again.
+    `start_step` is the step the run (re)starts from: records after it are dropped from the file (and
+    from TensorBoard's view), because a resumed run redoes those steps and logs them again.
     """
 
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, stream: TextIO | None = None):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, stream: TextIO | None = None,
+                 tensorboard: bool = False):
         self.path = Path(run_dir) / METRICS_FILE
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.file = self.path.open("a")
+        self.tensorboard = _summary_writer(Path(run_dir), start_step) if tensorboard else None
         self.bar = None
         if self.stream.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step", dynamic_ncols=True)
@@ -56,6 +67,10 @@ class TrainLogger:
     def log(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
         if self.bar is None:
             print(format_line(record, self.total_steps), file=self.stream, flush=True)
         else:
@@ -70,6 +85,8 @@ class TrainLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
         self.file.close()
 
     def __enter__(self) -> "TrainLogger":
@@ -77,3 +94,10 @@ class TrainLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _summary_writer(run_dir: Path, start_step: int) -> Any:
+    """A SummaryWriter into the run directory. On resume, TensorBoard hides the earlier events of the
+    steps after `start_step` (`purge_step`), which the resumed run writes again."""
+    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+    return SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)

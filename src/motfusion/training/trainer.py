@@ -1,9 +1,15 @@
 """The training loop: packed batches -> TransfusionObjective -> AdamW, with exact resume.
 
 Everything a step depends on is either a pure function of (config, step) or saved in the
-checkpoint: the weights, the optimizer state, the document index the packer has reached, and the
-state of the generator that draws diffusion timesteps and noise. So N steps, then `resume=True`
-and N more, gives the same per-step losses as 2N steps in one go (bitwise on CPU).
+checkpoint: the weights, the optimizer state and the document index the packer has reached; the
+diffusion timesteps and noise of step s come from a generator seeded by (train.seed, s). So N
+steps, then `resume=True` and N more, gives the same per-step losses as 2N steps in one go
+(bitwise on CPU).
+
+Under torchrun (training/distributed.py) the same loop runs on every rank: train.batch_size is the
+global batch, each rank trains on its rows, the losses are means over the global batch and the
+noise of each image does not depend on the number of ranks, so K ranks give the losses of one
+process (up to float rounding). Rank 0 logs; checkpoints are collective (training/checkpoint.py).
 """
 
 from __future__ import annotations
@@ -18,29 +24,40 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 from motfusion.config import Config, ConfigError, TrainConfig
 from motfusion.data.pipeline import make_packer
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.objectives import TransfusionObjective
-from motfusion.sequence import MODALITIES, Batch, Packer
+from motfusion.objectives import GlobalBatch, TransfusionObjective
+from motfusion.sequence import Batch, Packer
 from motfusion.tokenizer import build_tokenizer
+from motfusion.vae.kl_vae import apply_image_repr
 from motfusion.training.checkpoint import (
     CheckpointError,
     check_resumable,
     checkpoint_step,
     latest_checkpoint,
     load_config,
+    load_optimizer,
     load_train_state,
     load_weights,
     save_checkpoint,
     write_json,
 )
+from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
+from motfusion.training.distributed import Silent, World, all_reduce_sum, any_rank, cleanup, init_distributed, locate
 from motfusion.training.logging import TrainLogger
+from motfusion.training.parallelize import autocast, parallel_mode, parallelize
+from motfusion.training.signals import StopSignal
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became inf/nan; the step was not applied."""
+    """The loss or the gradient norm became inf/nan; the step was not applied. `stats`: its numbers."""
+
+    def __init__(self, message: str, stats: dict[str, float] | None = None):
+        super().__init__(message)
+        self.stats = stats or {}
 
 
 @dataclass
@@ -50,6 +67,7 @@ class TrainResult:
     checkpoint: Path | None  # the newest checkpoint
     elapsed_s: float  # training wall time, earlier segments of a resumed run included
     metrics: list[dict[str, Any]] = field(default_factory=list)  # the records this call logged
+    stopped_by: str | None = None  # "SIGTERM" or "SIGINT" when a signal ended the run before train.steps
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -96,28 +114,34 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def token_counts(batch: Batch) -> dict[str, int]:
-    """Real (non-padding) positions per input modality: {"tokens/text": ..., "tokens/image": ...}."""
-    real = batch.doc >= 0  # (B, T)
-    return {f"tokens/{name}": int(((batch.modality == i) & real).sum()) for name, i in MODALITIES.items()}
-
-
 def train_step(model: nn.Module, objective: TransfusionObjective, optimizer: torch.optim.Optimizer,
-               batch: Batch, generator: torch.Generator, lr: float, grad_clip: float) -> dict[str, float]:
-    """One optimizer update; returns the step's loss breakdown and its gradient norm before clipping."""
+               batch: Batch, generator: torch.Generator, lr: float, grad_clip: float, *,
+               whole: GlobalBatch | None = None, world_size: int = 1, precision: str = "fp32") -> dict[str, float]:
+    """One optimizer update; returns the step's loss breakdown and its gradient norm before clipping.
+
+    With several ranks, `model` is parallelized (ddp or fsdp, which average gradients over ranks),
+    `batch` holds this rank's rows and `whole` places them in the global batch; the stats returned
+    are the global batch's, the same on every rank."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    loss, parts = objective(model, batch, generator)
-    loss.backward()
+    with autocast(precision, batch.tokens.device):
+        loss, parts = objective(model, batch, generator, whole)
+    # The loss is this rank's share of the global mean; ranks average gradients, so scaling by the
+    # world size makes that average the gradient of the global mean.
+    (loss * world_size).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    if isinstance(grad_norm, DTensor):  # FSDP: the norm over every rank's shards
+        grad_norm = grad_norm.full_tensor()
     # The step's only host sync: every number we log, and the finiteness check, in one transfer.
-    values = torch.stack([loss.detach(), parts["loss/text"], parts["loss/image"], grad_norm]).tolist()
-    stats = dict(zip(("loss", "loss/text", "loss/image", "grad_norm"), values))
+    shares = all_reduce_sum(torch.stack([loss.detach(), *parts.values()]))  # global means
+    values = torch.cat([shares, grad_norm.reshape(1)]).tolist()
+    stats = dict(zip(("loss", *parts, "grad_norm"), values))
     if not all(math.isfinite(v) for v in values):
+        optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
             "non-finite " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
-            + "; the step was not applied. Lower train.lr, raise train.warmup or lower train.grad_clip")
+            + "; the step was not applied. Lower train.lr, raise train.warmup or lower train.grad_clip", stats)
     optimizer.step()
     return stats
 
@@ -126,41 +150,48 @@ def train_step(model: nn.Module, objective: TransfusionObjective, optimizer: tor
 class Run:
     """The mutable state of a training run: what the loop advances and a checkpoint restores."""
 
-    model: TransfusionModel
+    model: TransfusionModel  # parallelized in place (training/parallelize.py)
     optimizer: torch.optim.AdamW
     objective: TransfusionObjective
-    generator: torch.Generator  # diffusion timesteps and noise
+    generator: torch.Generator  # diffusion timesteps and noise, reseeded every step
     packer: Packer
     device: torch.device
+    world: World
+    mode: str  # train.parallel resolved: none, ddp or fsdp
     step: int = 0
     elapsed_s: float = 0.0
+    flops: float = 0.0  # training FLOPs so far (see training/flops.py)
+    bad_steps: int = 0  # non-finite steps in a row, up to the current one
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights, as tensors and plain containers (loads with weights_only=True)."""
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"step": self.step, "elapsed_s": self.elapsed_s, "optimizer": self.optimizer.state_dict(),
-                "generator": self.generator.get_state(), "packer": self.packer.state_dict(), "rng": rng}
+        return {"step": self.step, "elapsed_s": self.elapsed_s, "flops": self.flops, "bad_steps": self.bad_steps,
+                "packer": self.packer.state_dict(), "rng": rng}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
+        self.flops, self.bad_steps = float(state.get("flops", 0.0)), int(state.get("bad_steps", 0))
         self.packer.load_state_dict(state["packer"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
 
-def new_run(cfg: Config, device: torch.device) -> Run:
-    """Model, optimizer and data for step 0; the weights are initialized under torch.manual_seed(train.seed)."""
+def new_run(cfg: Config, world: World) -> Run:
+    """Model, optimizer and data for step 0; the weights are initialized under torch.manual_seed(train.seed)
+    (the same on every rank), then parallelized (training/parallelize.py)."""
     tokenizer = build_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(cfg.train.seed)
-    model = TransfusionModel(cfg.model, tokenizer.vocab_size).to(device).train()
-    generator = torch.Generator(device=device).manual_seed(derive_seed(cfg.train.seed, "noise"))
-    return Run(model=model, optimizer=build_optimizer(model, cfg.train), objective=TransfusionObjective(cfg.objective),
-               generator=generator, packer=make_packer(cfg, tokenizer, "train"), device=device)
+    model = TransfusionModel(cfg.model, tokenizer.vocab_size).to(world.device).train()
+    mode = parallel_mode(cfg.train, world.world_size)
+    parallelize(model, cfg.train, world)  # before the optimizer: FSDP replaces the parameters
+    return Run(model=model, optimizer=build_optimizer(model, cfg.train),
+               objective=TransfusionObjective(cfg.objective), generator=torch.Generator(device=world.device),
+               packer=make_packer(cfg, tokenizer, "train", world.rank, world.world_size), world=world, mode=mode,
+               device=world.device)
 
 
 def _resume_point(run_dir: Path, resume: bool) -> Path | None:
@@ -184,26 +215,70 @@ def _record(step: int, stats: dict[str, float], lr: float, dt: float, counts: di
     return record
 
 
-def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger,
-          ckpt: Path | None) -> tuple[list[dict[str, Any]], Path | None]:
-    """Steps until train.steps; returns the logged records and the newest checkpoint."""
+def _flops_record(flops: BatchFlops, cumulative: float, dt: float, peak: float | None, world_size: int) -> dict[str, float]:
+    """FLOPs per token per modality, the step's and the run's FLOPs (all ranks), and MFU where the
+    device's peak is known."""
+    record = {f"flops_per_token/{m}": v for m, v in flops.per_token().items()}
+    record.update(flops=flops.total, cumulative_flops=cumulative)
+    if peak is not None:
+        record["mfu"] = flops.total / dt / (peak * world_size)
+    return record
+
+
+def _guarded_step(run: Run, batch: Batch, whole: GlobalBatch, lr: float, tcfg: TrainConfig,
+                  log: TrainLogger) -> dict[str, float]:
+    """train_step, except that a non-finite step is skipped (no update) and counted in run.bad_steps."""
+    try:
+        stats = train_step(run.model, run.objective, run.optimizer, batch, run.generator, lr, tcfg.grad_clip,
+                           whole=whole, world_size=run.world.world_size, precision=tcfg.precision)
+    except NonFiniteLossError as e:
+        run.bad_steps += 1
+        log.info(f"step {run.step + 1}: skipped, {run.bad_steps} in a row (train.max_bad_steps={tcfg.max_bad_steps}): {e}")
+        return {**e.stats, "skipped": 1, "bad_steps": run.bad_steps}
+    run.bad_steps = 0
+    return {**stats, "skipped": 0, "bad_steps": 0}
+
+
+def _too_many_bad_steps(run: Run, ckpt: Path | None) -> NonFiniteLossError:
+    then = f"--resume from {ckpt}" if ckpt is not None else "start again"
+    return NonFiniteLossError(f"stopped at step {run.step}: {run.bad_steps} steps in a row had a non-finite loss or "
+                              f"gradient (train.max_bad_steps); lower train.lr or raise train.warmup, then {then}")
+
+
+def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | None,
+          stop: StopSignal) -> tuple[list[dict[str, Any]], Path | None]:
+    """Steps until train.steps, or until a stop signal (then checkpoints at once).
+
+    Returns the logged records and the newest checkpoint."""
     tcfg = cfg.train
     history = []
+    counter, peak = FlopCounter(run.model), peak_flops(run.device)
     start, base_elapsed = time.perf_counter(), run.elapsed_s
     while run.step < tcfg.steps:
         t0 = time.perf_counter()
-        batch = run.packer.next_batch()  # (B, T), built on the host
-        counts = token_counts(batch)
+        batch = run.packer.next_batch()  # (B / W, T): this rank's rows of the global batch, built on the host
+        whole, totals = locate(batch, counter.count(batch).as_counts())  # global denominators, tokens and FLOPs
+        flops = BatchFlops.from_counts(totals)
+        counts = {f"tokens/{m}": n for m, n in flops.tokens.items()}
         step, lr = run.step + 1, lr_at(run.step + 1, tcfg)
-        stats = train_step(run.model, run.objective, run.optimizer, batch.to(run.device), run.generator, lr, tcfg.grad_clip)
+        run.generator.manual_seed(derive_seed(tcfg.seed, f"noise/{step}"))
+        stats = _guarded_step(run, batch.to(run.device), whole, lr, tcfg, log)
         dt = time.perf_counter() - t0
-        run.step, run.elapsed_s = step, base_elapsed + time.perf_counter() - start
+        run.step, run.elapsed_s, run.flops = step, base_elapsed + time.perf_counter() - start, run.flops + flops.total
         log.advance()
-        if step % tcfg.log_every == 0 or step == tcfg.steps:
-            history.append(_record(step, stats, lr, dt, counts, batch.tokens.numel(), run.elapsed_s))
+        if step % tcfg.log_every == 0 or step == tcfg.steps or stats["skipped"]:
+            positions = batch.tokens.numel() * run.world.world_size  # (B, T) of the global batch
+            history.append({**_record(step, stats, lr, dt, counts, positions, run.elapsed_s),
+                            **_flops_record(flops, run.flops, dt, peak, run.world.world_size)})
             log.log(history[-1])
-        if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps:
-            ckpt = save_checkpoint(run_dir, step, run.model, cfg, run.state_dict(), tcfg.keep_checkpoints)
+        if run.bad_steps >= tcfg.max_bad_steps:
+            raise _too_many_bad_steps(run, ckpt)
+        stopping = any_rank(stop.received is not None)  # every rank joins the checkpoint and stops together
+        if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps or stopping:
+            ckpt = save_checkpoint(run_dir, step, run.model, cfg, run.state_dict(), tcfg.keep_checkpoints,
+                                   optimizer=run.optimizer, sharded=run.mode == "fsdp")
+        if stopping:
+            break
     return history, ckpt
 
 
@@ -211,32 +286,54 @@ def train(cfg: Config, out_dir: Path, resume: bool = False) -> TrainResult:
     """Train `cfg` into `out_dir` (config.json, metrics.jsonl, checkpoints/), or continue it with `resume`.
 
     A resumed run may raise train.steps: the LR schedule follows the current config. The model
-    section must match the checkpoint's.
+    section must match the checkpoint's. Under torchrun every process calls this (see the module
+    docstring); a checkpoint resumes with any number of processes and any train.parallel.
     """
-    cfg.validate()
-    run_dir = Path(out_dir)
+    apply_image_repr(cfg.validate())  # with VAE latents, model.image_channels follows the VAE
+    world = init_distributed(resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, Path(out_dir), resume, world)
+    finally:
+        cleanup(world)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> TrainResult:
     ckpt = _resume_point(run_dir, resume)
-    device = resolve_device(cfg.train.device)
-    run = new_run(cfg, device)
+    run = new_run(cfg, world)
     notes = []
     if ckpt is not None:
         changed = check_resumable(load_config(ckpt), cfg)
+        state = load_train_state(ckpt)
         load_weights(run.model, ckpt)
-        run.load_state_dict(load_train_state(ckpt))
+        load_optimizer(run.model, run.optimizer, ckpt, state)
+        run.load_state_dict(state)
         notes.append(f"resuming from {ckpt} (step {checkpoint_step(ckpt)})"
                      + (f"; changed since: {', '.join(changed)}" if changed else ""))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", cfg.to_dict())
-    with TrainLogger(run_dir, cfg.train.steps, run.step) as log:
+    logger: TrainLogger | Silent = Silent()  # rank 0 logs for every rank
+    if world.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", cfg.to_dict())
+        logger = TrainLogger(run_dir, cfg.train.steps, run.step, tensorboard=cfg.train.tensorboard)
+    with logger as log, StopSignal() as stop:
         for line in [_describe(run, cfg, run_dir), *notes]:
             log.info(line)
-        history, ckpt = _loop(run, cfg, run_dir, log, ckpt)
-        log.info(f"done: step {run.step}, {run.elapsed_s:.1f} s of training, checkpoint {ckpt}")
-    return TrainResult(run_dir=run_dir, step=run.step, checkpoint=ckpt, elapsed_s=run.elapsed_s, metrics=history)
+        history, ckpt = _loop(run, cfg, run_dir, log, ckpt, stop)
+        stopped_by = stop.name if run.step < cfg.train.steps else None
+        if stopped_by:
+            log.info(f"{stopped_by}: stopped after step {run.step}/{cfg.train.steps}, checkpoint {ckpt}; "
+                     f"continue with: motfusion train --out {run_dir} --resume")
+        else:
+            log.info(f"done: step {run.step}, {run.elapsed_s:.1f} s of training, checkpoint {ckpt}")
+    return TrainResult(run_dir=run_dir, step=run.step, checkpoint=ckpt, elapsed_s=run.elapsed_s, metrics=history,
+                       stopped_by=stopped_by)
 
 
 def _describe(run: Run, cfg: Config, run_dir: Path) -> str:
-    m, t = run.model, cfg.train
+    m, t, W = run.model, cfg.train, run.world.world_size
+    ranks = f" x {W} processes, parallel {run.mode}" if W > 1 else ""
+    extras = [name for name, on in (("activation checkpointing", t.activation_checkpointing),
+                                    ("compile", t.compile)) if on]
     return (f"recipe {cfg.recipe}: {m.num_params() / 1e6:.2f}M params ({m.num_params(non_embedding=True) / 1e6:.2f}M "
-            f"non-embedding), untie={','.join(cfg.model.untie) or 'none'} | device {run.device} | "
-            f"{t.batch_size}x{t.seq_len} tokens/step | {t.steps} steps -> {run_dir}")
+            f"non-embedding), untie={','.join(cfg.model.untie) or 'none'} | device {run.device}{ranks} | "
+            f"{t.precision}{''.join(', ' + e for e in extras)} | {t.batch_size}x{t.seq_len} tokens/step"
+            + (f" ({t.batch_size // W} rows per rank)" if W > 1 else "") + f" | {t.steps} steps -> {run_dir}")

@@ -1,0 +1,300 @@
+"""Several processes on CPU (gloo): 2 ranks == 1 process, fsdp == ddp, checkpoints across world sizes.
+
+The 2-rank runs are real: two spawned processes, a gloo process group, `train()` on each rank, as
+under `torchrun --nproc_per_node=2`. All of them run once, in the module's `runs` fixture.
+"""
+
+import copy
+import dataclasses
+import os
+import shutil
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from motfusion.config import ConfigError, get_recipe
+from motfusion.data.pipeline import make_packer
+from motfusion.models.transfusion import TransfusionModel
+from motfusion.objectives import GlobalBatch, TransfusionObjective
+from motfusion.sequence import Image, Text, collate, encode_document
+from motfusion.tokenizer import ByteTokenizer
+from motfusion.training.checkpoint import MODEL_FILE, SHARDED_DIR, load_model, load_train_state, step_dir
+from motfusion.training.distributed import World, locate
+from motfusion.training.logging import read_metrics
+from motfusion.training.parallelize import parallel_mode, parallelize
+from motfusion.training.trainer import build_optimizer, train, train_step
+
+STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0", "train.log_every=1",
+         "train.device=cpu", "train.tensorboard=false"]
+TOL = 1e-5
+
+
+def run_cfg(*overrides: str):
+    """The debug recipe (global batch 4 x 192) for 4 steps, a checkpoint every 2."""
+    return get_recipe("debug").override([*STEPS, *overrides])
+
+
+def curve(run_dir: Path) -> list[list[float]]:
+    keys = ("loss", "loss/text", "loss/image", "grad_norm")
+    return [[r["step"], *(r[k] for k in keys)] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def assert_same_curve(a: list[list[float]], b: list[list[float]]) -> None:
+    assert [r[0] for r in a] == [r[0] for r in b]
+    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                               rtol=0, atol=TOL)
+
+
+def rewind(run_dir: Path, to: Path) -> Path:
+    """A copy of a run as if it had died after its step-2 checkpoint."""
+    shutil.copytree(run_dir, to)
+    shutil.rmtree(step_dir(to, 4))
+    return to
+
+
+def uneven_rows(cfg) -> list[list]:
+    """Two rows of encoded documents: captioned images, then text only (no image on that rank)."""
+    g, tok = torch.Generator().manual_seed(0), ByteTokenizer()
+    red, blue = (Image(torch.rand(3, 16, 16, generator=g) * 2 - 1) for _ in range(2))
+    rows = [[[Text("a red circle"), red], [blue, Text("two blue squares")]],
+            [[Text("no image here")], [Text("nor here: only text")]]]
+    return [[encode_document(doc, tok, cfg.model.patch_size) for doc in row] for row in rows]
+
+
+def step_gradients(cfg, batch, world: World) -> dict[str, torch.Tensor]:
+    """The (clipped, rank-averaged) gradients of one training step of the seed-0 model, parallelized
+    for `world`, on this rank's `batch`. Gradients, not weights: AdamW's update hides their scale."""
+    torch.manual_seed(0)
+    model = TransfusionModel(cfg.model, ByteTokenizer().vocab_size)
+    parallelize(model, cfg.train, world)
+    whole, _ = locate(batch, {})
+    train_step(model, TransfusionObjective(cfg.objective), build_optimizer(model, cfg.train), batch,
+               torch.Generator().manual_seed(0), 1e-3, 1.0, whole=whole, world_size=world.world_size)
+    return {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            for name, p in model.named_parameters()}
+
+
+# ---- the 2-rank runs -------------------------------------------------------------------------
+
+def _rank_main(rank: int, port: int, root: Path) -> None:
+    """One of the 2 ranks: what torchrun would set up, then every 2-rank training of the module."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+    try:
+        train(run_cfg("train.parallel=ddp"), root / "ddp")
+        train(run_cfg("train.parallel=fsdp"), root / "fsdp")
+        train(run_cfg("train.parallel=fsdp"), root / "one_to_fsdp", resume=True)
+        train(run_cfg("train.parallel=ddp"), root / "one_to_ddp", resume=True)
+        for mode in ("ddp", "fsdp"):
+            cfg = run_cfg(f"train.parallel={mode}")
+            mine = collate([uneven_rows(cfg)[rank]], cfg.train.seq_len, ByteTokenizer().pad)
+            grads = step_gradients(cfg, mine, World(rank=rank, world_size=2, local_rank=rank))
+            if rank == 0:
+                torch.save(grads, root / f"uneven_{mode}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_two_ranks(root: Path, timeout_s: float = 600) -> None:
+    ctx = mp.start_processes(_rank_main, args=(_free_port(), root), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"the 2-rank runs did not finish in {timeout_s} s")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """root/one: 1 process; ddp, fsdp: 2 ranks; one_to_*: 1-process checkpoints resumed by 2 ranks;
+    *_to_one: 2-rank checkpoints resumed by 1 process. All from step 2 to 4. uneven_*.pt: the
+    gradients of one 2-rank step where rank 1 holds no image."""
+    root = tmp_path_factory.mktemp("runs")
+    train(run_cfg(), root / "one")
+    rewind(root / "one", root / "one_to_fsdp")
+    rewind(root / "one", root / "one_to_ddp")
+    spawn_two_ranks(root)
+    for mode in ("ddp", "fsdp"):
+        train(run_cfg(f"train.parallel={mode}"), rewind(root / mode, root / f"{mode}_to_one"), resume=True)
+    return root
+
+
+def test_two_ranks_give_the_losses_of_one_process(runs):
+    """(a) The same global batch on 2 ranks (2 rows each) and on 1 process (4 rows): same per-step losses."""
+    one = curve(runs / "one")
+    assert len(one) == 4
+    assert_same_curve(curve(runs / "ddp"), one)
+
+
+def test_fsdp_gives_the_losses_of_ddp(runs):
+    """(b) Sharded weights, gradients and optimizer state change nothing but float rounding."""
+    assert_same_curve(curve(runs / "fsdp"), curve(runs / "ddp"))
+
+
+def test_checkpoints_resume_across_world_sizes(runs):
+    """(c) Steps 3-4 resumed from a step-2 checkpoint equal the straight 1-process run, whichever
+    world size and train.parallel wrote the checkpoint and whichever resumes it."""
+    sharded, full = step_dir(runs / "fsdp", 2), step_dir(runs / "ddp", 2)
+    assert (sharded / SHARDED_DIR).is_dir() and not (sharded / MODEL_FILE).exists()
+    assert (full / MODEL_FILE).is_file() and not (full / SHARDED_DIR).exists()
+    one = curve(runs / "one")
+    for name in ("one_to_fsdp", "one_to_ddp", "fsdp_to_one", "ddp_to_one"):
+        resumed = curve(runs / name)
+        assert [r[0] for r in resumed] == [1, 2, 3, 4], name
+        assert_same_curve(resumed, one)
+
+
+def test_a_rank_without_images_trains_like_one_process(runs):
+    """A rank whose rows hold no image leaves the image tower and patcher without gradients: the
+    ranks still agree (no hang) and the step equals one process's on both rows."""
+    cfg = run_cfg()
+    both = collate(uneven_rows(cfg), cfg.train.seq_len, ByteTokenizer().pad)
+    assert both.images.shape[0] == 2 and not (both.image >= 0)[1].any()
+    reference = step_gradients(cfg, both, World())
+    assert reference["image.proj_out.weight"].abs().max() > 0
+    for mode in ("ddp", "fsdp"):
+        grads = torch.load(runs / f"uneven_{mode}.pt")
+        assert grads.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(grads[key], value, rtol=1e-5, atol=1e-7, msg=f"{mode}: {key}")
+
+
+def test_load_model_reads_sharded_and_full_checkpoints(runs):
+    """load_model (sampling) takes a sharded checkpoint like a full one: same weights as 1 process."""
+    reference = load_model(runs / "one")[0].state_dict()
+    for name in ("fsdp", "ddp", "one_to_fsdp"):
+        weights = load_model(runs / name)[0].state_dict()
+        assert weights.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=TOL, msg=f"{name}: {key}")
+
+
+def test_two_rank_run_reads_the_documents_of_one_process(runs):
+    """(e) The 2-rank runs consumed exactly the documents of the 1-process run, checkpoint by checkpoint."""
+    for step in (2, 4):
+        one = load_train_state(step_dir(runs / "one", step))["packer"]
+        for name in ("ddp", "fsdp"):
+            assert load_train_state(step_dir(runs / name, step))["packer"] == one
+
+
+# ---- in one process --------------------------------------------------------------------------
+
+def _row_docs(batch) -> list[tuple]:
+    """Each row's documents as (tokens, image bytes), read back from a packed batch."""
+    rows = []
+    for b in range(batch.shape[0]):
+        docs = []
+        for d in range(int(batch.doc[b].max()) + 1):
+            at = batch.doc[b] == d
+            images = batch.image[b][at].unique()
+            docs.append((tuple(batch.tokens[b][at].tolist()),
+                         tuple(batch.images[i].numpy().tobytes() for i in images[images >= 0].tolist())))
+        rows.append(tuple(docs))
+    return rows
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_split_the_global_batch_by_rows(tok, world_size):
+    """(e) Ranks take contiguous rows of the global batch: together the rows of one process, in
+    order, so every document is used once (no duplicates, no gaps), and the packer state is the same."""
+    cfg = run_cfg("train.batch_size=4", "train.seq_len=128")
+    one = make_packer(cfg, tok)
+    ranks = [make_packer(cfg, tok, "train", r, world_size) for r in range(world_size)]
+    for _ in range(3):
+        rows = [row for packer in ranks for row in _row_docs(packer.next_batch())]
+        assert rows == _row_docs(one.next_batch())
+        docs = [doc for row in rows for doc in row]
+        assert len(set(docs)) == len(docs)
+    assert all(p.state_dict() == one.state_dict() for p in ranks)
+
+
+def test_batch_size_must_split_over_ranks(tok):
+    with pytest.raises(ConfigError, match="train.batch_size=4 is the global batch"):
+        make_packer(run_cfg(), tok, "train", 0, 3)
+    with pytest.raises(ConfigError, match="train.parallel=none with 2 processes"):
+        parallel_mode(run_cfg("train.parallel=none").train, 2)
+    assert parallel_mode(run_cfg().train, 2) == "ddp"
+    assert parallel_mode(run_cfg("train.parallel=fsdp").train, 1) == "none"
+
+
+def test_rank_shares_add_up_to_the_global_loss(tok):
+    """Each rank's loss is its share of the global means, with the noise of the global batch: the
+    shares of 2 ranks add up to the 1-process loss, part by part."""
+    cfg = run_cfg()
+    torch.manual_seed(0)
+    model, objective = TransfusionModel(cfg.model, tok.vocab_size), TransfusionObjective(cfg.objective)
+    halves = [make_packer(cfg, tok, "train", r, 2).next_batch() for r in range(2)]
+    whole = make_packer(cfg, tok).next_batch()
+    total = GlobalBatch.of(whole)
+    places = [dataclasses.replace(total, image_offset=offset) for offset in (0, halves[0].images.shape[0])]
+    with torch.no_grad():
+        loss, parts = objective(model, whole, torch.Generator().manual_seed(7))
+        shares = [objective(model, half, torch.Generator().manual_seed(7), place)
+                  for half, place in zip(halves, places)]
+        t, noise = objective.draw(whole, total, torch.Generator().manual_seed(7))
+        drawn = [objective.draw(half, place, torch.Generator().manual_seed(7)) for half, place in zip(halves, places)]
+    assert torch.equal(torch.cat([d[0] for d in drawn]), t) and torch.equal(torch.cat([d[1] for d in drawn]), noise)
+    torch.testing.assert_close(shares[0][0] + shares[1][0], loss, rtol=1e-6, atol=0)
+    for key in parts:
+        torch.testing.assert_close(shares[0][1][key] + shares[1][1][key], parts[key], rtol=1e-6, atol=0)
+
+
+def _saving(counter: list[int]):
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        counter[0] += t.numel()
+        return t
+    return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+
+
+def test_activation_checkpointing_keeps_gradients_and_saves_less(tok):
+    """(d) Recomputing each block in backward gives the same gradients, and keeps fewer activations."""
+    cfg = run_cfg()
+    batch = make_packer(cfg, tok).next_batch()
+    torch.manual_seed(0)
+    plain = TransfusionModel(cfg.model, tok.vocab_size)
+    checkpointed = copy.deepcopy(plain)
+    stepper = parallelize(checkpointed, run_cfg("train.activation_checkpointing=true").train, World())
+    objective, saved = TransfusionObjective(cfg.objective), []
+    for model in (plain, stepper):
+        counter = [0]
+        with _saving(counter):
+            loss, _ = objective(model, batch, torch.Generator().manual_seed(0))
+        loss.backward()
+        saved.append(counter[0])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=0, atol=1e-6, msg=name)
+    assert saved[1] < 0.5 * saved[0]
+
+
+def test_bf16_autocast_trains_on_cpu(tok):
+    """train.precision=bf16 on CPU: matmuls run in bfloat16, weights and gradients stay fp32, and the
+    first step's loss is within 1% of fp32's."""
+    cfg = run_cfg()
+    batch = make_packer(cfg, tok).next_batch()
+    torch.manual_seed(0)
+    fp32 = TransfusionModel(cfg.model, tok.vocab_size)
+    bf16 = copy.deepcopy(fp32)
+    seen = []
+    bf16.text.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    stats = [train_step(m, TransfusionObjective(cfg.objective), build_optimizer(m, cfg.train), batch,
+                        torch.Generator().manual_seed(0), 1e-3, 1.0, precision=precision)
+             for m, precision in ((fp32, "fp32"), (bf16, "bf16"))]
+    assert seen == [torch.bfloat16]
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.parameters())
+    assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-2)
