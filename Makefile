@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # as root on a machine with apt-get.
 DEB_PACKAGES := espeak-ng fortunes dataset-fashion-mnist fonts-noto-color-emoji
 
-.PHONY: demo test install clean debs
+.PHONY: demo test install clean debs bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ debs:
 
 test: $(STAMP) debs
 	$(PY) -m pytest -q
+
+# Train-step and attention timings on this host (about a minute on CPU): benchmarks/results/.
+BENCH_ARGS ?=
+bench: $(STAMP)
+	$(PY) benchmarks/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) runs
