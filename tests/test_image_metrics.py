@@ -32,15 +32,6 @@ from motfusion.tokenizer import ByteTokenizer
 from test_real_data import tiny_fashion
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small convolutions run faster on one thread than on two that the machine's other work shares."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def random_spd(rng: np.random.Generator, n: int, rank: int | None = None) -> np.ndarray:
     a = rng.normal(size=(n, rank or n))
     return a @ a.T / n

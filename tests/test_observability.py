@@ -25,15 +25,6 @@ from conftest import random_batch
 SMALL = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.device=cpu"]
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def two_documents(tok, patch_size: int = 4):
     """BOS a b BOI [16 patches] EOI EOS (22 positions), then BOS BOI [16 patches] EOI c EOS (21), in 48."""
     image = lambda: Image(torch.zeros(3, 16, 16))

@@ -37,15 +37,6 @@ SMALL = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.
 COMPARED = ("step", "loss", "loss/text", "loss/image", "grad_norm", "flops", "cumulative_flops")
 
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and far faster than on two when the machine is busy."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 def small_cfg(*overrides: str):
     return get_recipe("debug").override([*SMALL, *overrides])
 

@@ -28,14 +28,6 @@ from motfusion.vae import (
 )
 from motfusion.vae.train_vae import image_batch, image_dataset, latent_scale, psnr, train_step, vae_loss
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These small convolutions run several times faster on one thread than on two contended ones."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = dict(channels=8, norm_groups=4, image_size=16, batch_size=8, val_images=8, scale_images=16)
 

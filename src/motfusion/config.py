@@ -315,7 +315,7 @@ def debug() -> Config:
 def demo() -> Config:
     """The default `motfusion demo`: about ten minutes on a 2-core laptop CPU.
 
-    Rectified flow rather than DDPM: at this budget (2k steps of a 1.8M-parameter model) DDPM's
+    Rectified flow rather than DDPM: at this budget (a few thousand steps of a 1.8M-parameter model) DDPM's
     epsilon-prediction samples were still patch noise while flow's showed the right colors and
     layouts. 16px scenes with 4x4 patches (16 tokens per image) fit about 48 images per step.
     """
@@ -323,7 +323,7 @@ def demo() -> Config:
         model=ModelConfig(dim=128, n_layers=4, n_heads=4),
         objective=ObjectiveConfig(diffusion="flow"),
         data=DataConfig(image_size=16),
-        train=TrainConfig(steps=2000, batch_size=8, seq_len=320, lr=2e-3, min_lr=1e-4, warmup=50, log_every=20,
+        train=TrainConfig(steps=3200, batch_size=8, seq_len=320, lr=2e-3, min_lr=1e-4, warmup=50, log_every=20,
                           checkpoint_every=500),
     )
 
