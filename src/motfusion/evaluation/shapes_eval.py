@@ -39,7 +39,7 @@ from motfusion.data.shapes import (
     shape_mask,
 )
 
-CLAUSE_TYPES = ("color", "shape", "count", "position", "size")
+CLAUSE_TYPES = ("color", "shape", "count", "position", "size", "objects")
 # Pixels farther than this (RGB in [0, 1], Euclidean) from every palette color
 # and from the background are ignored. Palette colors are >= 0.64 apart.
 COLOR_THRESHOLD = 0.3
@@ -249,7 +249,10 @@ def check(spec: CaptionSpec, scene: Scene) -> dict[str, bool]:
     """For each clause type in `spec`, whether all its clauses hold in `scene`.
 
     Shape and color clauses ask for as many objects as the caption mentions in
-    total, so "a red circle and a blue circle" needs two circles.
+    total, so "a red circle and a blue circle" needs two circles. The "objects"
+    clause asks for exactly as many objects as the caption mentions: captions of
+    this world describe every object, and without it an image of many colored
+    fragments would satisfy "a red square" by containing a red fragment.
     """
     demand: Counter = Counter()
     for m in spec.mentions:
@@ -258,6 +261,7 @@ def check(spec: CaptionSpec, scene: Scene) -> dict[str, bool]:
     result: dict[str, bool] = {}
     for clause in spec.clauses:
         result[clause.type] = result.get(clause.type, True) and _holds(clause, scene, demand)
+    result["objects"] = len(scene.objects) == sum(m.count for m in spec.mentions)
     return result
 
 
