@@ -323,7 +323,7 @@ def demo() -> Config:
         model=ModelConfig(dim=128, n_layers=4, n_heads=4),
         objective=ObjectiveConfig(diffusion="flow"),
         data=DataConfig(image_size=16),
-        train=TrainConfig(steps=3200, batch_size=8, seq_len=320, lr=2e-3, min_lr=1e-4, warmup=50, log_every=20,
+        train=TrainConfig(steps=2000, batch_size=8, seq_len=320, lr=2e-3, min_lr=1e-4, warmup=50, log_every=20,
                           checkpoint_every=500),
     )
 

@@ -68,10 +68,10 @@ class LinearPatcher(nn.Module):
     def tokens_per_image(self, height: int, width: int) -> int:
         return (height // self.k) * (width // self.k)
 
-    def embed(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t: (N, C, H, W) noisy images, t: (N,) -> (N, L, D)."""
-        return self.proj_in(patchify(x_t, self.k)) + self.time(t)[:, None, :]
+    def embed(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, None]:
+        """x_t: (N, C, H, W) noisy images, t: (N,) -> (N, L, D), and no skips (the U-Net has some)."""
+        return self.proj_in(patchify(x_t, self.k)) + self.time(t)[:, None, :], None
 
-    def predict(self, h: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def predict(self, h: torch.Tensor, height: int, width: int, skips: None = None) -> torch.Tensor:
         """h: (N, L, D) hidden states at the image's patches -> (N, C, H, W)."""
         return unpatchify(self.proj_out(h), self.k, self.channels, height, width)

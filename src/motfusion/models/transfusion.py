@@ -20,7 +20,7 @@ from motfusion.models.attention import SeqMeta, build_mask, resolve_backend
 from motfusion.models.layers import rope_angles
 from motfusion.models.moe import MoEFFN
 from motfusion.models.mot import MoTBackbone
-from motfusion.models.unet import Skips, UNetPatcher
+from motfusion.models.unet import UNetPatcher
 from motfusion.sequence import SPECS, Batch
 
 
@@ -87,7 +87,7 @@ class TransfusionModel(nn.Module):
         h = self._embed_tokens(batch)  # (B, T, D), continuous positions still zero
         N = images.shape[0]
         if N:
-            patches, skips = self._embed_images(images, t)  # (N, L, D), and the U-Net's skips for predict
+            patches, skips = self.image.embed(images, t)  # (N, L, D), and the U-Net's skips for predict
             h = h.view(B * T, D).index_copy(0, batch.image_index.flatten(), patches.flatten(0, 1)).view(B, T, D)
 
         past = len(cache) if cache is not None else 0
@@ -109,8 +109,7 @@ class TransfusionModel(nn.Module):
 
         if N:
             H, W = images.shape[-2:]
-            size = (H, W) if skips is None else (H, W, skips)
-            image_out = self.image.predict(h.view(B * T, D)[batch.image_index], *size)  # (N, C, H, W)
+            image_out = self.image.predict(h.view(B * T, D)[batch.image_index], H, W, skips)  # (N, C, H, W)
         else:
             image_out = images
         return ModelOutput(hidden=h, image=image_out, moe_balance=torch.stack(balance).mean() if balance else None)
@@ -139,12 +138,6 @@ class TransfusionModel(nn.Module):
             if idx is not None and idx.numel():  # shape metadata only: no host sync
                 h = h.index_copy(0, idx, self.adapter(m).embed(tokens.index_select(0, idx)))
         return h.view(B, T, self.cfg.dim)
-
-    def _embed_images(self, images: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Skips | None]:
-        """The U-Net's down-path activations must reach its up path in this same forward call."""
-        if isinstance(self.image, UNetPatcher):
-            return self.image.embed(images, t)
-        return self.image.embed(images, t), None
 
     def logits(self, hidden: torch.Tensor, modality: str = "text") -> torch.Tensor:
         """(..., D) -> (..., V_modality), with the head of `modality`."""

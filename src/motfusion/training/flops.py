@@ -137,9 +137,8 @@ def patcher_flops(cfg: ModelConfig, channels: int, height: int, width: int) -> i
     for module in patcher.modules():
         module.register_forward_hook(count)
     with torch.no_grad():
-        out = patcher.embed(x_t, t)
-        tokens, skips = out if isinstance(out, tuple) else (out, None)  # the U-Net also returns its skips
-        patcher.predict(tokens, height, width, *([] if skips is None else [skips]))
+        tokens, skips = patcher.embed(x_t, t)
+        patcher.predict(tokens, height, width, skips)
     return total
 
 
