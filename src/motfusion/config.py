@@ -353,6 +353,22 @@ def chameleon_demo() -> Config:
     return cfg
 
 
+@recipe("fashion")
+def fashion() -> Config:
+    """Transfusion on real images: Fashion-MNIST (32px) as 8x8x4 latents of a small KL-VAE, with the
+    U-Net patcher at patch 2 (16 tokens per image), captions from the class names. Needs
+    `motfusion train-vae --dataset fashion --out runs/vae-fashion` first."""
+    cfg = demo()
+    cfg.data.dataset = "fashion"
+    cfg.data.image_size = 32
+    cfg.data.image_repr = "latents"
+    cfg.model.vae = "runs/vae-fashion"
+    cfg.model.image_channels = 4
+    cfg.model.patcher = "unet"
+    cfg.model.patch_size = 2
+    return cfg
+
+
 def _leave_one_out(shared: tuple[str, str]) -> Config:
     """MoT's leave-one-modality-out study: speech-demo with two of its three modalities in one tower.
     Compare with speech-demo itself (three towers) and with its dense model (model.untie=)."""
