@@ -41,8 +41,11 @@ def run_cfg(*overrides: str):
     return get_recipe("debug").override([*STEPS, *overrides])
 
 
-def curve(run_dir: Path) -> list[list[float]]:
-    keys = ("loss", "loss/text", "loss/image", "grad_norm")
+ALIGN = ["objective.contrastive_weight=0.5", "model.align_dim=16"]
+
+
+def curve(run_dir: Path, extra: tuple[str, ...] = ()) -> list[list[float]]:
+    keys = ("loss", "loss/text", "loss/image", "grad_norm", *extra)
     return [[r["step"], *(r[k] for k in keys)] for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
@@ -92,6 +95,7 @@ def _rank_main(rank: int, port: int, root: Path) -> None:
     try:
         train(run_cfg("train.parallel=ddp"), root / "ddp")
         train(run_cfg("train.parallel=fsdp"), root / "fsdp")
+        train(run_cfg("train.parallel=fsdp", *ALIGN), root / "fsdp_align")
         train(run_cfg("train.parallel=fsdp"), root / "one_to_fsdp", resume=True)
         train(run_cfg("train.parallel=ddp"), root / "one_to_ddp", resume=True)
         for mode in ("ddp", "fsdp"):
@@ -127,6 +131,7 @@ def runs(tmp_path_factory) -> Path:
     gradients of one 2-rank step where rank 1 holds no image."""
     root = tmp_path_factory.mktemp("runs")
     train(run_cfg(), root / "one")
+    train(run_cfg(*ALIGN), root / "one_align")
     rewind(root / "one", root / "one_to_fsdp")
     rewind(root / "one", root / "one_to_ddp")
     spawn_two_ranks(root)
@@ -140,6 +145,11 @@ def test_two_ranks_give_the_losses_of_one_process(runs):
     one = curve(runs / "one")
     assert len(one) == 4
     assert_same_curve(curve(runs / "ddp"), one)
+
+
+def test_contrastive_loss_over_two_ranks_is_that_of_one_process(runs):
+    """InfoNCE over the pairs gathered from both ranks, and its gradient through the gather."""
+    assert_same_curve(curve(runs / "one_align", ("loss/contrastive",)), curve(runs / "fsdp_align", ("loss/contrastive",)))
 
 
 def test_fsdp_gives_the_losses_of_ddp(runs):

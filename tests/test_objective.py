@@ -1,6 +1,7 @@
 """The Transfusion objective and the model's information flow."""
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import torch.nn.functional as F
 
 from motfusion.config import ObjectiveConfig
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.objectives import TransfusionObjective
+from motfusion.evaluation.clip import info_nce
+from motfusion.objectives import GlobalBatch, TransfusionObjective, alignment_pairs
 from motfusion.sequence import IGNORE, Image, Text, collate, encode_document
 
 from conftest import random_batch
@@ -109,3 +111,90 @@ def test_documents_in_a_row_are_independent(model, tok):
     h_together = model(together, together.images, t).hidden[0, len(d1):len(d1) + len(d2)]
     h_alone = model(alone, alone.images, t[1:]).hidden[0, :len(d2)]
     torch.testing.assert_close(h_together, h_alone, atol=1e-5, rtol=1e-5)
+
+
+# ---- the optional image-text alignment loss (objective.contrastive_weight) ----------------------
+
+def aligned(cfg, tok, weight: float = 0.5):
+    """A model with align projections and the objective that uses them."""
+    torch.manual_seed(0)
+    model = TransfusionModel(dataclasses.replace(cfg.model, align_dim=16), tok.vocab_size)
+    return model, TransfusionObjective(dataclasses.replace(cfg.objective, contrastive_weight=weight))
+
+
+def pair_batch(tok):
+    """Row 0: a caption-first doc and an image-first doc; row 1: an image whose caption was dropped,
+    a text-only doc, and a second doc with row 0's first caption."""
+    g = torch.Generator().manual_seed(0)
+    im = [torch.rand(3, 16, 16, generator=g) * 2 - 1 for _ in range(4)]
+    rows = [[[Text("a red circle"), Image(im[0])], [Image(im[1]), Text("two blue squares")]],
+            [[Image(im[2])], [Text("only text")], [Text("a red circle"), Image(im[3])]]]
+    return collate([[encode_document(d, tok, 4) for d in row] for row in rows], 80, tok.pad)
+
+
+def test_alignment_pairs_pool_each_image_and_the_text_of_its_document(tok):
+    b = pair_batch(tok)
+    hidden = torch.randn(*b.shape, 8)
+    image, text, keys = alignment_pairs(hidden, b)
+    expected_img, expected_txt = [], []
+    for i in range(b.images.shape[0]):
+        row, col = divmod(int(b.image_index[i, 0]), b.shape[1])
+        doc = b.doc[row, col]
+        same_doc_text = (b.doc[row] == doc) & (b.image[row] < 0)
+        if b.image_caption[i] == 0:
+            continue
+        expected_img.append(hidden[row][b.image[row] == i].mean(0))
+        expected_txt.append(hidden[row][same_doc_text].mean(0))
+    assert image.shape[0] == 3  # the image without a caption has no pair
+    torch.testing.assert_close(image, torch.stack(expected_img))
+    torch.testing.assert_close(text, torch.stack(expected_txt))
+    assert keys[0] == keys[2] != keys[1]  # the same caption, the same key
+
+
+def test_contrastive_term_is_weighted_info_nce_with_equal_captions_as_matches(cfg, tok):
+    b = pair_batch(tok)
+    model, obj = aligned(cfg, tok, weight=0.5)
+    plain = TransfusionObjective(cfg.objective)
+    loss, parts = obj(model, b, torch.Generator().manual_seed(1))
+    base, _ = plain(model, b, torch.Generator().manual_seed(1))
+    out = model(b, *_noised(plain, b))
+    image, text, keys = alignment_pairs(out.hidden, b)
+    expected = info_nce(model.align["image"](image), model.align["text"](text), model.align_scale,
+                        positives=keys[:, None] == keys[None, :])
+    torch.testing.assert_close(parts["loss/contrastive"], expected)
+    torch.testing.assert_close(loss, base + 0.5 * expected)
+    loss.backward()
+    for name in ("align.image.weight", "align.text.weight", "align_scale"):
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+
+
+def _noised(obj, b):
+    g = torch.Generator().manual_seed(1)
+    t = obj.process.sample_timesteps(b.images.shape[0], g, "cpu", max_t=obj.max_timesteps(b.image_first))
+    noise = torch.randn(b.images.shape, generator=g)
+    return obj.process.add_noise(b.images, noise, t), t
+
+
+def test_contrastive_training_aligns_images_with_their_captions(cfg, tok):
+    """Trained on the contrastive term alone, each image comes to pick its own caption: the loss falls
+    towards its floor, which is above zero because two images share a caption (their rows' targets
+    split over both)."""
+    b = pair_batch(tok)
+    model, obj = aligned(cfg, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(40):
+        loss = obj.contrastive_loss(model, model(b, *_noised(obj, b)).hidden, b, GlobalBatch.of(b))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    floor = 2 / 3 * math.log(2)  # two of the three rows each way have two matches
+    assert losses[-1] - floor < 0.2 * (losses[0] - floor)
+
+
+def test_contrastive_weight_needs_projections():
+    from motfusion.config import ConfigError, get_recipe
+    with pytest.raises(ConfigError, match="model.align_dim"):
+        get_recipe("debug").override(["objective.contrastive_weight=0.1"])
+    get_recipe("debug").override(["objective.contrastive_weight=0.1", "model.align_dim=32"])

@@ -43,6 +43,7 @@ class ModelConfig:
     vocab_sizes: dict[str, int] = field(default_factory=dict)
     text_moe_experts: int = 0  # > 0: the FFN that serves text is a mixture of experts (MoT's hybrid)
     moe_top_k: int = 1  # experts per text token
+    align_dim: int = 0  # > 0: image and text projections to this size, for objective.contrastive_weight
     qk_norm: bool = True
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
@@ -88,6 +89,7 @@ class ObjectiveConfig:
     image_first_noise_cap: int | None = 500  # max timestep of an image that precedes its caption
     loss_weights: dict[str, float] = field(default_factory=dict)  # per discrete modality's LM loss; default 1
     moe_balance_weight: float = 0.01  # Switch's load-balancing loss, with model.text_moe_experts
+    contrastive_weight: float = 0.0  # > 0: + w * InfoNCE between each image and its document's text
 
     def validate(self) -> None:
         _check(self.diffusion in ("ddpm", "flow"), f"objective.diffusion={self.diffusion!r}: choose 'ddpm' or 'flow'")
@@ -95,6 +97,7 @@ class ObjectiveConfig:
         _check(self.image_loss_weight >= 0, "objective.image_loss_weight must be >= 0")
         _check(all(w >= 0 for w in self.loss_weights.values()) and self.moe_balance_weight >= 0,
                "objective.loss_weights and objective.moe_balance_weight must be >= 0")
+        _check(self.contrastive_weight >= 0, "objective.contrastive_weight must be >= 0")
         cap = self.image_first_noise_cap
         _check(cap is None or 0 < cap <= self.num_timesteps, f"objective.image_first_noise_cap must be in (0, {self.num_timesteps}] or none")
 
@@ -179,6 +182,11 @@ class Config:
         _check(self.data.image_repr != "latents" or bool(self.model.vae),
                "data.image_repr=latents needs model.vae=DIR (a VAE from motfusion train-vae, or a diffusers AutoencoderKL)")
         self._validate_image_tokens()
+        if self.objective.contrastive_weight:
+            _check(self.model.align_dim > 0, "objective.contrastive_weight needs model.align_dim > 0 (e.g. 64): "
+                   "the size of the image and text projections the loss compares")
+            _check(self.data.image_repr != "tokens", "objective.contrastive_weight needs continuous images "
+                   "(data.image_repr=pixels or latents), not VQ tokens")
         _check(self.data.image_size % self.model.patch_size == 0,
                f"data.image_size={self.data.image_size} must be divisible by model.patch_size={self.model.patch_size}")
         return self

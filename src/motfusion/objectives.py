@@ -17,10 +17,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from motfusion.config import ObjectiveConfig
 from motfusion.diffusion import make_process
+from motfusion.evaluation.clip import info_nce
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.sequence import Batch
 
@@ -33,6 +35,7 @@ class GlobalBatch:
     images: int  # images in the global batch: the image loss's denominator
     image_offset: int = 0  # global index of this rank's first image
     unit_targets: dict[str, int] = field(default_factory=dict)  # the other discrete heads' LM targets
+    ranks: int = 1  # processes that share the global batch
 
     def lm_targets(self, modality: str) -> int:
         """The denominator of `modality`'s LM loss."""
@@ -104,6 +107,9 @@ class TransfusionObjective:
             share = batch.text_loss_index.numel() / max(whole.text_targets, 1)
             parts["moe_balance"] = zero if out.moe_balance is None else out.moe_balance * share
             loss = loss + self.cfg.moe_balance_weight * parts["moe_balance"]
+        if self.cfg.contrastive_weight:
+            parts["contrastive"] = self.contrastive_loss(core, out.hidden, batch, whole)
+            loss = loss + self.cfg.contrastive_weight * parts["contrastive"]
         return loss, {f"loss/{m}": value.detach() for m, value in parts.items()}
 
     @staticmethod
@@ -115,3 +121,70 @@ class TransfusionObjective:
             return hidden.sum() * 0
         logits = model.logits(hidden.flatten(0, 1)[idx], modality).float()  # (n, V_modality)
         return F.cross_entropy(logits, batch.targets.flatten()[idx], reduction="sum") / whole.lm_targets(modality)
+
+    @staticmethod
+    def contrastive_loss(model: TransfusionModel, hidden: torch.Tensor, batch: Batch,
+                         whole: GlobalBatch) -> torch.Tensor:
+        """InfoNCE between each image and the text of its document, over the pairs of the GLOBAL batch
+        (gathered from every rank), images with equal captions counting as matches. Returns this
+        rank's share: the global loss divided by the number of ranks."""
+        image, text, keys = alignment_pairs(hidden, batch)
+        image = gather_rows(model.align["image"](image))
+        text = gather_rows(model.align["text"](text))
+        keys = gather_rows(keys)
+        if image.shape[0] < 2:  # no negatives: nothing to contrast
+            return (hidden.sum() + model.align_scale.sum()) * 0
+        loss = info_nce(image, text, model.align_scale, positives=keys[:, None] == keys[None, :])
+        return loss / whole.ranks
+
+
+def alignment_pairs(hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pooled (image, text) pairs: each image with a caption -> the mean hidden state over its patches,
+    the mean over the text positions of its document, and its caption key: (P, D), (P, D), (P,).
+
+    In one causal sequence the later of the two sees the earlier one (a caption-first image attends to
+    its caption), so the loss mostly shapes what the later one carries about the earlier one."""
+    B, T, D = hidden.shape
+    flat = hidden.reshape(B * T, D)
+    image = flat[batch.image_index].mean(dim=1)  # (N, D)
+    doc = (torch.arange(B, device=hidden.device)[:, None] * T + batch.doc).flatten()  # a key per (row, document)
+    text_idx = batch.modality_index["text"]
+    text_idx = text_idx[batch.doc.flatten()[text_idx] >= 0]  # not padding
+    sums = flat.new_zeros(B * T, D).index_add(0, doc[text_idx], flat[text_idx])
+    counts = flat.new_zeros(B * T).index_add(0, doc[text_idx], flat.new_ones(text_idx.shape[0]))
+    image_doc = doc[batch.image_index[:, 0]]  # (N,)
+    keep = (batch.image_caption != 0) & (counts[image_doc] > 0)
+    text = sums[image_doc] / counts[image_doc].clamp(min=1)[:, None]
+    return image[keep], text[keep], batch.image_caption[keep]
+
+
+class _GatherRows(torch.autograd.Function):
+    """Every rank's rows, concatenated in rank order; the gradient of this rank's rows is the sum of
+    the gradients all ranks computed for them."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        counts = torch.tensor([x.shape[0]], device=x.device)
+        table = [torch.empty_like(counts) for _ in range(dist.get_world_size())]
+        dist.all_gather(table, counts)
+        counts = [int(c) for c in table]  # one host sync
+        padded = x.new_zeros(max(counts), *x.shape[1:])
+        padded[: x.shape[0]] = x
+        rows = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(rows, padded)
+        ctx.counts, ctx.rank = counts, dist.get_rank()
+        return torch.cat([r[:n] for r, n in zip(rows, counts)])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        start = sum(ctx.counts[: ctx.rank])
+        return grad[start: start + ctx.counts[ctx.rank]]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n_rank, ...) on each rank -> (sum of n_rank, ...) on every rank, differentiable; x itself on one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherRows.apply(x)

@@ -10,6 +10,7 @@ layer syncs with the host.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, fields
 from typing import Callable, Iterator
 
@@ -103,6 +104,7 @@ class EncodedDoc:
     image_slot: list[int]  # k for the k-th image's patches in this doc, -1 elsewhere
     images: list[torch.Tensor]
     image_first: list[bool]  # the image precedes its caption (gets the noise cap)
+    caption: int = 0  # a key of the document's text (0: none): equal texts, equal keys
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -173,7 +175,16 @@ def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int, close:
     # caption). An image alone, e.g. with its caption dropped for classifier-free guidance, does not.
     is_text = [isinstance(seg, Text) for seg in doc]
     b.doc.image_first = [not any(is_text[:i]) and any(is_text[i + 1:]) for i, seg in enumerate(doc) if isinstance(seg, Image)]
+    b.doc.caption = caption_key(" ".join(seg.text for seg in doc if isinstance(seg, Text)))
     return b.doc
+
+
+def caption_key(text: str) -> int:
+    """A stable 62-bit key of a text (0 for none): the contrastive loss treats images with equal
+    captions as matches rather than as negatives of each other."""
+    if not text:
+        return 0
+    return 1 + int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % (2**62)
 
 
 @dataclass
@@ -189,6 +200,7 @@ class Batch:
     images: torch.Tensor  # (N, C, H, W) clean images
     image_index: torch.Tensor  # (N, L) flat positions of each image's patches, raster order
     image_first: torch.Tensor  # (N,) bool: image precedes its caption
+    image_caption: torch.Tensor  # (N,) int64: caption_key of each image's document (0: no text)
     modality_index: dict[str, torch.Tensor]  # name -> flat positions of that input modality
     loss_index: dict[str, torch.Tensor]  # name -> flat positions whose target that modality's head predicts
 
@@ -218,7 +230,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
     image = torch.full((B, T), -1, dtype=torch.long)
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
     target_modality = torch.full((B, T), -1, dtype=torch.long)
-    images, image_first, image_index = [], [], []
+    images, image_first, image_index, image_caption = [], [], [], []
     for b, docs in enumerate(rows):
         start = 0
         for d, enc in enumerate(docs):
@@ -237,6 +249,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
                 image_index.append(b * T + start + (slot == k).nonzero().squeeze(1))
                 images.append(pixels)
             image_first += enc.image_first
+            image_caption += [enc.caption] * len(enc.images)
             start += n
     if len({tuple(x.shape) for x in images}) > 1:
         raise ValueError(f"images in one batch must share a size, got {sorted({tuple(x.shape) for x in images})}")
@@ -246,6 +259,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
         images=torch.stack(images) if images else torch.zeros(0, 3, 1, 1),
         image_index=torch.stack(image_index) if image_index else torch.zeros(0, 1, dtype=torch.long),
         image_first=torch.tensor(image_first, dtype=torch.bool),
+        image_caption=torch.tensor(image_caption, dtype=torch.long),
         modality_index={name: (flat_modality == i).nonzero().squeeze(1) for name, i in MODALITIES.items()},
         loss_index={name: (flat_target == i).nonzero().squeeze(1) for name, i in MODALITIES.items()},
     )

@@ -61,6 +61,9 @@ class TransfusionModel(nn.Module):
         self.discrete = nn.ModuleDict({m: TokenAdapter(SPECS[m].offset + n, cfg.dim) for m, n in cfg.vocab_sizes.items()})
         self.image = None if "image" in self.discrete else build_patcher(cfg)  # continuous images only
         self.backbone = MoTBackbone(cfg)
+        if cfg.align_dim:  # objective.contrastive_weight: CLIP's projections and learned temperature
+            self.align = nn.ModuleDict({m: nn.Linear(cfg.dim, cfg.align_dim, bias=False) for m in ("image", "text")})
+            self.align_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP shards no scalars
         self.apply(self._init)
         for name, p in self.named_parameters():  # scale residual projections by depth, as in GPT-2
             if ".blocks." in name and name.endswith(("wo.weight", "w2.weight")):

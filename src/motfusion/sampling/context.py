@@ -46,6 +46,7 @@ class Chunk:
             targets=torch.full_like(self.tokens, -100), images=self.images,
             image_index=torch.stack(image_index) if image_index else self.tokens.new_zeros(0, 1),
             image_first=torch.zeros(len(image_index), dtype=torch.bool, device=self.tokens.device),
+            image_caption=torch.zeros(len(image_index), dtype=torch.long, device=self.tokens.device),
             modality_index={m: (flat_mod == i).nonzero().squeeze(1) for m, i in MODALITIES.items()},
             loss_index={m: self.tokens.new_zeros(0) for m in MODALITIES},
         )

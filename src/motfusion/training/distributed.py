@@ -139,7 +139,7 @@ def locate(batch: Batch, counts: dict[str, int]) -> tuple[GlobalBatch, dict[str,
     totals = [sum(column) for column in zip(*table)]
     lm = dict(zip(targets, totals[1:]))
     whole = GlobalBatch(text_targets=lm.pop("text"), images=totals[0],
-                        image_offset=sum(row[0] for row in table[:rank]), unit_targets=lm)
+                        image_offset=sum(row[0] for row in table[:rank]), unit_targets=lm, ranks=len(table))
     return whole, dict(zip(counts, totals[1 + len(targets):]))
 
 
