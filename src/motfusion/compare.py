@@ -22,7 +22,7 @@ from motfusion.config import ConfigError  # noqa: E402
 from motfusion.report import read_metrics, smooth  # noqa: E402
 from motfusion.training.logging import METRICS_FILE  # noqa: E402
 
-EXCLUDED = ("loss/moe_balance",)  # an auxiliary loss, not a modality
+EXCLUDED = ("loss/moe_balance", "loss/contrastive")  # auxiliary losses, not modalities
 
 
 @dataclass(frozen=True)
