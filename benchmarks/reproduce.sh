@@ -60,6 +60,15 @@ report() {
     $M compare "$R/untie-ffn" "$R/mot" --out "$R/compare-mot-untie-ffn"
     $M plot "$R/mot" "$R/dense" "$R/untie-ffn" "$R/untie-ffn-attn" --out "$R/untie.png"
     $M plot "$R/mot" "$R/causal" "$R/nocap" --out "$R/attention-cap.png"
+    PY=$(dirname "$M")/python
+    $PY benchmarks/grids.py "$R/dense" "$R/mot" "$R/causal" "$R/chameleon" "$R/speech" --n 2 \
+        --prompt "a red circle" --prompt "a big blue square" --prompt "a green triangle at the top" \
+        --prompt "a yellow circle left of a purple square" --prompt "two red triangles" \
+        --out docs/results_shapes.png
+    $PY benchmarks/grids.py "$R/fashion" --n 4 --prompt "a t-shirt" --prompt "a trouser" --prompt "a pullover" \
+        --prompt "a dress" --prompt "a coat" --prompt "a sandal" --prompt "a shirt" --prompt "a sneaker" \
+        --prompt "a bag" --prompt "an ankle boot" --out docs/results_fashion.png
+    $PY benchmarks/summarize.py --runs "$R" > "$R/tables.md"
 }
 
 "${1:?usage: reproduce.sh shapes|modalities|report}"
