@@ -34,6 +34,7 @@ shapes() {
     train "$R/nocap" demo objective.image_first_noise_cap=none
     train "$R/untie-ffn" demo model.untie=ffn
     train "$R/untie-ffn-attn" demo model.untie=ffn,attn
+    train "$R/align" demo objective.contrastive_weight=0.1 model.align_dim=64
 }
 
 modalities() {
@@ -50,7 +51,7 @@ modalities() {
 }
 
 report() {
-    for run in mot dense causal nocap untie-ffn untie-ffn-attn chameleon; do
+    for run in mot dense causal nocap untie-ffn untie-ffn-attn align chameleon; do
         evaluate "$R/$run" shapes
     done
     evaluate "$R/fashion" fashion --classifier runs/classifier --clip runs/clip-fashion

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     out += [table(SHAPES_HEADER, shapes_rows(root, [
         ("mot", "MoT (ffn+attn+norm)"), ("dense", "dense"), ("untie-ffn", "untie ffn"),
         ("untie-ffn-attn", "untie ffn+attn"), ("causal", "MoT, causal image attention"),
-        ("nocap", "MoT, no image-first noise cap"), ("chameleon", "MoT, Chameleon (VQ tokens)"),
+        ("nocap", "MoT, no image-first noise cap"), ("align", "MoT + contrastive (0.1)"),
+        ("chameleon", "MoT, Chameleon (VQ tokens)"),
         ("speech", "MoT, 3 towers with speech")])), ""]
 
     out += ["### Fashion-MNIST (latents, U-Net patcher)", ""]
