@@ -36,6 +36,7 @@ class GlobalBatch:
     image_offset: int = 0  # global index of this rank's first image
     unit_targets: dict[str, int] = field(default_factory=dict)  # the other discrete heads' LM targets
     ranks: int = 1  # processes that share the global batch
+    image_shape: tuple[int, ...] = ()  # (C, H, W): the largest image of the global batch (noise is drawn at it)
 
     def lm_targets(self, modality: str) -> int:
         """The denominator of `modality`'s LM loss."""
@@ -45,7 +46,8 @@ class GlobalBatch:
     def of(cls, batch: Batch) -> "GlobalBatch":
         """`batch` is the whole batch: one process."""
         counts = {m: idx.numel() for m, idx in batch.loss_index.items()}
-        return cls(text_targets=counts.pop("text"), images=batch.images.shape[0], unit_targets=counts)
+        return cls(text_targets=counts.pop("text"), images=batch.images.shape[0], unit_targets=counts,
+                   image_shape=tuple(batch.images.shape[1:]))
 
 
 class TransfusionObjective:
@@ -63,15 +65,17 @@ class TransfusionObjective:
              generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps (N,) and noise (N, C, H, W) for this rank's images.
 
-        They are drawn for every image of the global batch and the rank keeps its own slice, so global
-        image j gets the same timestep and noise whatever the number of ranks."""
+        They are drawn for every image of the global batch, in document order, and the rank keeps its
+        own, so an image gets the same timestep and noise whatever the number of ranks (and however
+        its batch grouped images by size)."""
         x0 = batch.images  # (N, C, H, W)
-        mine = slice(whole.image_offset, whole.image_offset + x0.shape[0])
+        mine = whole.image_offset + batch.image_order
         caps = torch.full((whole.images,), float(self.cfg.num_timesteps), device=x0.device)
         caps[mine] = self.max_timesteps(batch.image_first)  # other ranks' caps do not change this rank's draws
         t = self.process.sample_timesteps(whole.images, generator, x0.device, max_t=caps)  # (N_global,)
-        noise = torch.randn((whole.images, *x0.shape[1:]), generator=generator, device=x0.device, dtype=x0.dtype)
-        return t[mine], noise[mine]
+        shape = whole.image_shape or x0.shape[1:]
+        noise = torch.randn((whole.images, *shape), generator=generator, device=x0.device, dtype=x0.dtype)
+        return t[mine], noise[mine, :, :x0.shape[2], :x0.shape[3]]  # images of other sizes: their top-left
 
     def __call__(self, model: TransfusionModel, batch: Batch, generator: torch.Generator | None = None,
                  whole: GlobalBatch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,7 +101,9 @@ class TransfusionObjective:
         if core.image is not None:  # continuous images: diffusion
             if N:
                 target = self.process.target(x0, noise, t)
-                per_image = (out.image.float() - target).pow(2).mean(dim=(1, 2, 3))  # (N,) mean over each image
+                error = (out.image.float() - target).pow(2)
+                per_image = torch.cat([error[rows, :, :H, :W].mean(dim=(1, 2, 3))  # (N,) mean over each image
+                                       for rows, H, W, _ in batch.groups()])
                 parts["image"] = per_image.sum() / whole.images
             else:
                 parts["image"] = zero
@@ -146,7 +152,7 @@ def alignment_pairs(hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, t
     its caption), so the loss mostly shapes what the later one carries about the earlier one."""
     B, T, D = hidden.shape
     flat = hidden.reshape(B * T, D)
-    image = flat[batch.image_index].mean(dim=1)  # (N, D)
+    image = torch.cat([flat[idx].mean(dim=1) for _, _, _, idx in batch.groups()])  # (N, D)
     doc = (torch.arange(B, device=hidden.device)[:, None] * T + batch.doc).flatten()  # a key per (row, document)
     text_idx = batch.modality_index["text"]
     text_idx = text_idx[batch.doc.flatten()[text_idx] >= 0]  # not padding

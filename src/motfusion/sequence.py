@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator
+from typing import Callable, Iterator, NamedTuple
 
 import torch
 
@@ -187,6 +187,16 @@ def caption_key(text: str) -> int:
     return 1 + int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % (2**62)
 
 
+class ImageGroup(NamedTuple):
+    """Images of one size in a batch: rows start .. start + count - 1 of `Batch.images`."""
+
+    start: int
+    count: int
+    height: int
+    width: int
+    patches: int  # positions per image
+
+
 @dataclass
 class Batch:
     """A packed (B, T) batch. Per-position tensors are (B, T); flat indices address B * T."""
@@ -197,16 +207,26 @@ class Batch:
     pos: torch.Tensor  # (B, T) RoPE position within the document
     image: torch.Tensor  # (B, T) image index into `images`, -1 elsewhere
     targets: torch.Tensor  # (B, T) next id, in the vocabulary of the head that predicts it; IGNORE: no loss
+    # Images of different sizes are grouped by size (see `groups`): then `images` is zero-padded to the
+    # largest height and width and `image_index` to the most patches; read them through `groups`.
     images: torch.Tensor  # (N, C, H, W) clean images
     image_index: torch.Tensor  # (N, L) flat positions of each image's patches, raster order
     image_first: torch.Tensor  # (N,) bool: image precedes its caption
     image_caption: torch.Tensor  # (N,) int64: caption_key of each image's document (0: no text)
+    image_order: torch.Tensor  # (N,) each image's index in document order, before grouping by size
     modality_index: dict[str, torch.Tensor]  # name -> flat positions of that input modality
     loss_index: dict[str, torch.Tensor]  # name -> flat positions whose target that modality's head predicts
+    image_groups: tuple[ImageGroup, ...] = ()  # host metadata: one group per image size, in order
 
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)
+
+    def groups(self) -> Iterator[tuple[slice, int, int, torch.Tensor]]:
+        """Per image size: the rows of `images` it holds, height, width, and its (n, L) image_index."""
+        for g in self.image_groups:
+            rows = slice(g.start, g.start + g.count)
+            yield rows, g.height, g.width, self.image_index[rows, :g.patches]
 
     @property
     def text_loss_index(self) -> torch.Tensor:
@@ -216,7 +236,10 @@ class Batch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            moved[f.name] = {k: t.to(device, non_blocking=True) for k, t in v.items()} if isinstance(v, dict) else v.to(device, non_blocking=True)
+            if isinstance(v, dict):
+                moved[f.name] = {k: t.to(device, non_blocking=True) for k, t in v.items()}
+            else:
+                moved[f.name] = v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
         return Batch(**moved)
 
 
@@ -251,18 +274,53 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
             image_first += enc.image_first
             image_caption += [enc.caption] * len(enc.images)
             start += n
-    if len({tuple(x.shape) for x in images}) > 1:
-        raise ValueError(f"images in one batch must share a size, got {sorted({tuple(x.shape) for x in images})}")
+    # Images of one size become contiguous: the model and the loss run each size as one tensor.
+    shapes = [tuple(x.shape) for x in images]
+    order = sorted(range(len(images)), key=lambda i: shapes.index(shapes[i]))  # stable, first-seen sizes first
+    renumber = torch.empty(len(images) + 1, dtype=torch.long)
+    renumber[torch.tensor(order, dtype=torch.long)] = torch.arange(len(images))
+    renumber[-1] = -1
+    image = renumber[image]  # -1 stays -1
+    images, image_index = [images[i] for i in order], [image_index[i] for i in order]
+    image_first, image_caption = [image_first[i] for i in order], [image_caption[i] for i in order]
     flat_modality, flat_target = modality.view(-1), target_modality.view(-1)
     return Batch(
         tokens=tokens, modality=modality, doc=doc_id, pos=pos, image=image, targets=targets,
-        images=torch.stack(images) if images else torch.zeros(0, 3, 1, 1),
-        image_index=torch.stack(image_index) if image_index else torch.zeros(0, 1, dtype=torch.long),
+        images=_stack_padded(images),
+        image_index=_stack_padded(image_index) if image_index else torch.zeros(0, 1, dtype=torch.long),
         image_first=torch.tensor(image_first, dtype=torch.bool),
         image_caption=torch.tensor(image_caption, dtype=torch.long),
+        image_order=torch.tensor(order, dtype=torch.long),
+        image_groups=_image_groups(images, image_index),
         modality_index={name: (flat_modality == i).nonzero().squeeze(1) for name, i in MODALITIES.items()},
         loss_index={name: (flat_target == i).nonzero().squeeze(1) for name, i in MODALITIES.items()},
     )
+
+
+def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack, zero-padding every trailing dim to the largest (only where sizes differ)."""
+    if not tensors:
+        return torch.zeros(0, 3, 1, 1)
+    if len({tuple(x.shape) for x in tensors}) == 1:
+        return torch.stack(tensors)
+    if len({x.shape[0] for x in tensors}) > 1 and tensors[0].dim() == 3:
+        raise ValueError(f"images in one batch must have the same channels, got {sorted({x.shape[0] for x in tensors})}")
+    shape = [max(x.shape[d] for x in tensors) for d in range(tensors[0].dim())]
+    out = tensors[0].new_zeros(len(tensors), *shape)
+    for i, x in enumerate(tensors):
+        out[(i, *(slice(0, n) for n in x.shape))] = x
+    return out
+
+
+def _image_groups(images: list[torch.Tensor], image_index: list[torch.Tensor]) -> tuple[ImageGroup, ...]:
+    """Runs of equal-size images (already contiguous)."""
+    groups: list[ImageGroup] = []
+    for i, (x, idx) in enumerate(zip(images, image_index)):
+        if groups and (groups[-1].height, groups[-1].width) == tuple(x.shape[1:]):
+            groups[-1] = groups[-1]._replace(count=groups[-1].count + 1)
+        else:
+            groups.append(ImageGroup(i, 1, x.shape[1], x.shape[2], idx.numel()))
+    return tuple(groups)
 
 
 def _lm_targets(enc: EncodedDoc) -> tuple[torch.Tensor, torch.Tensor]:

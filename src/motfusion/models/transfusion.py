@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from motfusion.config import ConfigError, ModelConfig
 from motfusion.models.adapters import LinearPatcher, TokenAdapter
@@ -89,9 +90,12 @@ class TransfusionModel(nn.Module):
         D = self.cfg.dim
         h = self._embed_tokens(batch)  # (B, T, D), continuous positions still zero
         N = images.shape[0]
-        if N:
-            patches, skips = self.image.embed(images, t)  # (N, L, D), and the U-Net's skips for predict
-            h = h.view(B * T, D).index_copy(0, batch.image_index.flatten(), patches.flatten(0, 1)).view(B, T, D)
+        groups = list(batch.groups())  # one per image size
+        skips = []  # the U-Net's skips of each group, for predict
+        for rows, H, W, idx in groups:
+            patches, s = self.image.embed(images[rows, :, :H, :W], t[rows])  # (n, L, D)
+            h = h.view(B * T, D).index_copy(0, idx.flatten(), patches.flatten(0, 1)).view(B, T, D)
+            skips.append(s)
 
         past = len(cache) if cache is not None else 0
         index = torch.arange(past, past + T, device=h.device).expand(B, T)
@@ -111,8 +115,10 @@ class TransfusionModel(nn.Module):
             cache.layers, cache.meta = kvs, keys
 
         if N:
-            H, W = images.shape[-2:]
-            image_out = self.image.predict(h.view(B * T, D)[batch.image_index], H, W, skips)  # (N, C, H, W)
+            Hmax, Wmax = images.shape[-2:]
+            preds = [F.pad(self.image.predict(h.view(B * T, D)[idx], H, W, s), (0, Wmax - W, 0, Hmax - H))
+                     for (_, H, W, idx), s in zip(groups, skips)]
+            image_out = torch.cat(preds) if len(preds) > 1 else preds[0]  # (N, C, H, W), padded like images
         else:
             image_out = images
         return ModelOutput(hidden=h, image=image_out, moe_balance=torch.stack(balance).mean() if balance else None)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from motfusion.models.transfusion import KVCache, ModelOutput, TransfusionModel
-from motfusion.sequence import IMAGE, MODALITIES, TEXT, Batch, EncodedDoc
+from motfusion.sequence import IMAGE, MODALITIES, TEXT, Batch, EncodedDoc, ImageGroup
 
 
 @dataclass
@@ -47,6 +47,9 @@ class Chunk:
             image_index=torch.stack(image_index) if image_index else self.tokens.new_zeros(0, 1),
             image_first=torch.zeros(len(image_index), dtype=torch.bool, device=self.tokens.device),
             image_caption=torch.zeros(len(image_index), dtype=torch.long, device=self.tokens.device),
+            image_order=torch.arange(len(image_index), device=self.tokens.device),
+            image_groups=(ImageGroup(0, len(image_index), *self.images.shape[-2:], image_index[0].numel()),)
+            if image_index else (),
             modality_index={m: (flat_mod == i).nonzero().squeeze(1) for m, i in MODALITIES.items()},
             loss_index={m: self.tokens.new_zeros(0) for m in MODALITIES},
         )

@@ -134,13 +134,15 @@ def locate(batch: Batch, counts: dict[str, int]) -> tuple[GlobalBatch, dict[str,
     One all-gather of a few host integers per step: the images and the LM targets of each discrete
     modality on every rank give the loss's global denominators and this rank's first global image."""
     targets = {m: idx.numel() for m, idx in batch.loss_index.items()}  # same keys and order on every rank
-    table = all_gather_ints([batch.images.shape[0], *targets.values(), *counts.values()])  # (W, 1 + M + K)
+    C, H, W = batch.images.shape[1:]
+    table = all_gather_ints([batch.images.shape[0], *targets.values(), *counts.values(), H, W])  # (W, 1 + M + K + 2)
     rank = dist.get_rank() if is_distributed() else 0
     totals = [sum(column) for column in zip(*table)]
     lm = dict(zip(targets, totals[1:]))
     whole = GlobalBatch(text_targets=lm.pop("text"), images=totals[0],
-                        image_offset=sum(row[0] for row in table[:rank]), unit_targets=lm, ranks=len(table))
-    return whole, dict(zip(counts, totals[1 + len(targets):]))
+                        image_offset=sum(row[0] for row in table[:rank]), unit_targets=lm, ranks=len(table),
+                        image_shape=(C, max(row[-2] for row in table), max(row[-1] for row in table)))
+    return whole, dict(zip(counts, totals[1 + len(targets):-2]))
 
 
 class Silent:

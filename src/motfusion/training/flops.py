@@ -85,10 +85,10 @@ def visible_keys(batch: Batch, bidirectional: bool) -> torch.Tensor:
     starts[:, 1:] = batch.doc[:, 1:] != batch.doc[:, :-1]
     first = torch.where(starts, idx, 0).cummax(dim=1).values  # (B, T) first position of each document
     keys = (idx - first + 1).flatten()  # (B * T,)
-    if bidirectional and batch.image_index.numel():
-        L = batch.image_index.shape[1]
-        later = torch.arange(L - 1, -1, -1, device=keys.device).expand_as(batch.image_index)  # (N, L)
-        keys = keys.index_add(0, batch.image_index.flatten(), later.flatten())  # + patches after each one
+    for _, _, _, idx in batch.groups() if bidirectional else ():
+        L = idx.shape[1]
+        later = torch.arange(L - 1, -1, -1, device=keys.device).expand_as(idx)  # (n, L)
+        keys = keys.index_add(0, idx.flatten(), later.flatten())  # + patches after each one
     return keys.view(B, T)
 
 
@@ -174,6 +174,6 @@ class FlopCounter:
             flops[name] = 6 * self.token_params[name] * tokens[name] + attention
         for name, params in self.head_params.items():
             flops[name] += 6 * params * batch.loss_index[name].numel()
-        if self.continuous_images and batch.images.shape[0]:
-            flops["image"] += self.image_flops(tuple(batch.images.shape[1:])) * batch.images.shape[0]
+        for rows, H, W, _ in batch.groups() if self.continuous_images else ():
+            flops["image"] += self.image_flops((batch.images.shape[1], H, W)) * (rows.stop - rows.start)
         return BatchFlops(tokens=tokens, flops=flops)
