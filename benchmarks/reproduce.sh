@@ -46,6 +46,7 @@ modalities() {
     [ -f runs/speech-data/dataset.json ] || $M make-speech-data --out runs/speech-data --n 3000
     [ -d runs/speech-data/tokenizer ] || $M train-speech-tokenizer --data runs/speech-data
     train "$R/speech" speech-demo
+    train "$R/speech-dense" speech-demo model.untie=
     [ -f runs/vq-shapes32/vq.safetensors ] || $M train-vq --dataset shapes --out runs/vq-shapes32
     train "$R/chameleon" chameleon-demo
 }
@@ -57,8 +58,11 @@ report() {
     evaluate "$R/fashion" fashion --classifier runs/classifier --clip runs/clip-fashion
     evaluate "$R/speech" speech
     evaluate "$R/speech" shapes
+    evaluate "$R/speech-dense" speech
+    evaluate "$R/speech-dense" shapes
     $M compare "$R/dense" "$R/mot" --out "$R/compare-mot-dense"
     $M compare "$R/untie-ffn" "$R/mot" --out "$R/compare-mot-untie-ffn"
+    $M compare "$R/speech-dense" "$R/speech" --out "$R/compare-speech-mot-dense"
     $M plot "$R/mot" "$R/dense" "$R/untie-ffn" "$R/untie-ffn-attn" --out "$R/untie.png"
     $M plot "$R/mot" "$R/causal" "$R/nocap" --out "$R/attention-cap.png"
     PY=$(dirname "$M")/python

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
 
     out += ["### MoT vs dense: step matching", ""]
     rows = []
-    for name in ("compare-mot-dense", "compare-mot-untie-ffn"):
+    for name in ("compare-mot-dense", "compare-mot-untie-ffn", "compare-speech-mot-dense"):
         for m in load(root / name / "compare.json").get("matches", []):
             rows.append([name.removeprefix("compare-"), m["modality"], m["dense_final_loss"], m["mot_step"],
                          m["dense_steps"], m["step_fraction"], m["flops_fraction"], m["time_fraction"]])
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         ("untie-ffn-attn", "untie ffn+attn"), ("causal", "MoT, causal image attention"),
         ("nocap", "MoT, no image-first noise cap"), ("align", "MoT + contrastive (0.1)"),
         ("chameleon", "MoT, Chameleon (VQ tokens)"),
-        ("speech", "MoT, 3 towers with speech")])), ""]
+        ("speech", "MoT, 3 towers with speech"), ("speech-dense", "dense, with speech")])), ""]
 
     out += ["### Fashion-MNIST (latents, U-Net patcher)", ""]
     e = load(root / "fashion" / "eval_fashion.json")
@@ -109,11 +109,11 @@ def main(argv: list[str] | None = None) -> None:
     out += [f"val loss text {fmt(e.get('val_loss/text'))}, image {fmt(e.get('val_loss/image'))}; "
             f"n = {fmt(e.get('n'))} generated images, {fmt(e.get('n_reference'))} reference images.", ""]
 
-    out += ["### Speech (three towers)", ""]
-    e = load(root / "speech" / "eval_speech.json")
+    out += ["### Speech (three modalities)", ""]
     keys = ["speech_cer", "speech_unit_accuracy", "speech_length_ratio", "val_loss/speech", "val_loss/text",
             "val_loss/image", "speech_n"]
-    out += [table(keys, [[e.get(k) for k in keys]]), ""]
+    rows = [[name, *(load(root / name / "eval_speech.json").get(k) for k in keys)] for name in ("speech", "speech-dense")]
+    out += [table(["run", *keys], rows), ""]
     print("\n".join(out))
 
 
