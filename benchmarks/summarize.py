@@ -45,10 +45,10 @@ def table(header: list[str], rows: list[list[object]]) -> str:
 def run_info(run: Path) -> tuple[int | None, float | None]:
     """Steps and seconds of training, from the last metrics record."""
     path = run / "metrics.jsonl"
-    if not path.exists():
+    records = read_metrics(path) if path.exists() else []
+    if not records:
         return None, None
-    last = read_metrics(path)[-1]
-    return last["step"], last.get("elapsed_s")
+    return records[-1]["step"], records[-1].get("elapsed_s")
 
 
 def shapes_rows(root: Path, runs: list[tuple[str, str]]) -> list[list[object]]:
