@@ -47,6 +47,8 @@ modalities() {
     [ -d runs/speech-data/tokenizer ] || $M train-speech-tokenizer --data runs/speech-data
     train "$R/speech" speech-demo
     train "$R/speech-dense" speech-demo model.untie=
+    train "$R/loo-text-image" loo-text-image
+    train "$R/loo-image-speech" loo-image-speech
     [ -f runs/vq-shapes32/vq.safetensors ] || $M train-vq --dataset shapes --out runs/vq-shapes32
     train "$R/chameleon" chameleon-demo
 }
@@ -60,6 +62,10 @@ report() {
     evaluate "$R/speech" shapes
     evaluate "$R/speech-dense" speech
     evaluate "$R/speech-dense" shapes
+    for run in loo-text-image loo-image-speech; do
+        evaluate "$R/$run" speech
+        evaluate "$R/$run" shapes
+    done
     $M compare "$R/dense" "$R/mot" --out "$R/compare-mot-dense"
     $M compare "$R/untie-ffn" "$R/mot" --out "$R/compare-mot-untie-ffn"
     $M compare "$R/speech-dense" "$R/speech" --out "$R/compare-speech-mot-dense"

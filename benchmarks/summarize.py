@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         ("untie-ffn-attn", "untie ffn+attn"), ("causal", "MoT, causal image attention"),
         ("nocap", "MoT, no image-first noise cap"), ("align", "MoT + contrastive (0.1)"),
         ("chameleon", "MoT, Chameleon (VQ tokens)"),
-        ("speech", "MoT, 3 towers with speech"), ("speech-dense", "dense, with speech")])), ""]
+        ("speech", "MoT, 3 towers with speech"), ("speech-dense", "dense, with speech"),
+        ("loo-text-image", "towers text+image, speech"), ("loo-image-speech", "towers text, image+speech")])), ""]
 
     out += ["### Fashion-MNIST (latents, U-Net patcher)", ""]
     e = load(root / "fashion" / "eval_fashion.json")
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     out += ["### Speech (three modalities)", ""]
     keys = ["speech_cer", "speech_unit_accuracy", "speech_length_ratio", "val_loss/speech", "val_loss/text",
             "val_loss/image", "speech_n"]
-    rows = [[name, *(load(root / name / "eval_speech.json").get(k) for k in keys)] for name in ("speech", "speech-dense")]
+    rows = [[name, *(load(root / name / "eval_speech.json").get(k) for k in keys)] for name in ("speech", "speech-dense", "loo-text-image", "loo-image-speech")]
     out += [table(["run", *keys], rows), ""]
     print("\n".join(out))
 
