@@ -47,7 +47,6 @@ from motfusion.data.shapes import ShapesDataset
 from motfusion.models.attention import SeqMeta, dense_mask
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective
-from motfusion.sampling.context import Context
 from motfusion.sampling.generate import Generator, SampleConfig
 from motfusion.sequence import Batch, Image, Text, Units, pack_documents
 from motfusion.tokenizer import build_tokenizer
@@ -177,10 +176,7 @@ def bench_sampling(warmup: int, repeats: int) -> list[dict]:
 
         def caption(idx: list[int]) -> int:
             """32 greedy tokens per image (no stop token, so every setting decodes the same count)."""
-            ctx = Context(model, cache)
-            segments = gen._image_segments(gen.encode_images(images[idx]))
-            out = ctx.run(ctx.prompt([gen._encode([seg]) for seg in segments], tok.pad))
-            return sum(map(len, gen.decode(ctx, gen._logits(out), None, stop=())))
+            return sum(map(len, gen.caption_ids(images[idx])))
 
         def draw(idx: list[int]) -> int:
             gen.images([prompts[i] for i in idx])

@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from motfusion.config import ConfigError  # noqa: E402
-from motfusion.report import read_metrics, smooth  # noqa: E402
+from motfusion.report import read_metrics, save_figure, smooth, style_axes  # noqa: E402
 from motfusion.training.logging import METRICS_FILE  # noqa: E402
 
 EXCLUDED = ("loss/moe_balance", "loss/contrastive")  # auxiliary losses, not modalities
@@ -139,11 +139,5 @@ def plot(curves: dict[str, tuple[Curve, Curve]], matches: list[Match], path: Pat
         if m.reached:
             ax.plot([m.mot_step], [m.dense_final_loss], "k*", markersize=10,
                     label=f"match: step {m.mot_step} ({_pct(m.step_fraction)})")
-        ax.set_title(key)
-        ax.set_xlabel("step")
-        ax.set_yscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        style_axes(ax, key, "step")
+    save_figure(fig, path)

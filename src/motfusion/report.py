@@ -55,12 +55,21 @@ def plot_losses(runs: dict[str, list[dict]], path: Path, keys: tuple[str, ...] =
                 xs, vals = zip(*pts)
                 line, = ax.plot(xs, smooth(list(vals)), label=name)
                 ax.plot(xs, vals, color=line.get_color(), alpha=0.25, linewidth=0.8)
-            ax.set_title(key)
-            ax.set_xlabel(X_LABELS.get(x, x))
-            ax.set_xscale("linear" if x == "step" else "log")
-            ax.set_yscale("log")
-            ax.grid(alpha=0.3)
-            ax.legend()
+            style_axes(ax, key, X_LABELS.get(x, x), "linear" if x == "step" else "log")
+    save_figure(fig, path)
+
+
+def style_axes(ax: plt.Axes, title: str, xlabel: str, xscale: str = "linear") -> None:
+    """A loss panel: log-scale losses, a light grid, the legend."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_xscale(xscale)
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def save_figure(fig: plt.Figure, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -116,8 +116,9 @@ class TransfusionModel(nn.Module):
 
         if N:
             Hmax, Wmax = images.shape[-2:]
-            preds = [F.pad(self.image.predict(h.view(B * T, D)[idx], H, W, s), (0, Wmax - W, 0, Hmax - H))
-                     for (_, H, W, idx), s in zip(groups, skips)]
+            preds = [self.image.predict(h.view(B * T, D)[idx], H, W, s) for (_, H, W, idx), s in zip(groups, skips)]
+            preds = [p if p.shape[-2:] == (Hmax, Wmax) else F.pad(p, (0, Wmax - p.shape[-1], 0, Hmax - p.shape[-2]))
+                     for p in preds]  # smaller sizes: zero-padded like `images`
             image_out = torch.cat(preds) if len(preds) > 1 else preds[0]  # (N, C, H, W), padded like images
         else:
             image_out = images

@@ -208,11 +208,17 @@ class Generator:
     @torch.no_grad()
     def captions(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[str]:
         """Image to text: pixels (B, 3, H, W) in [-1, 1] -> one caption each (latent models encode them first)."""
+        ids = self.caption_ids(images, generator, stop=(self.tok.eos,))
+        return [self.tok.decode(i for i in row if i != self.tok.eos) for row in ids]
+
+    @torch.no_grad()
+    def caption_ids(self, images: torch.Tensor, generator: torch.Generator | None = None,
+                    stop: tuple[int, ...] = ()) -> list[list[int]]:
+        """The token ids `captions` decodes; `stop=()` samples max_tokens per image (benchmarks)."""
         images = self.encode_images(images)
         ctx = Context(self.model, self.cfg.use_cache)
         out = ctx.run(ctx.prompt([self._encode([seg]) for seg in self._image_segments(images)], self.tok.pad))
-        ids = self.decode(ctx, self._logits(out), generator, stop=(self.tok.eos,))
-        return [self.tok.decode(i for i in row if i != self.tok.eos) for row in ids]
+        return self.decode(ctx, self._logits(out), generator, stop=stop)
 
     @torch.no_grad()
     def units(self, prompts: list[str], modality: str, generator: torch.Generator | None = None,
