@@ -67,10 +67,10 @@ def shapes_rows(root: Path, runs: list[tuple[str, str]]) -> list[list[object]]:
 def _params(run: Path) -> str:
     from motfusion.config import Config
     from motfusion.models.transfusion import TransfusionModel
-    from motfusion.tokenizer import build_tokenizer
+    from motfusion.tokenizer import vocab_size
     cfg = Config.from_dict(load(run / "config.json"))
     cfg.model.vae = cfg.model.vq = ""  # the parameter count needs neither
-    model = TransfusionModel(cfg.model, build_tokenizer(cfg.data.tokenizer).vocab_size)
+    model = TransfusionModel(cfg.model, vocab_size(cfg.data.tokenizer))
     return f"{model.num_params() / 1e6:.2f}M"
 
 

@@ -18,9 +18,12 @@ def test_demo_writes_report(tmp_path, capsys):
                 "steps", "wall_clock_seconds"):
         assert key in metrics, key
     assert metrics["steps"] == 6 and 0 <= metrics["geneval"] <= 1
+    forms = [k for k in metrics if k.startswith("geneval_form/")]
+    assert forms and all(0 <= metrics[k] <= 1 for k in forms)
     assert "report:" in capsys.readouterr().out
     html = (report / "index.html").read_text()
-    assert html.count("<img") >= 4 + 4 + 1  # prompts, captioned images, loss curves
+    assert html.count("<img") >= 4 + 4 + 2  # prompts, captioned images, samples, loss curves
+    assert "geneval per caption form" in html
     # A second run reuses the finished training and evaluates again.
     assert main(args) == 0
     assert "reusing the finished run" in capsys.readouterr().out

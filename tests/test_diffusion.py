@@ -236,6 +236,21 @@ def test_flow_timesteps_are_continuous_within_per_sample_caps():
         flow.sample_timesteps(4, _gen(), max_t=-1.0)
 
 
+def test_logit_normal_flow_timesteps_favour_the_middle_within_caps():
+    """s = sigmoid(u), u ~ N(0, 1): P(s in [1/4, 3/4]) = P(|u| < ln 3) = 0.728, against 0.5 uniform."""
+    flow = RectifiedFlow(T, timesteps="logit_normal")
+    t = flow.sample_timesteps(40000, _gen())
+    assert (t >= 0).all() and (t < T).all()
+    middle = ((t >= T / 4) & (t <= 3 * T / 4)).double().mean().item()
+    assert middle == pytest.approx(0.728, abs=0.01)
+    assert t.mean().item() == pytest.approx(T / 2, rel=0.02)
+    caps = torch.tensor([10.0, 500.0]).repeat(10000)
+    capped = flow.sample_timesteps(caps.numel(), _gen(), max_t=caps)
+    assert (capped <= caps).all() and capped[caps == 500.0].mean().item() == pytest.approx(250, rel=0.02)
+    with pytest.raises(ValueError, match="logit_normal"):
+        RectifiedFlow(T, timesteps="beta")
+
+
 def test_unknown_names_list_valid_choices():
     with pytest.raises(ValueError, match=r"'edm'.*\['ddpm', 'flow'\]"):
         make_process("edm")

@@ -25,14 +25,22 @@ from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
 from motfusion.sequence import Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
-from motfusion.training.checkpoint import MODEL_FILE, SHARDED_DIR, load_model, load_train_state, step_dir
+from motfusion.training.checkpoint import (
+    EMA_FILE,
+    EMA_SHARDED_DIR,
+    MODEL_FILE,
+    SHARDED_DIR,
+    load_model,
+    load_train_state,
+    step_dir,
+)
 from motfusion.training.distributed import World, locate
 from motfusion.training.logging import read_metrics
 from motfusion.training.parallelize import parallel_mode, parallelize
 from motfusion.training.trainer import build_optimizer, train, train_step
 
 STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0", "train.log_every=1",
-         "train.device=cpu", "train.tensorboard=false"]
+         "train.device=cpu", "train.tensorboard=false", "train.ema=0.9"]
 TOL = 1e-5
 
 
@@ -191,6 +199,20 @@ def test_load_model_reads_sharded_and_full_checkpoints(runs):
     for name in ("fsdp", "ddp", "one_to_fsdp"):
         weights = load_model(runs / name)[0].state_dict()
         assert weights.keys() == reference.keys()
+        for key, value in reference.items():
+            torch.testing.assert_close(weights[key], value, rtol=0, atol=TOL, msg=f"{name}: {key}")
+
+
+def test_moving_average_over_two_ranks_is_that_of_one_process(runs):
+    """train.ema: each rank averages its own shards; saved sharded (fsdp) or whole (ddp), resumed
+    across world sizes, the average equals one process's, and differs from the raw weights."""
+    assert (step_dir(runs / "fsdp", 4) / EMA_SHARDED_DIR).is_dir()
+    assert (step_dir(runs / "ddp", 4) / EMA_FILE).is_file()
+    reference = load_model(runs / "one", ema=True)[0].state_dict()
+    raw = load_model(runs / "one", ema=False)[0].state_dict()
+    assert any(not torch.equal(reference[k], raw[k]) for k in raw)
+    for name in ("fsdp", "ddp", "one_to_fsdp", "fsdp_to_one", "ddp_to_one"):
+        weights = load_model(runs / name, ema=True)[0].state_dict()
         for key, value in reference.items():
             torch.testing.assert_close(weights[key], value, rtol=0, atol=TOL, msg=f"{name}: {key}")
 

@@ -196,3 +196,10 @@ def test_extra_objects_fail_the_objects_clause():
     assert geneval(["a red square"], [alone])["geneval"] == 1.0
     scores = geneval(["a red square"], [crowded])
     assert scores["geneval"] == 0.0 and scores["geneval/color"] == 1.0 and scores["geneval/objects"] == 0.0
+
+
+def test_eval_prompts_parse_back_to_their_form():
+    """The per-form geneval breakdown reads each prompt's form from its parse: it must be the form it was drawn for."""
+    prompts = eval_prompts(60, seed=1)
+    forms = [caption_form(parse_caption(p).parts) for p, _ in prompts]
+    assert forms == [f for f in FORMS for _ in range(10)]

@@ -22,7 +22,7 @@ import torch
 from motfusion.config import RECIPES, Config, ConfigError, get_recipe
 from motfusion.data.scan import DataError
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.tokenizer import build_tokenizer
+from motfusion.tokenizer import vocab_size
 from motfusion.sampling import Generator, SampleConfig
 from motfusion.training.checkpoint import CheckpointError, export_checkpoint, load_model, load_config
 from motfusion.training.trainer import NonFiniteLossError, train
@@ -88,10 +88,11 @@ def _train(args: argparse.Namespace) -> int:
 def _export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, type=Path, help="a run directory (its latest checkpoint) or a checkpoint")
     p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write; a config.json goes beside it")
+    _weights_argument(p)
 
 
 def _export(args: argparse.Namespace) -> None:
-    out = export_checkpoint(args.ckpt, args.out)
+    out = export_checkpoint(args.ckpt, args.out, ema=not args.raw_weights)
     print(f"wrote {out} and {out.parent / 'config.json'}")
 
 
@@ -127,7 +128,7 @@ def _recipes(args: argparse.Namespace) -> None:
     for name in RECIPES:
         cfg = get_recipe(name)
         with torch.device("meta"):  # counts parameters without allocating a 7B model
-            model = TransfusionModel(cfg.model, build_tokenizer(cfg.data.tokenizer).vocab_size)
+            model = TransfusionModel(cfg.model, vocab_size(cfg.data.tokenizer))
         m, t = cfg.model, cfg.train
         print(f"{name:<{w}} {m.n_layers:>6} {m.dim:>5} {m.n_heads:>5} {_count(model.num_params()):>9} "
               f"{_count(model.num_params(non_embedding=True)):>9} {f'{t.batch_size}x{t.seq_len}':>12} {t.steps:>8}")
@@ -147,7 +148,13 @@ def _config_arguments(p: argparse.ArgumentParser) -> None:
 
 # ---- generate --------------------------------------------------------------------------------
 
+def _weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-weights", action="store_true",
+                   help="use the trained weights, not their moving average (runs with train.ema > 0 have both)")
+
+
 def _sample_arguments(p: argparse.ArgumentParser) -> None:
+    _weights_argument(p)
     d = SampleConfig()
     p.add_argument("--steps", type=int, default=d.steps, help="denoising steps")
     p.add_argument("--sampler", default=d.sampler, help="ddim or ddpm (DDPM runs), euler (flow runs); auto picks")
@@ -193,7 +200,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 def _generate(args: argparse.Namespace) -> None:
     from motfusion.report import to_pil
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, tok = load_model(args.ckpt, device=device)
+    model, cfg, tok = load_model(args.ckpt, device=device, ema=not args.raw_weights)
     gen = Generator(model, tok, cfg.objective, cfg.data.image_size, _sample_config(args), codec=image_codec(cfg, device))
     g = torch.Generator(device=device).manual_seed(args.seed)
     if args.speak is not None or args.transcribe:
@@ -275,7 +282,7 @@ def _suite_metrics(args: argparse.Namespace, gen: Generator, cfg: Config) -> dic
 def _eval(args: argparse.Namespace) -> None:
     from motfusion.evaluation.image_metrics import validation_losses
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, tok = load_model(args.ckpt, device=device)
+    model, cfg, tok = load_model(args.ckpt, device=device, ema=not args.raw_weights)
     gen = Generator(model, tok, cfg.objective, cfg.data.image_size, _sample_config(args), codec=image_codec(cfg, device))
     metrics = _suite_metrics(args, gen, cfg)
     metrics.update(validation_losses(model, cfg, tok, n_batches=args.val_batches, seed=args.seed))

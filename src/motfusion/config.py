@@ -7,6 +7,7 @@ A run is fully described by `Config`; `Config.to_dict()` is what gets written to
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -85,6 +86,7 @@ class ObjectiveConfig:
     image_loss_weight: float = 5.0  # lambda in L = L_LM + lambda * L_diffusion
     diffusion: str = "ddpm"  # ddpm (epsilon, cosine schedule) or flow (rectified flow, velocity)
     num_timesteps: int = 1000
+    flow_timesteps: str = "uniform"  # flow's training noise levels: uniform, or logit_normal (SD3)
     cfg_dropout: float = 0.1  # probability of dropping an image's caption (classifier-free guidance)
     image_first_noise_cap: int | None = 500  # max timestep of an image that precedes its caption
     loss_weights: dict[str, float] = field(default_factory=dict)  # per discrete modality's LM loss; default 1
@@ -93,6 +95,8 @@ class ObjectiveConfig:
 
     def validate(self) -> None:
         _check(self.diffusion in ("ddpm", "flow"), f"objective.diffusion={self.diffusion!r}: choose 'ddpm' or 'flow'")
+        _check(self.flow_timesteps in ("uniform", "logit_normal"),
+               f"objective.flow_timesteps={self.flow_timesteps!r}: choose 'uniform' or 'logit_normal'")
         _check(0.0 <= self.cfg_dropout < 1.0, "objective.cfg_dropout must be in [0, 1)")
         _check(self.image_loss_weight >= 0, "objective.image_loss_weight must be >= 0")
         _check(all(w >= 0 for w in self.loss_weights.values()) and self.moe_balance_weight >= 0,
@@ -107,7 +111,7 @@ class DataConfig:
     dataset: str = "shapes"
     image_size: int = 32
     image_repr: str = "pixels"  # or "latents": images encoded by the frozen VAE in model.vae; or "tokens": VQ codes
-    tokenizer: str = "bytes"  # bytes, or a path to a trained tokenizers BPE json
+    tokenizer: str = "bytes"  # bytes; bpe:N (trained with the run on its text, see tokenizer.py); or a BPE json path
     caption_first_prob: float = 0.8  # else the image comes first (captioning)
     max_objects: int = 3
     single_object_prob: float = 0.5
@@ -122,6 +126,9 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(bool(self.dataset), "data.dataset must name a dataset, e.g. shapes")  # resolved in data.pipeline
+        bpe = re.fullmatch(r"bpe:(\d+)", self.tokenizer)
+        _check(not self.tokenizer.startswith("bpe:") or (bpe is not None and int(bpe.group(1)) > 272),
+               f"data.tokenizer={self.tokenizer!r}: bpe:N needs N > 272 (256 bytes and 16 specials), e.g. bpe:512")
         _check(self.image_size >= 8, "data.image_size must be >= 8")
         _check(self.image_repr in ("pixels", "latents", "tokens"),
                f"data.image_repr={self.image_repr!r}: choose 'pixels', 'latents' or 'tokens'")
@@ -146,6 +153,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
+    ema: float = 0.0  # decay of the weights' moving average that sampling uses (0: none); training/ema.py
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3
@@ -164,6 +172,7 @@ class TrainConfig:
             _check(getattr(self, name) > 0, f"train.{name} must be positive")
         _check(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
         _check(self.warmup >= 0 and self.checkpoint_every >= 0, "train.warmup and train.checkpoint_every must be >= 0")
+        _check(0.0 <= self.ema < 1.0, f"train.ema={self.ema} must be in [0, 1) (0: no moving average), e.g. 0.999")
         _check(self.parallel in ("auto", "none", "ddp", "fsdp"), f"train.parallel={self.parallel!r}: choose auto, none, ddp or fsdp")
         _check(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r}: choose fp32 or bf16")
 

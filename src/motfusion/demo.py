@@ -14,7 +14,7 @@ import torch
 
 from motfusion.config import Config
 from motfusion.evaluation.shapes_suite import evaluate_shapes
-from motfusion.report import plot_losses, read_metrics, sample_grid, smooth, to_pil, write_html
+from motfusion.report import display_scale, plot_losses, read_metrics, sample_grid, smooth, to_pil, write_html
 from motfusion.sampling import Generator, SampleConfig
 from motfusion.training.checkpoint import checkpoint_step, latest_checkpoint, load_model
 from motfusion.training.trainer import train
@@ -54,7 +54,9 @@ def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int 
         "sampling": f"{gen.sampler_name} {sample_cfg.steps} steps, guidance {sample_cfg.guidance}",
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    write_html(report, f"motfusion demo: {out}", metrics, *_html_rows(report, ev))
+    forms = {k.split("/", 1)[1]: v for k, v in ev.metrics.items() if k.startswith("geneval_form/")}
+    forms = {"single object (geneval_single)": ev.metrics["geneval_single"], **forms}
+    write_html(report, f"motfusion demo: {out}", metrics, *_html_rows(report, ev, cfg.data.image_size), forms=forms)
     print(f"geneval (single object) {metrics['geneval_single']:.3f} | geneval (all forms) {metrics['geneval']:.3f} | "
           f"caption_accuracy {metrics['caption_accuracy']:.3f} | {metrics['wall_clock_seconds']:.0f} s")
     print(f"report: {report / 'index.html'}")
@@ -68,19 +70,20 @@ def write_report(out: Path, cfg: Config, gen: Generator, ev, seed: int) -> Path:
     prompts = ev.prompts[:GRID_PROMPTS // 2] + ev.prompts[-GRID_PROMPTS // 2:]  # single-object and harder forms
     g = torch.Generator(device=gen.device).manual_seed(seed + 100)
     grid = [list(gen.decode_images(gen.images([p] * GRID_SAMPLES, g)).cpu()) for p in prompts]
-    sample_grid(prompts, grid, report / "samples.png")
+    sample_grid(prompts, grid, report / "samples.png", scale=display_scale(cfg.data.image_size))
     return report
 
 
-def _html_rows(report: Path, ev) -> tuple[list[dict], list[dict]]:
+def _html_rows(report: Path, ev, image_size: int) -> tuple[list[dict], list[dict]]:
+    scale = display_scale(image_size)
     t2i = []
     for i, (prompt, image, ok) in enumerate(zip(ev.prompts, ev.images, ev.prompt_ok)):
         name = f"images/t2i_{i:03d}.png"
-        to_pil(image).save(report / name)
+        to_pil(image, scale).save(report / name)
         t2i.append({"prompt": prompt, "files": [name], "ok": ok})
     i2t = []
     for i, (image, truth, caption, ok) in enumerate(zip(ev.caption_images, ev.truths, ev.captions, ev.caption_ok)):
         name = f"images/i2t_{i:03d}.png"
-        to_pil(image).save(report / name)
+        to_pil(image, scale).save(report / name)
         i2t.append({"file": name, "truth": truth, "caption": caption, "ok": ok})
     return t2i, i2t

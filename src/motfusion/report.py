@@ -87,6 +87,11 @@ def compare_runs(run_dirs: list[Path], path: Path) -> tuple[str, ...]:
     return keys
 
 
+def display_scale(image_size: int, target: int = 128) -> int:
+    """The whole-number upscaling that shows an image at about `target` pixels (nearest neighbour)."""
+    return max(1, round(target / image_size))
+
+
 def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path, scale: int = 3) -> None:
     """Rows of samples, one row per prompt, the prompt written on the left."""
     from PIL import ImageDraw
@@ -105,8 +110,10 @@ def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path
     sheet.save(path)
 
 
-def write_html(out: Path, title: str, metrics: dict, t2i: list[dict], i2t: list[dict]) -> Path:
-    """index.html beside loss.png and samples.png; t2i rows: {prompt, files, ok}; i2t: {file, truth, caption, ok}."""
+def write_html(out: Path, title: str, metrics: dict, t2i: list[dict], i2t: list[dict],
+               forms: dict[str, float] | None = None) -> Path:
+    """index.html beside loss.png and samples.png; t2i rows: {prompt, files, ok}; i2t: {file, truth, caption, ok};
+    `forms`: geneval per caption form."""
     esc = html.escape
     mark = lambda ok: "&#10003;" if ok else "&#10007;"
     summary = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
@@ -114,6 +121,7 @@ def write_html(out: Path, title: str, metrics: dict, t2i: list[dict], i2t: list[
     gen = "".join(
         f"<tr><td>{mark(r['ok'])} {esc(r['prompt'])}</td><td>"
         + "".join(f"<img src='{esc(f)}'>" for f in r["files"]) + "</td></tr>" for r in t2i)
+    per_form = "".join(f"<tr><td>{esc(k)}</td><td>{v:.3f}</td></tr>" for k, v in (forms or {}).items())
     cap = "".join(
         f"<tr><td><img src='{esc(r['file'])}'></td><td>{esc(r['truth'])}</td><td>{mark(r['ok'])} {esc(r['caption'])}</td></tr>"
         for r in i2t)
@@ -121,6 +129,9 @@ def write_html(out: Path, title: str, metrics: dict, t2i: list[dict], i2t: list[
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 10px;vertical-align:middle}}
 img{{image-rendering:pixelated;margin:2px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style>
 </head><body><h1>{esc(title)}</h1>
+<h2>Samples</h2><p>Held-out prompts, six samples each.</p><img src="samples.png">
+<h2>geneval per caption form</h2><p>Share of prompts whose first sample the scene checker reads as
+satisfying every clause of the prompt.</p><table>{per_form}</table>
 <h2>Metrics</h2><table>{summary}</table>
 <h2>Loss per modality</h2><img src="loss.png">
 <h2>Text to image</h2><p>Prompt (&#10003; when the scene checker finds every clause in the first sample) and samples.</p><table>{gen}</table>

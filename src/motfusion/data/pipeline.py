@@ -191,6 +191,21 @@ class DocumentStream:
         return self._last[1]
 
 
+def training_texts(cfg: Config, n: int) -> list[str]:
+    """The text of the first `n` training documents (captions, or every text segment of a user's
+    documents): what a tokenizer trained with the run (data.tokenizer=bpe:N) learns from."""
+    dataset, seed = build_dataset(cfg, "train"), split_seed(cfg, "train")
+    order = EpochOrder(dataset, seed)
+    texts = []
+    for i in range(n):
+        if isinstance(dataset, DocumentDataset):
+            doc = dataset.document(order(i), document_rng(seed, "train", i))
+            texts += [seg.text for seg in doc if isinstance(seg, Text)]
+        else:
+            texts.append(dataset.sample(order(i)).caption)
+    return texts
+
+
 def make_packer(cfg: Config, tokenizer: Tokenizer, split: str = "train", rank: int = 0,
                 world_size: int = 1) -> Packer:
     """Packed batches of `split` for one rank: its (train.batch_size / W, train.seq_len) rows of each global batch.

@@ -44,7 +44,7 @@ from motfusion.data.scan import (
     read_bytes,
 )
 from motfusion.sequence import MODALITIES, Document, Image, Text, encode_document
-from motfusion.tokenizer import Tokenizer, build_tokenizer
+from motfusion.tokenizer import Tokenizer, length_tokenizer
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 SEGMENT_KEYS = ("text", "image")  # what a manifest segment may hold
@@ -152,7 +152,7 @@ def parse_line(raw: bytes, root: Path) -> ManifestDoc:
 
 def read_manifest(path: Path, cfg: Config) -> list[tuple[int, bytes, ManifestDoc | BadSample]]:
     """(line number, line bytes, parsed document or its problem) for every non-blank line."""
-    tokenizer, image = build_tokenizer(cfg.data.tokenizer), placeholder(cfg)
+    tokenizer, image = length_tokenizer(cfg.data.tokenizer), placeholder(cfg)
     try:
         f = path.open("rb")
     except OSError as e:
@@ -248,7 +248,7 @@ def scan_folder(root: Path, cfg: Config) -> tuple[list[Scanned[tuple[Path, str]]
     images = find_images(root)
     if not images:
         raise DataError(f"data.dataset=folder:{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    tokenizer, image = build_tokenizer(cfg.data.tokenizer), placeholder(cfg)
+    tokenizer, image = length_tokenizer(cfg.data.tokenizer), placeholder(cfg)
     checked = check_images(images, ImageRules.from_config(cfg.data))
     scanned = []
     for path in images:

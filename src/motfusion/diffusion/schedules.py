@@ -129,13 +129,29 @@ class DDPM(DiffusionProcess):
 
 
 class RectifiedFlow(DiffusionProcess):
-    """x_t = (1 - s) x0 + s eps with s = t / T; the model predicts the velocity v = eps - x0."""
+    """x_t = (1 - s) x0 + s eps with s = t / T; the model predicts the velocity v = eps - x0.
+
+    Training noise levels are uniform, or logit-normal (SD3, Esser et al. 2024): s = sigmoid(u),
+    u ~ N(0, 1), which spends more of the training on the middle noise levels, where the layout and
+    colors of an image are decided, and less near 0 and 1 where the velocity is easy to predict."""
 
     name = "flow"
+    TIMESTEPS = ("uniform", "logit_normal")
+
+    def __init__(self, num_timesteps: int = 1000, timesteps: str = "uniform") -> None:
+        super().__init__(num_timesteps)
+        if timesteps not in self.TIMESTEPS:
+            raise ValueError(f"unknown flow timestep distribution {timesteps!r}; choose from {self.TIMESTEPS}")
+        self.timesteps = timesteps
 
     def sample_timesteps(self, n, generator=None, device=None, max_t=None):
         upper = _caps(max_t, self.num_timesteps, n, device)  # (n,)
-        return (_uniform(n, generator, device) * upper).float()  # uniform in [0, upper)
+        if self.timesteps == "uniform":
+            s = _uniform(n, generator, device)  # uniform in [0, 1)
+        else:
+            source = generator.device if generator is not None else device
+            s = torch.randn(n, generator=generator, device=source, dtype=torch.float64).to(device).sigmoid()
+        return (s * upper).float()  # in [0, upper)
 
     def noise_level(self, t: Tensor) -> Tensor:
         """s = t / T in [0, 1], float64 (N,)."""
@@ -158,7 +174,10 @@ class RectifiedFlow(DiffusionProcess):
 PROCESSES: dict[str, type[DiffusionProcess]] = {"ddpm": DDPM, "flow": RectifiedFlow}
 
 
-def make_process(name: str, num_timesteps: int = 1000) -> DiffusionProcess:
+def make_process(name: str, num_timesteps: int = 1000, timesteps: str = "uniform") -> DiffusionProcess:
+    """`timesteps`: the training noise-level distribution of flow (uniform or logit_normal)."""
     if name not in PROCESSES:
         raise ValueError(f"unknown diffusion process {name!r}; valid choices: {sorted(PROCESSES)}")
+    if name == "flow":
+        return RectifiedFlow(num_timesteps, timesteps)
     return PROCESSES[name](num_timesteps)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from motfusion.data.shapes import ShapesDataset, eval_prompts, single_object_prompts
+from motfusion.data.shapes import FORMS, ShapesDataset, caption_form, eval_prompts, single_object_prompts
 from motfusion.evaluation.shapes_eval import caption_accuracy, check, geneval, parse_caption, read_scene
 from motfusion.sampling import Generator
 
@@ -40,6 +40,9 @@ def evaluate_shapes(gen: Generator, *, n_single: int = 48, n_prompts: int = 60, 
     single_scores = geneval(single, images[:n_single])
     mixed_scores = geneval(mixed, images[n_single:])
     prompt_ok = [all(check(parse_caption(p), read_scene(im)).values()) for p, im in zip(prompts, images)]
+    forms = [caption_form(parse_caption(p).parts) for p in mixed]
+    per_form = {f"geneval_form/{form}": sum(ok for ok, f in zip(prompt_ok[n_single:], forms) if f == form)
+                / forms.count(form) for form in FORMS if form in forms}
 
     val = ShapesDataset(image_size=size, seed=seed, split="val")
     samples = [val.sample(i) for i in range(n_captions)]
@@ -56,6 +59,7 @@ def evaluate_shapes(gen: Generator, *, n_single: int = 48, n_prompts: int = 60, 
         **{f"geneval_single/{k.split('/')[1]}": v for k, v in single_scores.items() if "/" in k},
         "geneval": mixed_scores["geneval"],
         **{k: v for k, v in mixed_scores.items() if "/" in k},
+        **per_form,
         "caption_accuracy": cap_scores["caption_accuracy"],
         **{k: v for k, v in cap_scores.items() if "/" in k or k == "parse_rate"},
         "caption_accuracy_single": single_caps["caption_accuracy"],

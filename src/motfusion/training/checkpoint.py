@@ -1,6 +1,7 @@
 """Checkpoints: atomic, self-describing directories under RUN/checkpoints/step_XXXXXXXX/.
 
-Each holds `model.safetensors` (the weights), `train_state.pt` (optimizer, step, RNG and packer
+Each holds `model.safetensors` (the weights), `ema.safetensors` (their moving average, with
+train.ema > 0; training/ema.py), `train_state.pt` (optimizer, step, RNG and packer
 state: tensors and plain containers only, so it loads with `torch.load(weights_only=True)`) and
 `config.json` (the full config, enough to rebuild the model for sampling).
 
@@ -9,7 +10,7 @@ directory is renamed into place, so a crash never leaves a partial checkpoint un
 
 Runs of several processes (training/distributed.py) write one of two formats. Full (one process,
 ddp): the files above, written by rank 0. Sharded (fsdp): `sharded/` holds the weights and the
-optimizer state as torch.distributed.checkpoint (DCP) files, each rank writing its own shards into
+optimizer state as torch.distributed.checkpoint (DCP) files (`sharded_ema/` the moving average), each rank writing its own shards into
 the same temporary directory; rank 0 writes the rest and renames it after a barrier. Either format
 loads into any number of processes and any train.parallel: DCP reshards on load, and full tensors
 are sharded by `set_model_state_dict`. Optimizer state is keyed by parameter name in both.
@@ -17,6 +18,9 @@ are sharded by `set_model_state_dict`. Optimizer state is keyed by parameter nam
 `export_checkpoint` makes one file to share: the weights as safetensors, the config JSON in its
 metadata (and in a config.json beside it). Nothing here unpickles code: weights come from safetensors,
 the training state from `torch.load(weights_only=True)`.
+
+Sampling reads the moving average when a checkpoint has one (`load_model(..., ema=True)`, the
+default) and the raw weights with `ema=False`; an export holds the one it was asked for.
 """
 
 from __future__ import annotations
@@ -43,11 +47,15 @@ from torch.distributed.checkpoint.state_dict import (
 
 from motfusion.config import Config, ConfigError
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.tokenizer import Tokenizer, build_tokenizer
+from motfusion.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, build_tokenizer, trained_vocab
 from motfusion.training.distributed import barrier, is_distributed, is_main
+from motfusion.training.ema import EMA
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
+EMA_FILE, EMA_SHARDED_DIR = "ema.safetensors", "sharded_ema"  # the moving average (train.ema), full / DCP
+WEIGHTS_METADATA = "motfusion_weights"  # an exported file's metadata: "ema" or "raw"
+TOKENIZER_METADATA = "motfusion_tokenizer"  # an exported file's metadata: a bpe:N run's tokenizer JSON
 CONFIG_METADATA = "motfusion_config"  # the metadata key of an exported file's config JSON
 SHARDED_DIR = "sharded"  # a sharded checkpoint's DCP files: {"model": ..., "optimizer": ...}
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
@@ -98,7 +106,7 @@ def _fsync(path: Path) -> None:
 
 
 def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, cfg: Config,
-                 train_state: dict[str, Any], sharded: bool) -> None:
+                 train_state: dict[str, Any], sharded: bool, ema: EMA | None, run_dir: Path) -> None:
     """Called by every rank: the state dict calls and DCP's save are collective."""
     state, names = dict(train_state), [STATE_FILE, CONFIG_FILE]
     if sharded:  # each rank writes its shards; DCP fsyncs them and rank 0 writes the metadata
@@ -106,8 +114,11 @@ def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
         if optimizer is not None:
             shards["optimizer"] = get_optimizer_state_dict(model, optimizer)
         dcp.save(shards, checkpoint_id=tmp / SHARDED_DIR)
+        if ema is not None:  # under "model", so it loads into a model like the weights do
+            dcp.save({"model": ema.state_dict()}, checkpoint_id=tmp / EMA_SHARDED_DIR)
     else:
         weights = get_model_state_dict(model, options=_FULL)
+        averages = ema.full_state_dict() if ema is not None else None
         if optimizer is not None:
             state["optimizer"] = get_optimizer_state_dict(model, optimizer, options=_FULL)
     if not is_main():
@@ -115,18 +126,26 @@ def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if not sharded:
         safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, tmp / MODEL_FILE)
         names.append(MODEL_FILE)
+        if averages is not None:
+            safetensors.torch.save_file({k: v.contiguous() for k, v in averages.items()}, tmp / EMA_FILE)
+            names.append(EMA_FILE)
     torch.save(state, tmp / STATE_FILE)
     write_json(tmp / CONFIG_FILE, cfg.to_dict())
+    if (Path(run_dir) / TOKENIZER_FILE).is_file():  # data.tokenizer=bpe:N: the checkpoint carries its own
+        shutil.copyfile(Path(run_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        names.append(TOKENIZER_FILE)
     for name in names:
         _fsync(tmp / name)
     _fsync(tmp)
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Config, train_state: dict[str, Any],
-                    keep: int = 0, *, optimizer: torch.optim.Optimizer | None = None, sharded: bool = False) -> Path:
+                    keep: int = 0, *, optimizer: torch.optim.Optimizer | None = None, sharded: bool = False,
+                    ema: EMA | None = None) -> Path:
     """Write checkpoint `step` atomically, then keep only the newest `keep` (0: keep all).
 
-    `model` may be parallelized (training/parallelize.py works in place). With several processes
+    `ema`: the weights' moving average, saved beside them. `model` may be parallelized
+    (training/parallelize.py works in place). With several processes
     every rank calls this; `sharded` writes the sharded format (see the module docstring)."""
     final = step_dir(run_dir, step)
     tmp = final.parent / f"{_TMP_PREFIX}{final.name}"  # the same path on every rank
@@ -136,7 +155,7 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
         tmp.mkdir()
     barrier()
     try:
-        _write_files(tmp, model, optimizer, cfg, train_state, sharded)
+        _write_files(tmp, model, optimizer, cfg, train_state, sharded, ema, run_dir)
         barrier()  # every rank's shards are on disk
         if is_main():
             if final.exists():  # the same step written again (e.g. a run redone): replace it whole
@@ -218,18 +237,29 @@ def _saved_config(path: Path) -> Config | None:
         return None
 
 
-def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
-    """Load a checkpoint's (or an exported file's) weights into `model`.
+def has_ema(ckpt: Path) -> bool:
+    """A checkpoint directory that holds the weights' moving average (train.ema > 0)."""
+    return (Path(ckpt) / EMA_FILE).is_file() or (Path(ckpt) / EMA_SHARDED_DIR).is_dir()
+
+
+def load_weights(model: torch.nn.Module, ckpt: Path, ema: bool = False) -> None:
+    """Load a checkpoint's (or an exported file's) weights into `model`; `ema`: the checkpoint's
+    moving average instead (it must have one: see has_ema).
 
     Tensors that do not fit raise a CheckpointError naming them with both shapes, and the config keys
     in which the checkpoint's model differs from `model.cfg`. `model` may be parallelized (FSDP
     shards the weights it loads); a sharded checkpoint is resharded to it by DCP."""
     if is_sharded(ckpt):
         state = {"model": get_model_state_dict(model)}
-        _load_shards(ckpt, state)
+        _load_shards(ckpt, state, EMA_SHARDED_DIR if ema else SHARDED_DIR)
         set_model_state_dict(model, state["model"])
         return
-    path = _weights_file(ckpt)
+    path = _require(Path(ckpt) / EMA_FILE) if ema else _weights_file(ckpt)
+    set_model_state_dict(model, _read_weights(model, path, ckpt), options=StateDictOptions(full_state_dict=True))
+
+
+def _read_weights(model: torch.nn.Module, path: Path, ckpt: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, checked to fit `model`."""
     try:
         problems = weights_mismatch(model, path)
         state = safetensors.torch.load_file(path, device="cpu")
@@ -237,7 +267,16 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
         raise CheckpointError(f"cannot read weights from {path}: {e}") from None
     if problems:
         raise CheckpointError(_mismatch_message(path, problems, model, _saved_config(ckpt)))
-    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True))
+    return state
+
+
+def load_ema(ema: EMA, model: torch.nn.Module, ckpt: Path) -> None:
+    """Restore the moving average of `ckpt` (either format) into `ema`, laid out like `model`."""
+    if is_sharded(ckpt):
+        _load_shards(ckpt, {"model": ema.state_dict()}, EMA_SHARDED_DIR)  # in place, shard by shard
+        return
+    path = _require(Path(ckpt) / EMA_FILE)
+    ema.load_state_dict(_read_weights(model, path, ckpt))
 
 
 def is_sharded(ckpt: Path) -> bool:
@@ -245,9 +284,10 @@ def is_sharded(ckpt: Path) -> bool:
     return (Path(ckpt) / SHARDED_DIR).is_dir()
 
 
-def _load_shards(ckpt: Path, state: dict[str, Any]) -> None:
-    """Fill `state`'s tensors, laid out as this process holds them, from a sharded checkpoint."""
-    path = Path(ckpt) / SHARDED_DIR
+def _load_shards(ckpt: Path, state: dict[str, Any], name: str = SHARDED_DIR) -> None:
+    """Fill `state`'s tensors, laid out as this process holds them, from a sharded checkpoint's DCP
+    directory `name`."""
+    path = Path(ckpt) / name
     try:
         with warnings.catch_warnings():  # DCP warns that one process without a process group reads alone
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -294,9 +334,10 @@ def resolve_checkpoint(path: Path) -> Path:
     return ckpt
 
 
-def export_checkpoint(path: Path, out: Path) -> Path:
+def export_checkpoint(path: Path, out: Path, ema: bool = True) -> Path:
     """Write a checkpoint's (or a run's latest checkpoint's) weights to the single file `out`
-    (.safetensors), with the config JSON in its metadata and in a config.json beside it."""
+    (.safetensors), with the config JSON in its metadata and in a config.json beside it. `ema`: the
+    moving average where the checkpoint has one (metadata motfusion_weights says which was written)."""
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"{out}: the export is one .safetensors file; name it e.g. model.safetensors")
@@ -306,13 +347,17 @@ def export_checkpoint(path: Path, out: Path) -> Path:
     beside = out.parent / CONFIG_FILE
     if beside.is_file() and beside.read_text() != text:
         raise CheckpointError(f"{beside} holds another model's config; export into another directory")
+    ema = ema and has_ema(ckpt)
     if is_sharded(ckpt):  # DCP shards: assembled through the model they belong to
-        state = load_model(ckpt)[0].state_dict()
+        state = load_model(ckpt, ema=ema)[0].state_dict()
     else:
-        state = safetensors.torch.load_file(_weights_file(ckpt), device="cpu")
+        state = safetensors.torch.load_file(ckpt / EMA_FILE if ema else _weights_file(ckpt), device="cpu")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f"{_TMP_PREFIX}{out.name}-{os.getpid()}")
-    safetensors.torch.save_file(state, tmp, metadata={"format": "pt", CONFIG_METADATA: text})
+    metadata = {"format": "pt", CONFIG_METADATA: text, WEIGHTS_METADATA: "ema" if ema else "raw"}
+    if trained_vocab(cfg.data.tokenizer):
+        metadata[TOKENIZER_METADATA] = build_tokenizer(cfg.data.tokenizer, ckpt).to_json()
+    safetensors.torch.save_file(state, tmp, metadata=metadata)
     _fsync(tmp)
     os.replace(tmp, out)
     beside.write_text(text)
@@ -332,16 +377,31 @@ def load_exported_config(path: Path) -> Config:
     return Config.from_dict(json.loads(text))
 
 
-def load_model(path: Path, device: torch.device | str = "cpu") -> tuple[TransfusionModel, Config, Tokenizer]:
+def load_model(path: Path, device: torch.device | str = "cpu",
+               ema: bool = True) -> tuple[TransfusionModel, Config, Tokenizer]:
     """Rebuild the model of a checkpoint, a run's latest checkpoint or an exported .safetensors file
-    for sampling, in eval mode."""
+    for sampling, in eval mode: with the moving average of the weights where the checkpoint has one
+    and `ema` is set, else the raw weights (an exported file holds one of the two)."""
     path = Path(path)
     ckpt = path if path.is_file() else resolve_checkpoint(path)
     cfg = load_exported_config(ckpt) if path.is_file() else load_config(ckpt)
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    tokenizer = _exported_tokenizer(path, cfg) if path.is_file() else build_tokenizer(cfg.data.tokenizer, ckpt)
     model = TransfusionModel(cfg.model, tokenizer.vocab_size)
-    load_weights(model, ckpt)
+    load_weights(model, ckpt, ema=ema and not path.is_file() and has_ema(ckpt))
     return model.to(device).eval(), cfg, tokenizer
+
+
+def _exported_tokenizer(path: Path, cfg: Config) -> Tokenizer:
+    """The tokenizer of an exported file: a bpe:N run's from the file's metadata, else from data.tokenizer."""
+    n = trained_vocab(cfg.data.tokenizer)
+    if n is None:
+        return build_tokenizer(cfg.data.tokenizer)
+    with safetensors.safe_open(path, framework="pt") as f:
+        text = (f.metadata() or {}).get(TOKENIZER_METADATA)
+    if text is None:
+        raise CheckpointError(f"{path} was trained with data.tokenizer={cfg.data.tokenizer} but does not carry "
+                              f"its tokenizer ({TOKENIZER_METADATA} metadata); export it again with motfusion export")
+    return BPETokenizer.from_json(text, vocab_size=n)
 
 
 def config_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -27,18 +27,20 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from motfusion.config import Config, ConfigError, TrainConfig
-from motfusion.data.pipeline import make_packer
+from motfusion.data.pipeline import make_packer, training_texts
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
 from motfusion.sequence import Batch, Packer
-from motfusion.tokenizer import build_tokenizer
+from motfusion.tokenizer import TOKENIZER_FILE, build_tokenizer, train_bpe, trained_vocab
 from motfusion.vae.kl_vae import apply_image_repr
 from motfusion.training.checkpoint import (
     CheckpointError,
     check_resumable,
     checkpoint_step,
     latest_checkpoint,
+    has_ema,
     load_config,
+    load_ema,
     load_optimizer,
     load_train_state,
     load_weights,
@@ -46,7 +48,17 @@ from motfusion.training.checkpoint import (
     write_json,
 )
 from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
-from motfusion.training.distributed import Silent, World, all_reduce_sum, any_rank, cleanup, init_distributed, locate
+from motfusion.training.ema import EMA
+from motfusion.training.distributed import (
+    Silent,
+    World,
+    all_reduce_sum,
+    any_rank,
+    barrier,
+    cleanup,
+    init_distributed,
+    locate,
+)
 from motfusion.training.logging import TrainLogger
 from motfusion.training.parallelize import autocast, parallel_mode, parallelize
 from motfusion.training.signals import StopSignal
@@ -158,6 +170,7 @@ class Run:
     device: torch.device
     world: World
     mode: str  # train.parallel resolved: none, ddp or fsdp
+    ema: EMA | None = None  # the weights' moving average (train.ema > 0)
     step: int = 0
     elapsed_s: float = 0.0
     flops: float = 0.0  # training FLOPs so far (see training/flops.py)
@@ -180,15 +193,33 @@ class Run:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
 
 
-def new_run(cfg: Config, world: World) -> Run:
+TOKENIZER_TEXTS = 20_000  # training documents whose text a bpe:N tokenizer learns from
+
+
+def prepare_tokenizer(cfg: Config, run_dir: Path, world: World) -> None:
+    """data.tokenizer=bpe:N: train it on the run's first training documents into RUN/tokenizer.json,
+    once (a resumed run keeps its own). Rank 0 trains; the others wait for the file."""
+    n = trained_vocab(cfg.data.tokenizer)
+    path = run_dir / TOKENIZER_FILE
+    if n is not None and world.is_main and not path.is_file():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{TOKENIZER_FILE}")
+        train_bpe(training_texts(cfg, TOKENIZER_TEXTS), n, tmp)
+        tmp.replace(path)
+    barrier()
+
+
+def new_run(cfg: Config, world: World, run_dir: Path | None = None) -> Run:
     """Model, optimizer and data for step 0; the weights are initialized under torch.manual_seed(train.seed)
-    (the same on every rank), then parallelized (training/parallelize.py)."""
-    tokenizer = build_tokenizer(cfg.data.tokenizer)
+    (the same on every rank), then parallelized (training/parallelize.py). `run_dir` holds the
+    tokenizer of data.tokenizer=bpe:N (prepare_tokenizer)."""
+    tokenizer = build_tokenizer(cfg.data.tokenizer, run_dir)
     torch.manual_seed(cfg.train.seed)
     model = TransfusionModel(cfg.model, tokenizer.vocab_size).to(world.device).train()
     mode = parallel_mode(cfg.train, world.world_size)
     parallelize(model, cfg.train, world)  # before the optimizer: FSDP replaces the parameters
     return Run(model=model, optimizer=build_optimizer(model, cfg.train),
+               ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
                objective=TransfusionObjective(cfg.objective), generator=torch.Generator(device=world.device),
                packer=make_packer(cfg, tokenizer, "train", world.rank, world.world_size), world=world, mode=mode,
                device=world.device)
@@ -236,6 +267,8 @@ def _guarded_step(run: Run, batch: Batch, whole: GlobalBatch, lr: float, tcfg: T
         log.info(f"step {run.step + 1}: skipped, {run.bad_steps} in a row (train.max_bad_steps={tcfg.max_bad_steps}): {e}")
         return {**e.stats, "skipped": 1, "bad_steps": run.bad_steps}
     run.bad_steps = 0
+    if run.ema is not None:
+        run.ema.update(run.step + 1)
     return {**stats, "skipped": 0, "bad_steps": 0}
 
 
@@ -276,7 +309,7 @@ def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | N
         stopping = any_rank(stop.received is not None)  # every rank joins the checkpoint and stops together
         if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps or stopping:
             ckpt = save_checkpoint(run_dir, step, run.model, cfg, run.state_dict(), tcfg.keep_checkpoints,
-                                   optimizer=run.optimizer, sharded=run.mode == "fsdp")
+                                   optimizer=run.optimizer, sharded=run.mode == "fsdp", ema=run.ema)
         if stopping:
             break
     return history, ckpt
@@ -299,7 +332,8 @@ def train(cfg: Config, out_dir: Path, resume: bool = False) -> TrainResult:
 
 def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> TrainResult:
     ckpt = _resume_point(run_dir, resume)
-    run = new_run(cfg, world)
+    prepare_tokenizer(cfg, run_dir, world)
+    run = new_run(cfg, world, run_dir)
     notes = []
     if ckpt is not None:
         changed = check_resumable(load_config(ckpt), cfg)
@@ -307,6 +341,11 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> TrainResul
         load_weights(run.model, ckpt)
         load_optimizer(run.model, run.optimizer, ckpt, state)
         run.load_state_dict(state)
+        if run.ema is not None and has_ema(ckpt):
+            load_ema(run.ema, run.model, ckpt)
+        elif run.ema is not None:
+            run.ema.restart()
+            notes.append(f"{ckpt} has no moving average (train.ema was 0): it starts from the resumed weights")
         notes.append(f"resuming from {ckpt} (step {checkpoint_step(ckpt)})"
                      + (f"; changed since: {', '.join(changed)}" if changed else ""))
     logger: TrainLogger | Silent = Silent()  # rank 0 logs for every rank
