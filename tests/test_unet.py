@@ -14,10 +14,10 @@ from motfusion.training.trainer import build_optimizer, train_step
 UNET = ["model.patcher=unet", "model.unet_channels=8"]
 
 
-def patcher(k: int, dim: int = 16, blocks: int = 1) -> UNetPatcher:
+def patcher(k: int, dim: int = 16, blocks: int = 1, pooled: bool = False) -> UNetPatcher:
     """A small U-Net whose output conv is random (the model zero-initialises it), so everything shows."""
     torch.manual_seed(k)
-    u = UNetPatcher(channels=3, patch_size=k, dim=dim, width=8, blocks=blocks)
+    u = UNetPatcher(channels=3, patch_size=k, dim=dim, width=8, blocks=blocks, pooled=pooled)
     torch.nn.init.normal_(u.proj_out.weight, std=0.1)
     return u
 
@@ -65,8 +65,26 @@ def test_timestep_conditions_both_paths():
         assert (u.predict(tokens_a, 16, 16, skips_a) - u.predict(tokens_a, 16, 16, moved)).abs().max() > 1e-3
 
 
-def test_gradient_reaches_every_parameter():
-    u = patcher(4, blocks=2)
+def test_pooled_conditioning_is_an_added_path():
+    """model.unet_pooled adds the mean hidden state to the up blocks' conditioning: with that layer at
+    zero it is the plain U-Net exactly; otherwise the pooled state moves every up block."""
+    plain, pooled = patcher(8), patcher(8, pooled=True)
+    pooled.load_state_dict(plain.state_dict(), strict=False)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        tokens, skips = plain.embed(x, t)
+        torch.nn.init.zeros_(pooled.pooled.weight)
+        torch.nn.init.zeros_(pooled.pooled.bias)
+        torch.testing.assert_close(pooled.predict(tokens, 32, 32, skips), plain.predict(tokens, 32, 32, skips),
+                                   rtol=0, atol=0)
+        torch.nn.init.normal_(pooled.pooled.weight, std=0.1)
+        moved = pooled.predict(tokens, 32, 32, skips) - plain.predict(tokens, 32, 32, skips)
+        assert (moved.abs().flatten(1).max(dim=1).values > 1e-3).all()
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_gradient_reaches_every_parameter(pooled):
+    u = patcher(4, blocks=2, pooled=pooled)
     run(u, torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0])).pow(2).mean().backward()
     silent = [n for n, p in u.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert not silent

@@ -36,6 +36,7 @@ class ModelConfig:
     patcher: str = "linear"  # or "unet": Transfusion's U-Net down/up blocks around the backbone
     unet_channels: int = 32  # the U-Net's width at full resolution (doubles per level, up to 4x)
     unet_blocks: int = 1  # residual blocks per resolution, in each of the down and up paths
+    unet_pooled: bool = False  # the image's mean hidden state conditions every up block (with the timestep)
     image_channels: int = 3
     vae: str = ""  # with data.image_repr=latents: a motfusion train-vae directory or a diffusers AutoencoderKL one
     vq: str = ""  # with data.image_repr=tokens: a motfusion train-vq directory (the image tokenizer)

@@ -46,7 +46,7 @@ class KVCache:
 def build_patcher(cfg: ModelConfig) -> LinearPatcher | UNetPatcher:
     if cfg.patcher == "unet":
         return UNetPatcher(channels=cfg.image_channels, patch_size=cfg.patch_size, dim=cfg.dim,
-                           width=cfg.unet_channels, blocks=cfg.unet_blocks)
+                           width=cfg.unet_channels, blocks=cfg.unet_blocks, pooled=cfg.unet_pooled)
     return LinearPatcher(cfg.image_channels, cfg.patch_size, cfg.dim)
 
 

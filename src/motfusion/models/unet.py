@@ -73,7 +73,7 @@ class UNetPatcher(nn.Module):
     Level i works at resolution H / 2^i with width `width * 2^min(i, 2)`; level log2(k) is the patch grid.
     """
 
-    def __init__(self, *, channels: int, patch_size: int, dim: int, width: int, blocks: int):
+    def __init__(self, *, channels: int, patch_size: int, dim: int, width: int, blocks: int, pooled: bool = False):
         super().__init__()
         if patch_size < 1 or patch_size & (patch_size - 1):
             raise ValueError(f"the U-Net patcher needs a power-of-2 model.patch_size, got {patch_size}")
@@ -90,6 +90,9 @@ class UNetPatcher(nn.Module):
         self.time_to_tokens = nn.Linear(time_dim, dim)  # the backbone sees t directly, as with the linear patcher
 
         self.from_tokens = nn.Conv2d(dim, widths[-1], 1)
+        # model.unet_pooled: the mean of the image's hidden states joins the timestep in every up block's
+        # adaptive norms, a direct path from the backbone (and the caption it read) to all resolutions.
+        self.pooled = nn.Linear(dim, time_dim) if pooled else None
         # Indexed by level like the down path; every level above the patch grid concatenates its skip.
         self.up = nn.ModuleList(Level(c if i == self.levels else 2 * c, c, blocks, time_dim) for i, c in enumerate(widths))
         self.upsample = nn.ModuleList(
@@ -118,9 +121,10 @@ class UNetPatcher(nn.Module):
     def predict(self, h: torch.Tensor, height: int, width: int, skips: Skips) -> torch.Tensor:
         """h: (N, L, D) hidden states at the image's patches, with embed's skips -> (N, C, H, W)."""
         N, L, D = h.shape
+        time = skips.time if self.pooled is None else skips.time + self.pooled(h.mean(dim=1))  # (N, E)
         x = h.transpose(1, 2).reshape(N, D, height // self.k, width // self.k)  # (N, D, H/k, W/k)
-        x = self.up[self.levels](self.from_tokens(x), skips.time)  # (N, C_n, H/k, W/k) at the patch grid
+        x = self.up[self.levels](self.from_tokens(x), time)  # (N, C_n, H/k, W/k) at the patch grid
         for i in reversed(range(self.levels)):
             x = self.upsample[i](x)  # (N, C_i, H / 2^i, W / 2^i)
-            x = self.up[i](torch.cat((x, skips.features[i]), dim=1), skips.time)
+            x = self.up[i](torch.cat((x, skips.features[i]), dim=1), time)
         return self.proj_out(F.silu(self.out_norm(x)))  # (N, C, H, W)
