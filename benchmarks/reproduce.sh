@@ -28,13 +28,13 @@ evaluate() {
 }
 
 shapes() {
-    train "$R/mot" demo
-    train "$R/dense" demo model.untie=
-    train "$R/causal" demo model.image_attention=causal
-    train "$R/nocap" demo objective.image_first_noise_cap=none
-    train "$R/untie-ffn" demo model.untie=ffn
-    train "$R/untie-ffn-attn" demo model.untie=ffn,attn
-    train "$R/align" demo objective.contrastive_weight=0.1 model.align_dim=64
+    train "$R/mot" small
+    train "$R/dense" small model.untie=
+    train "$R/causal" small model.image_attention=causal
+    train "$R/nocap" small objective.image_first_noise_cap=none
+    train "$R/untie-ffn" small model.untie=ffn
+    train "$R/untie-ffn-attn" small model.untie=ffn,attn
+    train "$R/align" small objective.contrastive_weight=0.1 model.align_dim=64
 }
 
 modalities() {

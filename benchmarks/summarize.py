@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     out += [table(["comparison", "modality", "baseline final loss", "MoT step to match", "baseline steps",
                    "steps", "FLOPs", "wall-clock"], rows), ""]
 
-    out += ["### Shapes runs (demo recipe, 2000 steps)", ""]
+    out += ["### Shapes runs (small recipe, 2000 steps)", ""]
     out += [table(SHAPES_HEADER, shapes_rows(root, [
         ("mot", "MoT (ffn+attn+norm)"), ("dense", "dense"), ("untie-ffn", "untie ffn"),
         ("untie-ffn-attn", "untie ffn+attn"), ("causal", "MoT, causal image attention"),
