@@ -1,4 +1,8 @@
-"""A markdown table of demo runs (their report/metrics.json): the sweep and seed tables of docs/RESULTS.md.
+"""A markdown table of demo runs: the sweep and seed tables of docs/RESULTS.md.
+
+Each row reads the run's report/metrics.json (what `motfusion demo` measured) and, where present,
+the metrics of `motfusion eval --ckpt RUN --n 256 --out RUN/eval_n256.json`, which replace the
+report's (the column n says which).
 
     python benchmarks/demo_table.py runs/sweep/*             # one row per run directory
     python benchmarks/demo_table.py --spread runs/seed*      # and a mean +- sd row (seeds of one recipe)
@@ -17,11 +21,14 @@ COLUMNS = ("geneval_single", "geneval", "caption_accuracy", "geneval_single/colo
 
 def row(run: Path) -> list[str]:
     m = json.loads((run / "report" / "metrics.json").read_text())
-    return [run.name, str(m["steps"]), *(f"{m[k]:.3f}" for k in COLUMNS), f"{m['train_seconds']:.0f}"]
+    n = m.get("n_captions", 64)
+    if (run / "eval_n256.json").is_file():
+        m, n = {**m, **json.loads((run / "eval_n256.json").read_text())}, 256
+    return [run.name, str(m["steps"]), str(n), *(f"{m[k]:.3f}" for k in COLUMNS), f"{m['train_seconds']:.0f}"]
 
 
 def main(runs: list[str], spread: bool) -> None:
-    header = ["run", "steps", *COLUMNS, "train s"]
+    header = ["run", "steps", "n", *COLUMNS, "train s"]
     rows = [row(Path(r)) for r in runs if (Path(r) / "report" / "metrics.json").is_file()]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -30,8 +37,8 @@ def main(runs: list[str], spread: bool) -> None:
     if spread and len(rows) > 1:
         cols = list(zip(*rows))
         spread = [f"{statistics.mean(map(float, c)):.3f} ± {statistics.stdev(map(float, c)):.3f}"
-                  for c in cols[2:2 + len(COLUMNS)]]
-        print("| mean ± sd | | " + " | ".join(spread) + " | |")
+                  for c in cols[3:3 + len(COLUMNS)]]
+        print("| mean ± sd | | | " + " | ".join(spread) + " | |")
 
 
 if __name__ == "__main__":

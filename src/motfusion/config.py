@@ -354,12 +354,14 @@ def demo() -> Config:
     random colors and the caption did not reach the pixels. A BPE trained on the captions
     (data.tokenizer=bpe:512) makes each word one token, sampling uses the weights' moving average
     (train.ema), and rectified flow learns layouts and colors where DDPM still gave patch noise.
+    30% of the documents put the image first (captioning), not Transfusion's 20%: caption accuracy
+    rose from 0.41 to 0.56 at the same text-to-image scores (0.6 gave 0.84 but cost text to image).
     """
     return Config(
         model=ModelConfig(dim=128, n_layers=4, n_heads=4, patcher="unet", patch_size=8, unet_channels=16,
                           unet_pooled=True),
         objective=ObjectiveConfig(diffusion="flow"),
-        data=DataConfig(image_size=32, tokenizer="bpe:512"),
+        data=DataConfig(image_size=32, tokenizer="bpe:512", caption_first_prob=0.7),
         train=TrainConfig(steps=1100, batch_size=8, seq_len=320, lr=2e-3, min_lr=1e-4, warmup=50, log_every=20,
                           checkpoint_every=250, ema=0.995),
     )

@@ -50,7 +50,9 @@ def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int 
         "train_seconds": train_s,
         "wall_clock_seconds": time.perf_counter() - start,
         "params": model.num_params(),
+        "n_single": n_single, "n_prompts": n_prompts, "n_captions": n_captions,
         "untie": ",".join(cfg.model.untie) or "none",
+        "weights": f"moving average (train.ema={cfg.train.ema})" if cfg.train.ema else "raw",
         "sampling": f"{gen.sampler_name} {sample_cfg.steps} steps, guidance {sample_cfg.guidance}",
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
