@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The runs behind docs/RESULTS.md, "The demo recipe": screening at 500 steps, full-length variants,
+# three seeds, demo-long, and the n = 256 evaluations. Each `motfusion demo` trains (or resumes, or
+# reuses a finished run) and writes RUN/report/metrics.json; benchmarks/demo_table.py makes the
+# tables. The screening rows were run with the recipe of their time (the demo recipe then was
+# `small`); the overrides below reproduce them on top of today's demo recipe.
+#   benchmarks/demo_sweep.sh screen | full | seeds | long | eval
+set -euo pipefail
+M=${MOTFUSION:-.venv/bin/motfusion}
+R=${RUNS:-runs/sweep}
+demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false "$@"; }
+LINEAR="model.patcher=linear model.unet_pooled=false data.caption_first_prob=0.8"
+UNET="data.caption_first_prob=0.8 train.ema=0.99"
+
+screen() {
+    demo s_lin8w 500 $LINEAR model.patch_size=8 train.ema=0
+    demo s_lin4w_ema 500 $LINEAR model.patch_size=4 train.ema=0.99
+    demo s_lin4w_ln 500 $LINEAR model.patch_size=4 train.ema=0.99 objective.flow_timesteps=logit_normal
+    demo s_lin4w_ln_c50 500 $LINEAR model.patch_size=4 train.ema=0.99 objective.flow_timesteps=logit_normal data.caption_first_prob=0.5
+    demo s_unet8w 500 $UNET model.unet_pooled=false train.ema=0
+    demo s_unet8w_pool 500 $UNET
+}
+
+full() {
+    demo f_cap80 1100 data.caption_first_prob=0.8
+    demo f_ln 1100 data.caption_first_prob=0.8 objective.flow_timesteps=logit_normal
+    demo f_cap60 1100 data.caption_first_prob=0.6
+    demo f_cap70 1100                                   # the demo recipe, seed 0
+    demo f_cap70_ln 1100 objective.flow_timesteps=logit_normal
+}
+
+seeds() {
+    demo seed1 1100 train.seed=1
+    demo seed2 1100 train.seed=2
+}
+
+long() {
+    $M demo --recipe demo-long --out "$R/demo-long" --n-eval 256 train.tensorboard=false
+}
+
+evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
+    for run in f_cap70 seed1 seed2; do
+        [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
+    done
+    [ -f "$R/f_cap70/eval_n256_raw.json" ] || $M eval --ckpt "$R/f_cap70" --n 256 --val-batches 2 --raw-weights \
+        --out "$R/f_cap70/eval_n256_raw.json"
+}
+
+case "${1:-}" in
+    screen) screen ;; full) full ;; seeds) seeds ;; long) long ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|full|seeds|long|eval" >&2; exit 2 ;;
+esac
