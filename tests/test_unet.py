@@ -11,7 +11,7 @@ from motfusion.objectives import TransfusionObjective
 from motfusion.sampling import Generator, SampleConfig
 from motfusion.training.trainer import build_optimizer, train_step
 
-UNET = ["model.patcher=unet", "model.unet_channels=8"]
+UNET = ["model.patcher=unet", "model.unet_channels=8", "model.unet_pooled=true"]  # as the demo recipe
 
 
 def patcher(k: int, dim: int = 16, blocks: int = 1, pooled: bool = False) -> UNetPatcher:
