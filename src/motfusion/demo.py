@@ -56,8 +56,9 @@ def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int 
         "sampling": f"{gen.sampler_name} {sample_cfg.steps} steps, guidance {sample_cfg.guidance}",
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    forms = {k.split("/", 1)[1]: v for k, v in ev.metrics.items() if k.startswith("geneval_form/")}
-    forms = {"single object (geneval_single)": ev.metrics["geneval_single"], **forms}
+    forms = {f"mixed prompts, form {k.split('/', 1)[1]}": v for k, v in ev.metrics.items()
+             if k.startswith("geneval_form/")}
+    forms = {"single-object prompts (geneval_single)": ev.metrics["geneval_single"], **forms}
     write_html(report, f"motfusion demo: {out}", metrics, *_html_rows(report, ev, cfg.data.image_size), forms=forms)
     print(f"geneval (single object) {metrics['geneval_single']:.3f} | geneval (all forms) {metrics['geneval']:.3f} | "
           f"caption_accuracy {metrics['caption_accuracy']:.3f} | {metrics['wall_clock_seconds']:.0f} s")
