@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 UNTIE_CHOICES = ("ffn", "attn", "norm")
+TRAINED_TOKENIZER = re.compile(r"bpe:(\d+)")  # data.tokenizer=bpe:N: a BPE trained with the run (tokenizer.py)
 
 
 class ConfigError(ValueError):
@@ -127,7 +128,7 @@ class DataConfig:
 
     def validate(self) -> None:
         _check(bool(self.dataset), "data.dataset must name a dataset, e.g. shapes")  # resolved in data.pipeline
-        bpe = re.fullmatch(r"bpe:(\d+)", self.tokenizer)
+        bpe = TRAINED_TOKENIZER.fullmatch(self.tokenizer)
         _check(not self.tokenizer.startswith("bpe:") or (bpe is not None and int(bpe.group(1)) > 272),
                f"data.tokenizer={self.tokenizer!r}: bpe:N needs N > 272 (256 bytes and 16 specials), e.g. bpe:512")
         _check(self.image_size >= 8, "data.image_size must be >= 8")

@@ -14,17 +14,17 @@ of about 35 bytes becomes about 7 tokens.
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from motfusion.config import TRAINED_TOKENIZER
+
 # Order fixes the ids. Reserved slots keep ids stable when a modality adds markers later.
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<bosp>", "<eosp>") + tuple(f"<reserved{i}>" for i in range(9))
 TOKENIZER_FILE = "tokenizer.json"  # a bpe:N tokenizer, in its run directory and in each checkpoint
-_TRAINED = re.compile(r"bpe:(\d+)")
 
 
 class Tokenizer(ABC):
@@ -114,7 +114,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> BPETok
 
 def trained_vocab(spec: str) -> int | None:
     """N for a tokenizer trained with the run (data.tokenizer=bpe:N), else None."""
-    match = _TRAINED.fullmatch(spec)
+    match = TRAINED_TOKENIZER.fullmatch(spec)
     return int(match.group(1)) if match else None
 
 

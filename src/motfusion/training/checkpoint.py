@@ -124,11 +124,10 @@ def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if not is_main():
         return
     if not sharded:
-        safetensors.torch.save_file({k: v.contiguous() for k, v in weights.items()}, tmp / MODEL_FILE)
-        names.append(MODEL_FILE)
-        if averages is not None:
-            safetensors.torch.save_file({k: v.contiguous() for k, v in averages.items()}, tmp / EMA_FILE)
-            names.append(EMA_FILE)
+        for tensors, name in ((weights, MODEL_FILE), (averages, EMA_FILE)):
+            if tensors is not None:
+                safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name)
+                names.append(name)
     torch.save(state, tmp / STATE_FILE)
     write_json(tmp / CONFIG_FILE, cfg.to_dict())
     if (Path(run_dir) / TOKENIZER_FILE).is_file():  # data.tokenizer=bpe:N: the checkpoint carries its own
@@ -387,7 +386,7 @@ def load_model(path: Path, device: torch.device | str = "cpu",
     cfg = load_exported_config(ckpt) if path.is_file() else load_config(ckpt)
     tokenizer = _exported_tokenizer(path, cfg) if path.is_file() else build_tokenizer(cfg.data.tokenizer, ckpt)
     model = TransfusionModel(cfg.model, tokenizer.vocab_size)
-    load_weights(model, ckpt, ema=ema and not path.is_file() and has_ema(ckpt))
+    load_weights(model, ckpt, ema=ema and has_ema(ckpt))  # an exported file holds one set: has_ema is False
     return model.to(device).eval(), cfg, tokenizer
 
 

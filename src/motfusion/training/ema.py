@@ -35,6 +35,7 @@ class EMA:
         self.decay = decay
         self.live = get_model_state_dict(model)  # name -> the parameter's own data (shards under FSDP)
         self.shadow = {k: v.detach().clone().float() for k, v in self.live.items()}
+        self._pairs = ([self.shadow[k] for k in self.live], [self.live[k] for k in self.live])  # for update
 
     @torch.no_grad()
     def restart(self) -> None:
@@ -44,9 +45,8 @@ class EMA:
 
     @torch.no_grad()
     def update(self, step: int) -> None:
-        d = ema_decay(self.decay, step)
-        names = list(self.shadow)
-        torch._foreach_lerp_([self.shadow[k] for k in names], [self.live[k].float() for k in names], 1.0 - d)
+        averages, weights = self._pairs
+        torch._foreach_lerp_(averages, [w.float() for w in weights], 1.0 - ema_decay(self.decay, step))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """name -> average, laid out like the parameters (DTensor shards under FSDP)."""
