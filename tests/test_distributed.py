@@ -6,6 +6,7 @@ under `torchrun --nproc_per_node=2`. All of them run once, in the module's `runs
 
 import copy
 import dataclasses
+import faulthandler
 import os
 import shutil
 import socket
@@ -95,7 +96,12 @@ def step_gradients(cfg, batch, world: World) -> dict[str, torch.Tensor]:
 # ---- the 2-rank runs -------------------------------------------------------------------------
 
 def _rank_main(rank: int, port: int, root: Path) -> None:
-    """One of the 2 ranks: what torchrun would set up, then every 2-rank training of the module."""
+    """One of the 2 ranks: what torchrun would set up, then every 2-rank training of the module.
+    Its output, C++ aborts included, goes to root/rank{rank}.log, which a failure shows."""
+    log = os.open(root / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    faulthandler.enable()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -112,6 +118,7 @@ def _rank_main(rank: int, port: int, root: Path) -> None:
             grads = step_gradients(cfg, mine, World(rank=rank, world_size=2, local_rank=rank))
             if rank == 0:
                 torch.save(grads, root / f"uneven_{mode}.pt")
+        dist.barrier()  # neither rank closes its connections while the other may still be reading
     finally:
         dist.destroy_process_group()
 
@@ -125,11 +132,15 @@ def _free_port() -> int:
 def spawn_two_ranks(root: Path, timeout_s: float = 600) -> None:
     ctx = mp.start_processes(_rank_main, args=(_free_port(), root), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"the 2-rank runs did not finish in {timeout_s} s")
+    try:
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail(f"the 2-rank runs did not finish in {timeout_s} s")
+    except mp.ProcessExitedException as e:
+        logs = "\n".join(f"--- rank {r} ---\n" + (root / f"rank{r}.log").read_text()[-4000:] for r in (0, 1))
+        pytest.fail(f"{e}\n{logs}")
 
 
 @pytest.fixture(scope="module")

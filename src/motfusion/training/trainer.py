@@ -325,7 +325,9 @@ def train(cfg: Config, out_dir: Path, resume: bool = False) -> TrainResult:
     apply_image_repr(cfg.validate())  # with VAE latents, model.image_channels follows the VAE
     world = init_distributed(resolve_device(cfg.train.device))
     try:
-        return _train(cfg, Path(out_dir), resume, world)
+        result = _train(cfg, Path(out_dir), resume, world)
+        barrier()  # no rank closes its connections while another may still be reading from them
+        return result
     finally:
         cleanup(world)
 
