@@ -41,12 +41,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from motfusion.config import get_recipe
 from motfusion.data.pipeline import make_packer
 from motfusion.data.shapes import ShapesDataset
 from motfusion.models.attention import SeqMeta, dense_mask
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.sampling.generate import Generator, SampleConfig
 from motfusion.sequence import Batch, Image, Text, Units, pack_documents
 from motfusion.tokenizer import build_tokenizer

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from motfusion.config import get_recipe
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
 

@@ -2,12 +2,11 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import random_batch
 
 from motfusion.models.attention import SeqMeta, attend, dense_mask, flex_block_mask
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.sequence import Image, Text, collate, encode_document
-
-from conftest import random_batch
 
 
 def meta_of(batch):

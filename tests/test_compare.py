@@ -6,7 +6,7 @@ import pytest
 
 from motfusion.cli import main
 from motfusion.compare import compare
-from motfusion.config import ConfigError
+from motfusion.errors import ConfigError
 
 STEPS = range(10, 101, 10)
 

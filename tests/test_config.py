@@ -2,8 +2,10 @@ import json
 
 import pytest
 
-from motfusion.config import RECIPES, Config, ConfigError, get_recipe
+from motfusion.config import Config
+from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
+from motfusion.recipes import RECIPES, get_recipe
 
 
 def test_overrides_parse_by_type():

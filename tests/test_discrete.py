@@ -6,19 +6,29 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from test_mot import copy_dense_into_towers
+from test_vq import make_vq_dir
 
-from motfusion.config import ConfigError, get_recipe
+from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.objectives import TransfusionObjective
+from motfusion.objectives import GlobalBatch, TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.sampling import Context, Generator, SampleConfig
-from motfusion.objectives import GlobalBatch
-from motfusion.sequence import IGNORE, IMAGE, SPAN_END, SPEECH, TEXT, Image, Text, Units, collate, encode_document
+from motfusion.sequence import (
+    IGNORE,
+    IMAGE,
+    SPAN_END,
+    SPEECH,
+    TEXT,
+    Image,
+    Text,
+    Units,
+    collate,
+    encode_document,
+)
 from motfusion.tokenizer import ByteTokenizer
 from motfusion.training.logging import read_metrics
 from motfusion.training.trainer import train
-
-from test_mot import copy_dense_into_towers
-from test_vq import make_vq_dir
 
 I = IGNORE
 THREE = ["model.vocab_sizes=image:32,speech:12", "model.towers=text:text,image:image,speech:speech",

@@ -20,10 +20,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
-from motfusion.config import ConfigError, get_recipe
 from motfusion.data.pipeline import make_packer
+from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
 from motfusion.training.checkpoint import (

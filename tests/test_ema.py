@@ -6,12 +6,20 @@ import pytest
 import safetensors.torch
 import torch
 
-from motfusion.config import ConfigError, get_recipe
 from motfusion.data.pipeline import make_packer
+from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.tokenizer import ByteTokenizer
-from motfusion.training.checkpoint import EMA_FILE, MODEL_FILE, WEIGHTS_METADATA, export_checkpoint, load_model, step_dir
+from motfusion.training.checkpoint import (
+    EMA_FILE,
+    MODEL_FILE,
+    WEIGHTS_METADATA,
+    export_checkpoint,
+    load_model,
+    step_dir,
+)
 from motfusion.training.ema import EMA, ema_decay
 from motfusion.training.trainer import build_optimizer, train, train_step
 

@@ -7,9 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
+from test_real_data import tiny_fashion
 
 from motfusion.cli import main
-from motfusion.config import get_recipe
 from motfusion.evaluation.classifier import (
     ClassifierConfig,
     load_classifier,
@@ -25,11 +25,14 @@ from motfusion.evaluation.clip import (
     save_clip,
     train_clip,
 )
-from motfusion.evaluation.image_metrics import frechet_distance, frechet_distance_of, validation_losses
+from motfusion.evaluation.image_metrics import (
+    frechet_distance,
+    frechet_distance_of,
+    validation_losses,
+)
 from motfusion.models.transfusion import TransfusionModel
+from motfusion.recipes import get_recipe
 from motfusion.tokenizer import ByteTokenizer
-
-from test_real_data import tiny_fashion
 
 
 def random_spd(rng: np.random.Generator, n: int, rank: int | None = None) -> np.ndarray:

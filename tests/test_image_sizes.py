@@ -5,9 +5,9 @@ import dataclasses
 import pytest
 import torch
 
-from motfusion.config import get_recipe
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, collate, encode_document
 from motfusion.training.flops import FlopCounter
 from motfusion.training.trainer import build_optimizer, train_step

@@ -5,17 +5,17 @@ import dataclasses
 
 import pytest
 import torch
+from conftest import random_batch
 from torch.utils.flop_counter import FlopCounterMode
 
-from motfusion.config import ConfigError, get_recipe
+from motfusion.errors import ConfigError
 from motfusion.models.layers import SwiGLU
 from motfusion.models.moe import MoEFFN, balance_loss
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.training.logging import read_metrics
 from motfusion.training.trainer import train
-
-from conftest import random_batch
 
 D, F_, E = 16, 32, 4
 

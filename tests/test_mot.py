@@ -7,15 +7,14 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batch
 
-from motfusion.models.layers import apply_rope, rope_angles
 from motfusion.models.attention import SeqMeta, dense_mask
+from motfusion.models.layers import apply_rope, rope_angles
 from motfusion.models.mot import SHARED, weight_key
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective
 from motfusion.sequence import MODALITIES, Text, collate, encode_document
-
-from conftest import random_batch
 
 
 def model_with(cfg, vocab, **changes):

@@ -6,14 +6,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_batch
 
-from motfusion.config import ObjectiveConfig
-from motfusion.models.transfusion import TransfusionModel
 from motfusion.evaluation.clip import info_nce
+from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective, alignment_pairs
 from motfusion.sequence import IGNORE, Image, Text, collate, encode_document
-
-from conftest import random_batch
 
 
 @pytest.fixture
@@ -194,7 +192,8 @@ def test_contrastive_training_aligns_images_with_their_captions(cfg, tok):
 
 
 def test_contrastive_weight_needs_projections():
-    from motfusion.config import ConfigError, get_recipe
+    from motfusion.errors import ConfigError
+    from motfusion.recipes import get_recipe
     with pytest.raises(ConfigError, match="model.align_dim"):
         get_recipe("debug").override(["objective.contrastive_weight=0.1"])
     get_recipe("debug").override(["objective.contrastive_weight=0.1", "model.align_dim=32"])

@@ -5,22 +5,26 @@ import shutil
 
 import pytest
 import torch
+from conftest import random_batch
 from PIL import Image as PILImage
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.flop_counter import FlopCounterMode
 
 from motfusion.cli import main
-from motfusion.config import get_recipe
 from motfusion.models.attention import SeqMeta, dense_mask
 from motfusion.models.transfusion import TransfusionModel, build_patcher
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, pack_documents
 from motfusion.training import flops as flops_module
 from motfusion.training.checkpoint import step_dir
-from motfusion.training.flops import FlopCounter, patcher_flops, peak_flops, visible_keys
+from motfusion.training.flops import (
+    FlopCounter,
+    patcher_flops,
+    peak_flops,
+    visible_keys,
+)
 from motfusion.training.logging import read_metrics
 from motfusion.training.trainer import train
-
-from conftest import random_batch
 
 SMALL = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.device=cpu"]
 

@@ -10,8 +10,13 @@ import pytest
 import torch
 
 from motfusion.cli import main
-from motfusion.config import get_recipe
-from motfusion.data.emoji import EMOJI_FONT, EmojiDataset, emoji_codepoints, render_emoji, split_codepoints
+from motfusion.data.emoji import (
+    EMOJI_FONT,
+    EmojiDataset,
+    emoji_codepoints,
+    render_emoji,
+    split_codepoints,
+)
 from motfusion.data.fashion import (
     CLASSES,
     FASHION_DIR,
@@ -23,6 +28,7 @@ from motfusion.data.fashion import (
     read_idx,
 )
 from motfusion.data.pipeline import EpochOrder, build_dataset, make_packer
+from motfusion.recipes import get_recipe
 from motfusion.tokenizer import ByteTokenizer
 
 IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}

@@ -13,13 +13,13 @@ import safetensors
 import torch
 
 from motfusion.cli import main
-from motfusion.config import get_recipe
 from motfusion.data.pipeline import make_packer
+from motfusion.errors import CheckpointError, NonFiniteLossError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.training import trainer
 from motfusion.training.checkpoint import (
-    CheckpointError,
     checkpoint_step,
     latest_checkpoint,
     load_model,
@@ -29,7 +29,7 @@ from motfusion.training.checkpoint import (
     weights_mismatch,
 )
 from motfusion.training.logging import TrainLogger, read_metrics
-from motfusion.training.trainer import NonFiniteLossError, build_optimizer, train, train_step
+from motfusion.training.trainer import build_optimizer, train, train_step
 
 # A constant LR, so that a run started for more steps follows the same schedule as a shorter one.
 SMALL = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.device=cpu",

@@ -1,10 +1,19 @@
 import pytest
 import torch
-
-from motfusion.sequence import IGNORE, IMAGE, TEXT, Image, Packer, Text, collate, encode_document, pack_documents
-from motfusion.tokenizer import ByteTokenizer, train_bpe
-
 from conftest import random_batch
+
+from motfusion.sequence import (
+    IGNORE,
+    IMAGE,
+    TEXT,
+    Image,
+    Packer,
+    Text,
+    collate,
+    encode_document,
+    pack_documents,
+)
+from motfusion.tokenizer import ByteTokenizer, train_bpe
 
 
 def img(size=8):

@@ -18,7 +18,13 @@ from motfusion.data.shapes import (
     render,
     single_object_prompts,
 )
-from motfusion.evaluation.shapes_eval import caption_accuracy, check, geneval, parse_caption, read_scene
+from motfusion.evaluation.shapes_eval import (
+    caption_accuracy,
+    check,
+    geneval,
+    parse_caption,
+    read_scene,
+)
 
 
 def same_objects(read: Scene, true: Scene) -> bool:

@@ -9,8 +9,9 @@ import soundfile as sf
 import torch
 
 from motfusion.cli import main
-from motfusion.config import ConfigError, get_recipe
 from motfusion.data.pipeline import build_dataset
+from motfusion.errors import ConfigError
+from motfusion.recipes import get_recipe
 from motfusion.sequence import SPECS, TEXT, Image, Text, collate, encode_document
 from motfusion.speech.features import (
     LogMel,

@@ -3,10 +3,16 @@
 import pytest
 import torch
 
-from motfusion.config import ConfigError, get_recipe
 from motfusion.data.shapes import ShapesDataset, caption_text
+from motfusion.errors import ConfigError
+from motfusion.recipes import get_recipe
 from motfusion.sampling import Generator
-from motfusion.tokenizer import TOKENIZER_FILE, build_tokenizer, length_tokenizer, vocab_size
+from motfusion.tokenizer import (
+    TOKENIZER_FILE,
+    build_tokenizer,
+    length_tokenizer,
+    vocab_size,
+)
 from motfusion.training.checkpoint import export_checkpoint, load_model, step_dir
 from motfusion.training.trainer import train
 

@@ -8,15 +8,34 @@ import pytest
 import torch
 
 from motfusion.cli import main
-from motfusion.config import get_recipe
-from motfusion.data.pipeline import DocumentStream, build_dataset, document_for, document_rng, make_packer
+from motfusion.data.pipeline import (
+    DocumentStream,
+    build_dataset,
+    document_for,
+    document_rng,
+    make_packer,
+)
+from motfusion.errors import NonFiniteLossError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text
 from motfusion.training import checkpoint as ckpt_module
-from motfusion.training.checkpoint import latest_checkpoint, list_checkpoints, load_model, save_checkpoint, step_dir
+from motfusion.training.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_model,
+    save_checkpoint,
+    step_dir,
+)
 from motfusion.training.logging import read_metrics
-from motfusion.training.trainer import NonFiniteLossError, build_optimizer, lr_at, param_groups, train, train_step
+from motfusion.training.trainer import (
+    build_optimizer,
+    lr_at,
+    param_groups,
+    train,
+    train_step,
+)
 
 SMALL = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.device=cpu"]
 

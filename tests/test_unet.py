@@ -3,11 +3,12 @@
 import pytest
 import torch
 
-from motfusion.config import ConfigError, get_recipe
 from motfusion.data.pipeline import make_packer
+from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.models.unet import Skips, UNetPatcher
 from motfusion.objectives import TransfusionObjective
+from motfusion.recipes import get_recipe
 from motfusion.sampling import Generator, SampleConfig
 from motfusion.training.trainer import build_optimizer, train_step
 

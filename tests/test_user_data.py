@@ -10,10 +10,11 @@ import torch
 from PIL import Image as PILImage
 
 from motfusion.cli import main
-from motfusion.config import get_recipe
 from motfusion.data import user
 from motfusion.data.pipeline import DocumentStream, build_dataset
-from motfusion.data.scan import DataError, ImageRules, load_pixels
+from motfusion.data.scan import ImageRules, load_pixels
+from motfusion.errors import DataError
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text
 from motfusion.tokenizer import ByteTokenizer
 from motfusion.training.logging import read_metrics

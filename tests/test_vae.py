@@ -11,8 +11,9 @@ from PIL import Image as PILImage
 from torch.distributions import Normal, kl_divergence
 
 from motfusion.cli import main
-from motfusion.config import ConfigError, get_recipe
 from motfusion.data.pipeline import DocumentStream, build_dataset, make_packer
+from motfusion.errors import ConfigError
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image
 from motfusion.tokenizer import ByteTokenizer
 from motfusion.training.checkpoint import load_config
@@ -26,8 +27,14 @@ from motfusion.vae import (
     load_vae,
     save_vae,
 )
-from motfusion.vae.train_vae import image_batch, image_dataset, latent_scale, psnr, train_step, vae_loss
-
+from motfusion.vae.train_vae import (
+    image_batch,
+    image_dataset,
+    latent_scale,
+    psnr,
+    train_step,
+    vae_loss,
+)
 
 TINY = dict(channels=8, norm_groups=4, image_size=16, batch_size=8, val_images=8, scale_images=16)
 

@@ -7,9 +7,19 @@ import pytest
 import torch
 
 from motfusion.cli import main
-from motfusion.config import ConfigError, get_recipe
+from motfusion.errors import ConfigError
+from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, Units
-from motfusion.vq import ImageTokens, VQConfig, VQVAE, load_image_tokenizer, load_vq, perplexity, psnr, save_vq
+from motfusion.vq import (
+    VQVAE,
+    ImageTokens,
+    VQConfig,
+    load_image_tokenizer,
+    load_vq,
+    perplexity,
+    psnr,
+    save_vq,
+)
 from motfusion.vq.train import ImageSource
 from motfusion.vq.vqvae import Codebook
 

@@ -19,13 +19,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from motfusion.config import RECIPES, Config, ConfigError, get_recipe
-from motfusion.data.scan import DataError
+from motfusion.config import Config
+from motfusion.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.tokenizer import vocab_size
+from motfusion.recipes import RECIPES, get_recipe
 from motfusion.sampling import Generator, SampleConfig
-from motfusion.training.checkpoint import CheckpointError, export_checkpoint, load_model, load_config
-from motfusion.training.trainer import NonFiniteLossError, train
+from motfusion.tokenizer import vocab_size
+from motfusion.training.checkpoint import export_checkpoint, load_config, load_model
+from motfusion.training.trainer import train
 from motfusion.vae import train_vae as vae_cli
 from motfusion.vae.kl_vae import image_codec
 from motfusion.vq import train as vq_cli
@@ -187,7 +188,8 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_image(path: Path, size: int) -> torch.Tensor:
     """A picture file -> (3, size, size) in [-1, 1] (resized when it has another size)."""
-    from PIL import Image as PILImage, UnidentifiedImageError
+    from PIL import Image as PILImage
+    from PIL import UnidentifiedImageError
     try:
         pic = PILImage.open(path).convert("RGB")
     except (UnidentifiedImageError, OSError) as e:
@@ -231,7 +233,11 @@ def _generate(args: argparse.Namespace) -> None:
 
 def _generate_speech(args: argparse.Namespace, gen: Generator, cfg: Config, g: torch.Generator) -> None:
     from motfusion.speech.features import write_wav
-    from motfusion.speech.units import speech_to_text, speech_tokenizer_of, text_to_units
+    from motfusion.speech.units import (
+        speech_to_text,
+        speech_tokenizer_of,
+        text_to_units,
+    )
     stok = speech_tokenizer_of(cfg)
     if args.transcribe:
         units = [stok.encode_file(path) for path in args.transcribe]

@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from motfusion.config import ConfigError  # noqa: E402
+from motfusion.errors import ConfigError
 from motfusion.report import read_metrics, save_figure, smooth, style_axes  # noqa: E402
 from motfusion.training.logging import METRICS_FILE  # noqa: E402
 

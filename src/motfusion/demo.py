@@ -14,7 +14,15 @@ import torch
 
 from motfusion.config import Config
 from motfusion.evaluation.shapes_suite import evaluate_shapes
-from motfusion.report import display_scale, plot_losses, read_metrics, sample_grid, smooth, to_pil, write_html
+from motfusion.report import (
+    display_scale,
+    plot_losses,
+    read_metrics,
+    sample_grid,
+    smooth,
+    to_pil,
+    write_html,
+)
 from motfusion.sampling import Generator, SampleConfig
 from motfusion.training.checkpoint import checkpoint_step, latest_checkpoint, load_model
 from motfusion.training.trainer import train

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from motfusion.training.logging import METRICS_FILE, read_metrics as _read_records  # noqa: E402
+from motfusion.training.logging import METRICS_FILE  # noqa: E402
+from motfusion.training.logging import read_metrics as _read_records
 
 X_LABELS = {"step": "step", "cumulative_flops": "training FLOPs"}
 

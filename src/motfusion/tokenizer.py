@@ -18,7 +18,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Iterable
 
-from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from motfusion.config import TRAINED_TOKENIZER
 

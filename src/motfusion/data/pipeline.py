@@ -18,9 +18,17 @@ from typing import Callable, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from motfusion.config import Config, ConfigError, DataConfig, ObjectiveConfig
+from motfusion.config import Config, DataConfig, ObjectiveConfig
 from motfusion.data.shapes import ShapesDataset
-from motfusion.sequence import Document, EncodedDoc, Image, Packer, Text, encode_document
+from motfusion.errors import ConfigError
+from motfusion.sequence import (
+    Document,
+    EncodedDoc,
+    Image,
+    Packer,
+    Text,
+    encode_document,
+)
 from motfusion.tokenizer import Tokenizer
 from motfusion.vae.kl_vae import LatentImages, image_codec
 from motfusion.vq import ImageTokens, load_image_tokenizer

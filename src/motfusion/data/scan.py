@@ -23,9 +23,11 @@ from typing import Iterable
 
 import numpy as np
 import torch
-from PIL import Image as PILImage, ImageOps, UnidentifiedImageError
+from PIL import Image as PILImage
+from PIL import ImageOps, UnidentifiedImageError
 
 from motfusion.config import DataConfig
+from motfusion.errors import DataError
 
 log = logging.getLogger("motfusion.data")
 
@@ -42,16 +44,6 @@ class Problem:
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line is not None else str(self.path)
         return f"{where}: {self.detail}"
-
-
-class DataError(ValueError):
-    """A user's data cannot be trained on as it is; the message names the file (and line) to fix."""
-
-    def __init__(self, message: str, problem: Problem | None = None):
-        super().__init__(message)
-        self.problem = problem
-        self.path = problem.path if problem else None
-        self.line = problem.line if problem else None
 
 
 class BadSample(Exception):

@@ -30,10 +30,9 @@ from typing import Generic, TypeVar
 import numpy as np
 import torch
 
-from motfusion.config import Config, ConfigError
+from motfusion.config import Config
 from motfusion.data.scan import (
     BadSample,
-    DataError,
     ImageRules,
     Problem,
     ScanReport,
@@ -43,6 +42,7 @@ from motfusion.data.scan import (
     load_pixels,
     read_bytes,
 )
+from motfusion.errors import ConfigError, DataError
 from motfusion.sequence import MODALITIES, Document, Image, Text, encode_document
 from motfusion.tokenizer import Tokenizer, length_tokenizer
 

@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from motfusion.config import ConfigError
 from motfusion.data.fashion import CLASSES, FASHION_DIR, load_fashion
+from motfusion.errors import ConfigError
 
 WEIGHTS, META = "classifier.safetensors", "classifier.json"
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from motfusion.config import ConfigError
+from motfusion.errors import ConfigError
 
 WEIGHTS, META = "clip.safetensors", "clip.json"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature

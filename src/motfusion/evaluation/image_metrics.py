@@ -15,9 +15,10 @@ import dataclasses
 import numpy as np
 import torch
 
-from motfusion.config import Config, ConfigError
+from motfusion.config import Config
 from motfusion.data.fashion import caption_names_class
 from motfusion.data.pipeline import build_dataset, make_packer
+from motfusion.errors import ConfigError
 from motfusion.evaluation.classifier import FashionClassifier, accuracy, batched
 from motfusion.evaluation.clip import ClipModel, clip_score
 from motfusion.models.transfusion import TransfusionModel

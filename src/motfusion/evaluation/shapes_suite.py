@@ -6,8 +6,20 @@ from dataclasses import dataclass, field
 
 import torch
 
-from motfusion.data.shapes import FORMS, ShapesDataset, caption_form, eval_prompts, single_object_prompts
-from motfusion.evaluation.shapes_eval import caption_accuracy, check, geneval, parse_caption, read_scene
+from motfusion.data.shapes import (
+    FORMS,
+    ShapesDataset,
+    caption_form,
+    eval_prompts,
+    single_object_prompts,
+)
+from motfusion.evaluation.shapes_eval import (
+    caption_accuracy,
+    check,
+    geneval,
+    parse_caption,
+    read_scene,
+)
 from motfusion.sampling import Generator
 
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from motfusion.config import ConfigError, ModelConfig
+from motfusion.config import ModelConfig
+from motfusion.errors import ConfigError
 from motfusion.models.adapters import LinearPatcher, TokenAdapter
 from motfusion.models.attention import SeqMeta, build_mask, resolve_backend
 from motfusion.models.layers import rope_angles

@@ -19,10 +19,21 @@ from dataclasses import dataclass
 import torch
 
 from motfusion.config import ObjectiveConfig
-from motfusion.diffusion import cfg as guide, make_process, make_sampler
+from motfusion.diffusion import cfg as guide
+from motfusion.diffusion import make_process, make_sampler
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.sampling.context import Context
-from motfusion.sequence import SPAN_END, SPECS, TEXT, EncodedDoc, Image, Segment, Text, Units, encode_document
+from motfusion.sequence import (
+    SPAN_END,
+    SPECS,
+    TEXT,
+    EncodedDoc,
+    Image,
+    Segment,
+    Text,
+    Units,
+    encode_document,
+)
 from motfusion.tokenizer import Tokenizer
 from motfusion.vae.kl_vae import LatentCodec
 from motfusion.vq import load_image_tokenizer

@@ -8,11 +8,28 @@ k-means speech units (25 Hz), a Griffin-Lim vocoder, and speech metrics (CER, un
     metrics.py   levenshtein, cer, unit_error_rate
 """
 
-from motfusion.speech.features import LogMel, MelConfig, mel_filterbank, read_wav, resample, write_wav
+from motfusion.speech.features import (
+    LogMel,
+    MelConfig,
+    mel_filterbank,
+    read_wav,
+    resample,
+    write_wav,
+)
 from motfusion.speech.metrics import cer, levenshtein, unit_error_rate
 from motfusion.speech.synth import make_speech_data, read_speech_data, speak
-from motfusion.speech.units import SpeechTokenizer, SpeechTokenizerConfig, kmeans, train_speech_tokenizer
-from motfusion.speech.vocoder import MelVocoder, VocoderConfig, griffin_lim, spectral_convergence
+from motfusion.speech.units import (
+    SpeechTokenizer,
+    SpeechTokenizerConfig,
+    kmeans,
+    train_speech_tokenizer,
+)
+from motfusion.speech.vocoder import (
+    MelVocoder,
+    VocoderConfig,
+    griffin_lim,
+    spectral_convergence,
+)
 
 __all__ = [
     "LogMel", "MelConfig", "MelVocoder", "SpeechTokenizer", "SpeechTokenizerConfig", "VocoderConfig", "cer",

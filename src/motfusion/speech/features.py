@@ -14,8 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from motfusion.config import ConfigError
-from motfusion.data.scan import DataError
+from motfusion.errors import ConfigError, DataError
 
 
 @dataclass(frozen=True, kw_only=True)

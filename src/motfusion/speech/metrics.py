@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import torch
 
-from motfusion.config import Config, ConfigError
-from motfusion.data.scan import DataError
+from motfusion.config import Config
+from motfusion.errors import ConfigError, DataError
 from motfusion.speech.synth import normalize, read_speech_data
 from motfusion.speech.units import (
     UNITS_FILE,

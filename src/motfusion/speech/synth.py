@@ -34,13 +34,19 @@ from typing import Callable
 import numpy as np
 import torch
 
-from motfusion.config import Config, ConfigError
+from motfusion.config import Config
 from motfusion.data.pipeline import document_for, split_seed
-from motfusion.data.scan import DataError
 from motfusion.data.shapes import ShapesDataset, caption_text
+from motfusion.errors import ConfigError, DataError
 from motfusion.sequence import Document, Text
 from motfusion.speech.features import read_wav, write_wav
-from motfusion.speech.units import UNITS_FILE, Speech, SpeechTokenizer, load_units, resolve_speech_dirs
+from motfusion.speech.units import (
+    UNITS_FILE,
+    Speech,
+    SpeechTokenizer,
+    load_units,
+    resolve_speech_dirs,
+)
 
 SAMPLE_RATE = 16000
 VOICES = ("en-us", "en", "en+f3", "en+m3", "en-us+f2", "en-gb-x-rp+m1")

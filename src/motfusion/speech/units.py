@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Callable
 import safetensors.torch
 import torch
 
-from motfusion.config import Config, ConfigError
-from motfusion.data.scan import DataError
+from motfusion.config import Config
+from motfusion.errors import ConfigError, DataError
 from motfusion.sequence import SEGMENT_ENCODERS, Units
 from motfusion.speech.features import LogMel, MelConfig, read_wav
 from motfusion.speech.vocoder import MelVocoder, VocoderConfig

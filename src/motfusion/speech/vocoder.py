@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from motfusion.config import ConfigError
+from motfusion.errors import ConfigError
 from motfusion.speech.features import MelConfig, mel_filterbank
 
 

@@ -1,7 +1,8 @@
 """Training: the loop (trainer), checkpoints, and the metrics log."""
 
-from motfusion.training.checkpoint import CheckpointError, latest_checkpoint, load_model, save_checkpoint
-from motfusion.training.trainer import NonFiniteLossError, TrainResult, lr_at, train
+from motfusion.errors import CheckpointError, NonFiniteLossError
+from motfusion.training.checkpoint import latest_checkpoint, load_model, save_checkpoint
+from motfusion.training.trainer import TrainResult, lr_at, train
 
 __all__ = [
     "CheckpointError",

@@ -45,9 +45,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from motfusion.config import Config, ConfigError
+from motfusion.config import Config
+from motfusion.errors import CheckpointError, ConfigError
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.tokenizer import TOKENIZER_FILE, BPETokenizer, Tokenizer, build_tokenizer, trained_vocab
+from motfusion.tokenizer import (
+    TOKENIZER_FILE,
+    BPETokenizer,
+    Tokenizer,
+    build_tokenizer,
+    trained_vocab,
+)
 from motfusion.training.distributed import barrier, is_distributed, is_main
 from motfusion.training.ema import EMA
 
@@ -61,10 +68,6 @@ SHARDED_DIR = "sharded"  # a sharded checkpoint's DCP files: {"model": ..., "opt
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
 _STEP_DIR = re.compile(r"step_(\d{8})")
 _TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(Exception):
-    """A missing, partial or incompatible checkpoint; the message names the path."""
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from motfusion.config import ConfigError
+from motfusion.errors import ConfigError
 from motfusion.objectives import GlobalBatch
 from motfusion.sequence import Batch
 

@@ -25,9 +25,8 @@ the keys the dense `sdpa` mask computes and discards: these are model FLOPs, not
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn

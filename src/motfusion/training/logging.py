@@ -99,5 +99,7 @@ class TrainLogger:
 def _summary_writer(run_dir: Path, start_step: int) -> Any:
     """A SummaryWriter into the run directory. On resume, TensorBoard hides the earlier events of the
     steps after `start_step` (`purge_step`), which the resumed run writes again."""
-    from torch.utils.tensorboard import SummaryWriter  # imports tensorboard: only when asked for
+    from torch.utils.tensorboard import (
+        SummaryWriter,  # imports tensorboard: only when asked for
+    )
     return SummaryWriter(log_dir=str(run_dir), purge_step=start_step + 1 if start_step else None)

@@ -44,7 +44,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.utils.checkpoint import checkpoint
 
-from motfusion.config import ConfigError, TrainConfig
+from motfusion.config import TrainConfig
+from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.training.distributed import World
 

@@ -26,19 +26,23 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-from motfusion.config import Config, ConfigError, TrainConfig
+from motfusion.config import Config, TrainConfig
 from motfusion.data.pipeline import make_packer, training_texts
+from motfusion.errors import CheckpointError, ConfigError, NonFiniteLossError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
 from motfusion.sequence import Batch, Packer
-from motfusion.tokenizer import TOKENIZER_FILE, build_tokenizer, train_bpe, trained_vocab
-from motfusion.vae.kl_vae import apply_image_repr
+from motfusion.tokenizer import (
+    TOKENIZER_FILE,
+    build_tokenizer,
+    train_bpe,
+    trained_vocab,
+)
 from motfusion.training.checkpoint import (
-    CheckpointError,
     check_resumable,
     checkpoint_step,
-    latest_checkpoint,
     has_ema,
+    latest_checkpoint,
     load_config,
     load_ema,
     load_optimizer,
@@ -47,8 +51,6 @@ from motfusion.training.checkpoint import (
     save_checkpoint,
     write_json,
 )
-from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
-from motfusion.training.ema import EMA
 from motfusion.training.distributed import (
     Silent,
     World,
@@ -59,17 +61,12 @@ from motfusion.training.distributed import (
     init_distributed,
     locate,
 )
+from motfusion.training.ema import EMA
+from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
 from motfusion.training.logging import TrainLogger
 from motfusion.training.parallelize import autocast, parallel_mode, parallelize
 from motfusion.training.signals import StopSignal
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or the gradient norm became inf/nan; the step was not applied. `stats`: its numbers."""
-
-    def __init__(self, message: str, stats: dict[str, float] | None = None):
-        super().__init__(message)
-        self.stats = stats or {}
+from motfusion.vae.kl_vae import apply_image_repr
 
 
 @dataclass

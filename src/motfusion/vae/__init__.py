@@ -3,7 +3,12 @@
 Training lives in motfusion.vae.train_vae (`motfusion train-vae`), imported on demand.
 """
 
-from motfusion.vae.diffusers_format import AutoencoderKL, AutoencoderKLConfig, load_diffusers_vae, save_diffusers_vae
+from motfusion.vae.diffusers_format import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    load_diffusers_vae,
+    save_diffusers_vae,
+)
 from motfusion.vae.kl_vae import (
     LatentCodec,
     LatentImages,

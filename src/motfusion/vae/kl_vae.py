@@ -25,7 +25,8 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from motfusion.config import Config, ConfigError
+from motfusion.config import Config
+from motfusion.errors import ConfigError
 from motfusion.sequence import Document, Image
 from motfusion.vae.diffusers_format import (
     AutoencoderKL,

@@ -24,11 +24,17 @@ from typing import Any
 
 import torch
 
-from motfusion.config import Config, ConfigError, DataConfig, TrainConfig
+from motfusion.config import Config, DataConfig, TrainConfig
 from motfusion.data.pipeline import EpochOrder, build_dataset
-from motfusion.training.trainer import NonFiniteLossError
+from motfusion.errors import ConfigError, NonFiniteLossError
 from motfusion.vae.diffusers_format import AutoencoderKL
-from motfusion.vae.kl_vae import CONFIG_FILE, WEIGHTS_FILE, VAEConfig, build_vae, save_vae
+from motfusion.vae.kl_vae import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    VAEConfig,
+    build_vae,
+    save_vae,
+)
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from motfusion.config import ConfigError, ModelConfig
+from motfusion.config import ModelConfig
+from motfusion.errors import ConfigError
 from motfusion.sequence import Document, Image, Units
 from motfusion.vq.train import VQTrainConfig, evaluate_vq, load_vq, save_vq, train_vq
 from motfusion.vq.vqvae import VQVAE, VQConfig, perplexity, psnr

@@ -19,7 +19,8 @@ from typing import Callable
 import safetensors.torch
 import torch
 
-from motfusion.config import Config, ConfigError
+from motfusion.config import Config
+from motfusion.errors import ConfigError
 from motfusion.vq.vqvae import VQVAE, VQConfig, perplexity, psnr
 
 WEIGHTS, CONFIG, METRICS = "vq.safetensors", "vq_config.json", "metrics.json"
@@ -45,7 +46,9 @@ class ImageSource:
     """Batches of a dataset's images, a pure function of the batch's first index."""
 
     def __init__(self, dataset: str, image_size: int, split: str):
-        from motfusion.data.pipeline import build_dataset  # the data package imports motfusion.vq
+        from motfusion.data.pipeline import (
+            build_dataset,  # the data package imports motfusion.vq
+        )
 
         cfg = Config().override([f"data.dataset={dataset}", f"data.image_size={image_size}"])
         self.data = build_dataset(cfg, split)

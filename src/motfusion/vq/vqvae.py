@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from motfusion.config import ConfigError
+from motfusion.errors import ConfigError
 
 
 @dataclass(kw_only=True)
