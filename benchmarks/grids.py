@@ -16,20 +16,17 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from motfusion.report import to_pil
-from motfusion.sampling.generate import Generator, SampleConfig
-from motfusion.training.checkpoint import load_model
-from motfusion.vae import image_codec
+from motfusion.sampling.generate import SampleConfig
+from motfusion.sampling.load import load_generator
 
 
 def samples(run: Path, prompts: list[str], n: int, steps: int) -> list[list[torch.Tensor]]:
     """n images per prompt from the run's latest checkpoint, as pixels in [-1, 1]."""
-    model, cfg, tok = load_model(run)
-    gen = Generator(model, tok, cfg.objective, cfg.data.image_size, SampleConfig(steps=steps),
-                    codec=image_codec(cfg))
+    gen, _ = load_generator(run, sample=SampleConfig(steps=steps))
     rows = [[] for _ in prompts]
     for seed in range(n):
         images = gen.images(prompts, torch.Generator().manual_seed(seed))
-        pixels = gen.decode_images(images) if gen.vq is None else images
+        pixels = gen.decode_images(images)
         for row, im in zip(rows, pixels):
             row.append(im.clamp(-1, 1))
     return rows

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from test_mot import copy_dense_into_towers
 from test_vq import make_vq_dir
 
+from motfusion.codecs.image import image_repr
 from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
@@ -207,7 +208,7 @@ def tokens_generator(tok, tmp_path):
     def make(**kw):
         opts = dict(max_tokens=6, guidance=2.0, temperature=0.9)
         opts.update(kw)
-        return Generator(model, tok, cfg.objective, 16, SampleConfig(**opts))
+        return Generator(model, tok, cfg.objective, 16, SampleConfig(**opts), image=image_repr(cfg))
     return make
 
 

@@ -19,18 +19,15 @@ from motfusion.evaluation.classifier import (
 from motfusion.evaluation.clip import (
     ClipConfig,
     clip_score,
-    info_nce,
     load_clip,
     retrieval_accuracy,
     save_clip,
     train_clip,
 )
-from motfusion.evaluation.image_metrics import (
-    frechet_distance,
-    frechet_distance_of,
-    validation_losses,
-)
+from motfusion.evaluation.image_metrics import frechet_distance, frechet_distance_of
+from motfusion.evaluation.losses import validation_losses
 from motfusion.models.transfusion import TransfusionModel
+from motfusion.objectives import info_nce
 from motfusion.recipes import get_recipe
 from motfusion.tokenizer import ByteTokenizer
 

@@ -8,9 +8,13 @@ import torch
 import torch.nn.functional as F
 from conftest import random_batch
 
-from motfusion.evaluation.clip import info_nce
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.objectives import GlobalBatch, TransfusionObjective, alignment_pairs
+from motfusion.objectives import (
+    GlobalBatch,
+    TransfusionObjective,
+    alignment_pairs,
+    info_nce,
+)
 from motfusion.sequence import IGNORE, Image, Text, collate, encode_document
 
 

@@ -9,11 +9,7 @@ import soundfile as sf
 import torch
 
 from motfusion.cli import main
-from motfusion.data.pipeline import build_dataset
-from motfusion.errors import ConfigError
-from motfusion.recipes import get_recipe
-from motfusion.sequence import SPECS, TEXT, Image, Text, collate, encode_document
-from motfusion.speech.features import (
+from motfusion.codecs.audio import (
     LogMel,
     MelConfig,
     hz_to_mel,
@@ -23,19 +19,23 @@ from motfusion.speech.features import (
     resample,
     stft_magnitude,
 )
-from motfusion.speech.metrics import cer, levenshtein, unit_error_rate
-from motfusion.speech.synth import make_speech_data, normalize, read_speech_data, speak
-from motfusion.speech.units import (
+from motfusion.codecs.speech import (
     Speech,
     SpeechTokenizer,
     SpeechTokenizerConfig,
-    fit_tokenizer,
-    kmeans,
     load_units,
     resolve_speech_dirs,
 )
-from motfusion.speech.vocoder import VocoderConfig, griffin_lim, spectral_convergence
+from motfusion.codecs.vocoder import VocoderConfig, griffin_lim, spectral_convergence
+from motfusion.data.espeak import make_speech_data, normalize, speak
+from motfusion.data.pipeline import build_dataset
+from motfusion.data.speech import read_speech_data
+from motfusion.errors import ConfigError
+from motfusion.evaluation.speech import cer, levenshtein, unit_error_rate
+from motfusion.recipes import get_recipe
+from motfusion.sequence import SPECS, TEXT, Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
+from motfusion.training.speech_units import fit_tokenizer, kmeans
 
 MEL = MelConfig()
 

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from motfusion.cli import main
-from motfusion.data.pipeline import (
-    DocumentStream,
-    build_dataset,
-    document_for,
-    document_rng,
-    make_packer,
-)
+from motfusion.data.documents import document_for, document_rng
+from motfusion.data.pipeline import DocumentStream, build_dataset, make_packer
 from motfusion.errors import NonFiniteLossError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import TransfusionObjective

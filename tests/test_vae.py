@@ -11,23 +11,23 @@ from PIL import Image as PILImage
 from torch.distributions import Normal, kl_divergence
 
 from motfusion.cli import main
+from motfusion.codecs.diffusers_vae import load_diffusers_vae
+from motfusion.codecs.image import Latents, apply_image_repr
+from motfusion.codecs.vae import (
+    LatentCodec,
+    VAEConfig,
+    build_vae,
+    load_trained_vae,
+    load_vae,
+    save_vae,
+)
 from motfusion.data.pipeline import DocumentStream, build_dataset, make_packer
 from motfusion.errors import ConfigError
 from motfusion.recipes import get_recipe
 from motfusion.sequence import Image
 from motfusion.tokenizer import ByteTokenizer
 from motfusion.training.checkpoint import load_config
-from motfusion.vae import (
-    LatentCodec,
-    VAEConfig,
-    apply_image_repr,
-    build_vae,
-    load_diffusers_vae,
-    load_trained_vae,
-    load_vae,
-    save_vae,
-)
-from motfusion.vae.train_vae import (
+from motfusion.training.vae import (
     image_batch,
     image_dataset,
     latent_scale,
@@ -335,7 +335,7 @@ def test_generator_decodes_latents_to_pixels(vae_dir):
     tok = ByteTokenizer()
     codec = load_vae(vae_dir)
     gen = Generator(TransfusionModel(cfg.model, tok.vocab_size), tok, cfg.objective, 32,
-                    SampleConfig(steps=2, guidance=1.0), codec=codec)
+                    SampleConfig(steps=2, guidance=1.0), image=Latents(codec))
     latents = gen.images(["a red circle"], torch.Generator().manual_seed(0))
     assert latents.shape == (1, 4, 8, 8) and gen.image_shape == (4, 8, 8)
     assert torch.equal(gen.decode_images(latents), codec.decode(latents))

@@ -7,12 +7,10 @@ import pytest
 import torch
 
 from motfusion.cli import main
-from motfusion.errors import ConfigError
-from motfusion.recipes import get_recipe
-from motfusion.sequence import Image, Text, Units
-from motfusion.vq import (
+from motfusion.codecs.image import Tokens
+from motfusion.codecs.vq import (
     VQVAE,
-    ImageTokens,
+    Codebook,
     VQConfig,
     load_image_tokenizer,
     load_vq,
@@ -20,8 +18,10 @@ from motfusion.vq import (
     psnr,
     save_vq,
 )
-from motfusion.vq.train import ImageSource
-from motfusion.vq.vqvae import Codebook
+from motfusion.errors import ConfigError
+from motfusion.recipes import get_recipe
+from motfusion.sequence import Image, Text, Units
+from motfusion.training.vq import ImageSource
 
 TINY = dict(image_size=16, codebook_size=32, code_dim=8, channels=16, res_blocks=1)
 
@@ -112,7 +112,7 @@ def test_save_load_round_trip_and_image_tokens(tmp_path):
     loaded = load_vq(tmp_path / "vq")
     codes = vq.encode(x)
     assert torch.equal(loaded.encode(x), codes) and torch.equal(loaded.decode(codes), vq.decode(codes))
-    doc = ImageTokens(loaded)([Text("a"), Image(x[0])])
+    doc = Tokens(loaded).document([Text("a"), Image(x[0])])
     assert isinstance(doc[1], Units) and doc[1].modality == "image" and torch.equal(doc[1].ids, codes[0])
 
 

@@ -24,12 +24,12 @@ from motfusion.errors import CheckpointError, ConfigError, DataError, NonFiniteL
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.recipes import RECIPES, get_recipe
 from motfusion.sampling import Generator, SampleConfig
+from motfusion.sampling.load import load_generator
 from motfusion.tokenizer import vocab_size
-from motfusion.training.checkpoint import export_checkpoint, load_config, load_model
+from motfusion.training import vae as vae_cli
+from motfusion.training import vq as vq_cli
+from motfusion.training.checkpoint import export_checkpoint, load_config
 from motfusion.training.trainer import train
-from motfusion.vae import train_vae as vae_cli
-from motfusion.vae.kl_vae import image_codec
-from motfusion.vq import train as vq_cli
 
 PROG = "motfusion"
 USER_ERRORS = (ConfigError, CheckpointError, NonFiniteLossError, FileNotFoundError, DataError)
@@ -202,8 +202,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 def _generate(args: argparse.Namespace) -> None:
     from motfusion.report import to_pil
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, tok = load_model(args.ckpt, device=device, ema=not args.raw_weights)
-    gen = Generator(model, tok, cfg.objective, cfg.data.image_size, _sample_config(args), codec=image_codec(cfg, device))
+    gen, cfg = load_generator(args.ckpt, device, _sample_config(args), ema=not args.raw_weights)
     g = torch.Generator(device=device).manual_seed(args.seed)
     if args.speak is not None or args.transcribe:
         return _generate_speech(args, gen, cfg, g)
@@ -232,12 +231,9 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _generate_speech(args: argparse.Namespace, gen: Generator, cfg: Config, g: torch.Generator) -> None:
-    from motfusion.speech.features import write_wav
-    from motfusion.speech.units import (
-        speech_to_text,
-        speech_tokenizer_of,
-        text_to_units,
-    )
+    from motfusion.codecs.audio import write_wav
+    from motfusion.codecs.speech import speech_tokenizer_of
+    from motfusion.sampling.speech import speech_to_text, text_to_units
     stok = speech_tokenizer_of(cfg)
     if args.transcribe:
         units = [stok.encode_file(path) for path in args.transcribe]
@@ -277,7 +273,7 @@ def _suite_metrics(args: argparse.Namespace, gen: Generator, cfg: Config) -> dic
     if args.suite == "shapes":
         return evaluate_shapes(gen, n_single=args.n, n_prompts=args.n, n_captions=args.n, seed=args.seed).metrics
     if args.suite == "speech":
-        from motfusion.speech.metrics import evaluate_speech
+        from motfusion.evaluation.speech import evaluate_speech
         return evaluate_speech(gen, cfg, n=args.n, seed=args.seed)
     clip, _ = load_clip(args.clip or Path(f"runs/clip-{args.suite}"))
     if args.suite == "emoji":
@@ -286,12 +282,11 @@ def _suite_metrics(args: argparse.Namespace, gen: Generator, cfg: Config) -> dic
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from motfusion.evaluation.image_metrics import validation_losses
+    from motfusion.evaluation.losses import validation_losses
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, tok = load_model(args.ckpt, device=device, ema=not args.raw_weights)
-    gen = Generator(model, tok, cfg.objective, cfg.data.image_size, _sample_config(args), codec=image_codec(cfg, device))
+    gen, cfg = load_generator(args.ckpt, device, _sample_config(args), ema=not args.raw_weights)
     metrics = _suite_metrics(args, gen, cfg)
-    metrics.update(validation_losses(model, cfg, tok, n_batches=args.val_batches, seed=args.seed))
+    metrics.update(validation_losses(gen.model, cfg, gen.tok, n_batches=args.val_batches, seed=args.seed))
     out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / f"eval_{args.suite}.json"
     out.write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics, indent=2))
@@ -360,7 +355,7 @@ def _demo(args: argparse.Namespace) -> None:
 # ---- speech data -----------------------------------------------------------------------------
 
 def _make_speech_data_arguments(p: argparse.ArgumentParser) -> None:
-    from motfusion.speech.synth import SOURCES, VOICES
+    from motfusion.data.espeak import SOURCES, VOICES
     p.add_argument("--out", required=True, type=Path, help="dataset directory: wav/, manifest.jsonl, dataset.json")
     p.add_argument("--n", type=int, default=2000, help="number of utterances")
     p.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated text sources from {', '.join(SOURCES)}")
@@ -371,13 +366,13 @@ def _make_speech_data_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _make_speech_data(args: argparse.Namespace) -> None:
-    from motfusion.speech.synth import make_speech_data
+    from motfusion.data.espeak import make_speech_data
     make_speech_data(args.out, n=args.n, sources=tuple(_csv(args.sources)), voices=tuple(_csv(args.voices)),
                      max_chars=args.max_chars, val_percent=args.val_percent, seed=args.seed)
 
 
 def _train_speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
-    from motfusion.speech.units import SpeechTokenizerConfig
+    from motfusion.codecs.speech import SpeechTokenizerConfig
     d = SpeechTokenizerConfig()
     p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
     p.add_argument("--out", type=Path, help="tokenizer directory (default: DATA/tokenizer)")
@@ -389,7 +384,8 @@ def _train_speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _train_speech_tokenizer(args: argparse.Namespace) -> None:
-    from motfusion.speech.units import SpeechTokenizerConfig, train_speech_tokenizer
+    from motfusion.codecs.speech import SpeechTokenizerConfig
+    from motfusion.training.speech_units import train_speech_tokenizer
     if args.k < 2 or args.iters < 0 or args.max_frames < args.k:
         raise ConfigError("--k must be >= 2, --iters >= 0 and --max-frames >= --k")
     cfg = SpeechTokenizerConfig(k=args.k, iters=args.iters, max_frames=args.max_frames, seed=args.seed, dedup=args.dedup)

@@ -120,7 +120,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of samples held out for val, chosen by a hash of each sample
     min_image_size: int = 0  # shorter image side in pixels; 0: data.image_size (no upscaling)
     max_image_pixels: int = 50_000_000  # larger images are rejected before they are decoded
-    # data.dataset=speech:DIR (motfusion.speech): text->speech and speech->text, with shapes mixed in.
+    # data.dataset=speech:DIR (data/speech.py): text->speech and speech->text, with shapes mixed in.
     speech_text_first_prob: float = 0.5  # a speech document is text->speech, else speech->text
     speech_shapes_share: float = 0.5  # share of shapes text-image documents in the speech dataset
 

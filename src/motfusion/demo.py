@@ -24,9 +24,9 @@ from motfusion.report import (
     write_html,
 )
 from motfusion.sampling import Generator, SampleConfig
-from motfusion.training.checkpoint import checkpoint_step, latest_checkpoint, load_model
+from motfusion.sampling.load import load_generator
+from motfusion.training.checkpoint import checkpoint_step, latest_checkpoint
 from motfusion.training.trainer import train
-from motfusion.vae.kl_vae import image_codec
 
 GRID_PROMPTS = 12
 GRID_SAMPLES = 6
@@ -45,8 +45,7 @@ def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int 
 
     print("evaluating: text to image on held-out prompts, image to text on held-out images ...")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, cfg, tok = load_model(out, device=device)
-    gen = Generator(model, tok, cfg.objective, cfg.data.image_size, sample_cfg, codec=image_codec(cfg, device))
+    gen, cfg = load_generator(out, device, sample_cfg)
     ev = evaluate_shapes(gen, n_single=n_single, n_prompts=n_prompts, n_captions=n_captions, seed=seed)
     report = write_report(out, cfg, gen, ev, seed)
     history = read_metrics(out / "metrics.jsonl")
@@ -57,7 +56,7 @@ def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int 
         "steps": history[-1]["step"],
         "train_seconds": train_s,
         "wall_clock_seconds": time.perf_counter() - start,
-        "params": model.num_params(),
+        "params": gen.model.num_params(),
         "n_single": n_single, "n_prompts": n_prompts, "n_captions": n_captions,
         "untie": ",".join(cfg.model.untie) or "none",
         "weights": f"moving average (train.ema={cfg.train.ema})" if cfg.train.ema else "raw",

@@ -13,81 +13,35 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sized
 from pathlib import Path
-from typing import Callable, Protocol, runtime_checkable
+from typing import Callable
 
 import numpy as np
-import torch
 
-from motfusion.config import Config, DataConfig, ObjectiveConfig
+from motfusion.codecs.image import image_repr
+from motfusion.config import Config
+from motfusion.data.documents import (
+    DocumentDataset,
+    PairDataset,
+    document_for,
+    document_rng,
+    split_seed,
+)
+from motfusion.data.emoji import EMOJI_FONT, EmojiDataset
+from motfusion.data.fashion import FASHION_DIR, FashionDataset
 from motfusion.data.shapes import ShapesDataset
+from motfusion.data.speech import SpeechDataset
+from motfusion.data.user import FolderDataset, ManifestDataset
 from motfusion.errors import ConfigError
 from motfusion.sequence import (
     Document,
     EncodedDoc,
-    Image,
     Packer,
     Text,
     encode_document,
 )
 from motfusion.tokenizer import Tokenizer
-from motfusion.vae.kl_vae import LatentImages, image_codec
-from motfusion.vq import ImageTokens, load_image_tokenizer
-
-SPLITS = ("train", "val")
-VAL_SEED = 0  # the val split is the same for every run, so val losses compare across seeds
-
-
-class Sample(Protocol):
-    image: torch.Tensor  # (C, H, W) in [-1, 1]
-    caption: str
-
-
-class PairDataset(Protocol):
-    """(image, caption) pairs: the pipeline lays each out as a document (`document_for`)."""
-
-    def sample(self, index: int) -> Sample: ...
-
-
-@runtime_checkable
-class DocumentDataset(Protocol):
-    """Ready documents, e.g. a user's interleaved ones. `rng` is the document's own (seed, split,
-    stream index) generator, for any random choice the dataset makes in laying it out."""
-
-    def document(self, index: int, rng: np.random.Generator) -> Document: ...
-
 
 Dataset = PairDataset | DocumentDataset
-
-
-def document_for(sample: Sample, rng: np.random.Generator, data_cfg: DataConfig,
-                 objective_cfg: ObjectiveConfig) -> Document:
-    """Lay out one (image, caption) pair as a training document.
-
-    With probability `data.caption_first_prob` the caption comes first (text-to-image), else the
-    image does (captioning; the objective caps its noise). Classifier-free guidance is trained
-    here, not in the model: a caption-first document loses its caption with probability
-    `objective.cfg_dropout`, and the unconditional document is then just [Image]. At sampling
-    time the unconditional branch is the same sequence with no caption before BOI.
-    """
-    image = Image(sample.image)
-    if rng.random() >= data_cfg.caption_first_prob:
-        return [image, Text(sample.caption)]
-    if rng.random() < objective_cfg.cfg_dropout:
-        return [image]
-    return [Text(sample.caption), image]
-
-
-def split_seed(cfg: Config, split: str) -> int:
-    """train follows train.seed; val is fixed (VAL_SEED) so every run is scored on the same docs."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose from {list(SPLITS)}")
-    return cfg.train.seed if split == "train" else VAL_SEED
-
-
-def document_rng(seed: int, split: str, index: int) -> np.random.Generator:
-    # The "documents/" tag keeps this stream apart from the dataset's own (seed, split, index) stream.
-    stream = zlib.crc32(f"documents/{split}".encode())
-    return np.random.default_rng(np.random.SeedSequence([seed, stream, index]))
 
 
 # Dataset registry: `data.dataset` is "NAME" or "NAME:ARG" (e.g. a path); each builder takes
@@ -103,27 +57,22 @@ def _shapes(cfg: Config, split: str, arg: str) -> Dataset:
 
 
 def _fashion(cfg: Config, split: str, arg: str) -> Dataset:
-    from motfusion.data.fashion import FASHION_DIR, FashionDataset
     return FashionDataset(root=Path(arg) if arg else FASHION_DIR, split=split, image_size=cfg.data.image_size)
 
 
 def _emoji(cfg: Config, split: str, arg: str) -> Dataset:
-    from motfusion.data.emoji import EMOJI_FONT, EmojiDataset
     return EmojiDataset(font_path=Path(arg) if arg else EMOJI_FONT, split=split, image_size=cfg.data.image_size)
 
 
 def _manifest(cfg: Config, split: str, arg: str) -> Dataset:
-    from motfusion.data.user import ManifestDataset
     return ManifestDataset.build(cfg, split, arg)
 
 
 def _folder(cfg: Config, split: str, arg: str) -> Dataset:
-    from motfusion.data.user import FolderDataset
     return FolderDataset.build(cfg, split, arg)
 
 
 def _speech(cfg: Config, split: str, arg: str) -> Dataset:
-    from motfusion.speech.synth import SpeechDataset
     return SpeechDataset.build(cfg, split, arg)
 
 
@@ -176,11 +125,7 @@ class DocumentStream:
         self.seed = split_seed(cfg, split)
         self.order = EpochOrder(dataset, self.seed)
         self._last: tuple[int, EncodedDoc] | None = None
-        codec = image_codec(cfg)  # data.image_repr=latents: the model sees the frozen VAE's latents
-        self.latents = LatentImages(codec) if codec is not None else None
-        # data.image_repr=tokens: images become VQ codes, a discrete span (the Chameleon setting)
-        tokens = cfg.data.image_repr == "tokens"
-        self.image_tokens = ImageTokens(load_image_tokenizer(cfg.model, cfg.data.image_size)) if tokens else None
+        self.images = image_repr(cfg)  # pixels, a frozen VAE's latents, or VQ codes
 
     def document(self, index: int) -> Document:
         rng = document_rng(self.seed, self.split, index)
@@ -190,11 +135,7 @@ class DocumentStream:
 
     def __call__(self, index: int) -> EncodedDoc:
         if self._last is None or self._last[0] != index:
-            doc = self.document(index)
-            if self.latents is not None:
-                doc = self.latents(doc)
-            if self.image_tokens is not None:
-                doc = self.image_tokens(doc)
+            doc = self.images.document(self.document(index))
             self._last = (index, encode_document(doc, self.tokenizer, self.cfg.model.patch_size))
         return self._last[1]
 

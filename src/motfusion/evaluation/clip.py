@@ -28,28 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from motfusion.errors import ConfigError
+from motfusion.objectives import info_nce
 
 WEIGHTS, META = "clip.safetensors", "clip.json"
-MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
-
-
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float,
-             positives: torch.Tensor | None = None) -> torch.Tensor:
-    """Symmetric InfoNCE over N pairs (a_i, b_i): a (N, D), b (N, D), normalized here.
-
-    logits = exp(logit_scale) * cos(a_i, b_j); the loss is the mean of the a->b and b->a cross
-    entropies. `positives` (N, N) bool marks every (i, j) that also matches (e.g. two pictures of
-    the same class): each row's target is then uniform over its positives. Default: the identity.
-    With uninformative embeddings and logit_scale = 0 the loss is about log(N).
-    """
-    a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=a.device).clamp(max=MAX_LOGIT_SCALE).exp()
-    logits = scale * a @ b.T  # (N, N)
-    if positives is None:
-        target = torch.arange(a.shape[0], device=a.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    p = positives.float()
-    return (F.cross_entropy(logits, p / p.sum(1, keepdim=True)) + F.cross_entropy(logits.T, p.T / p.T.sum(1, keepdim=True))) / 2
 
 
 @dataclass(kw_only=True)

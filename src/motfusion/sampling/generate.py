@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from motfusion.codecs.image import ImageRepr, Pixels
 from motfusion.config import ObjectiveConfig
 from motfusion.diffusion import cfg as guide
 from motfusion.diffusion import make_process, make_sampler
@@ -35,8 +36,6 @@ from motfusion.sequence import (
     encode_document,
 )
 from motfusion.tokenizer import Tokenizer
-from motfusion.vae.kl_vae import LatentCodec
-from motfusion.vq import load_image_tokenizer
 
 
 @dataclass(kw_only=True)
@@ -69,25 +68,26 @@ class Generator:
     """Holds the model, tokenizer and settings that every decoding mode shares."""
 
     def __init__(self, model: TransfusionModel, tokenizer: Tokenizer, objective: ObjectiveConfig, image_size: int,
-                 cfg: SampleConfig | None = None, codec: LatentCodec | None = None):
-        """`image_size` is in pixels; `codec` is the frozen VAE of a model that works on latents
-        (motfusion.vae.image_codec(cfg)), on the model's device."""
+                 cfg: SampleConfig | None = None, image: ImageRepr | None = None):
+        """`image_size` is in pixels; `image` is the run's image representation (codecs/image.py:
+        image_repr(cfg), on the model's device), pixels by default."""
         self.model, self.tok = model.eval(), tokenizer
         self.cfg = cfg or SampleConfig()
         self.process = make_process(objective.diffusion, objective.num_timesteps)
         auto = "euler" if objective.diffusion == "flow" else "ddim"
         self.sampler_name = auto if self.cfg.sampler == "auto" else self.cfg.sampler
-        self.codec, self.image_size = codec, image_size
+        self.repr, self.image_size = image or Pixels(), image_size
+        if self.repr.discrete != (model.image is None):
+            raise ValueError(f"this model's images are {'VQ codes' if model.image is None else 'continuous'}: pass "
+                             "image=image_repr(cfg) (codecs/image.py) for its representation")
         self.device = next(model.parameters()).device
-        side = image_size // codec.downsample if codec is not None else image_size
+        side = self.repr.side(image_size)
         self.image_shape = (model.cfg.image_channels, side, side)  # the model's image space
-        # Images as VQ codes (data.image_repr=tokens): sampled by the image head, decoded by the VQ-VAE.
-        self.vq = load_image_tokenizer(model.cfg, image_size, self.device) if model.image is None else None
-        if self.vq is not None:
-            self.tokens_per_image = (image_size // self.vq.cfg.downsample) ** 2
+        if self.repr.discrete:  # VQ codes: sampled by the image head, decoded by the VQ-VAE
+            self.tokens_per_image = self.repr.tokens_per_image(image_size)
         else:
             self.tokens_per_image = model.image.tokens_per_image(side, side)
-        self.clip_x0 = self.cfg.clip_x0 and codec is None
+        self.clip_x0 = self.cfg.clip_x0 and self.repr.name == "pixels"  # latents are not bounded
 
     # ---- building blocks ----------------------------------------------------------------------
 
@@ -165,17 +165,18 @@ class Generator:
     def decode_images(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space images (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], for whatever leaves the
         library (PNG files, reports, scoring): the VAE decoder with latents, the identity with pixels."""
-        return x if self.codec is None else self.codec.decode(x.to(self.device))
+        return x if self.repr.discrete else self.repr.decode(x)  # VQ models' `images` are pixels already
 
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Pixels (B, 3, H, W) in [-1, 1] -> the model's image space (VAE latents, or the pixels)."""
-        return pixels if self.codec is None else self.codec.encode(pixels.to(self.device))
+        """Pixels (B, 3, H, W) in [-1, 1] -> the model's image space (VAE latents, or the pixels).
+        A VQ model's prompt images stay pixels here: _image_segments turns them into codes."""
+        return pixels if self.repr.discrete else self.repr.encode(pixels)
 
     def _image_segments(self, images: torch.Tensor) -> list[Segment]:
         """Model-space images (B, C, H, W) -> one prompt segment each: the image, or its VQ codes."""
-        if self.vq is None:
+        if not self.repr.discrete:
             return [Image(im.cpu()) for im in images]
-        return [Units("image", codes.cpu()) for codes in self.vq.encode(images.to(self.device))]
+        return [Units("image", codes.cpu()) for codes in self.repr.encode(images)]
 
     def _span_starts(self) -> dict[int, str]:
         """Start marker id -> modality, for every span modality the model can write."""
@@ -184,13 +185,13 @@ class Generator:
 
     def _write_span(self, ctx: Context, modality: str, generator: torch.Generator | None) -> Segment:
         """After a start marker: run one span of `modality` into `ctx` (not its end marker); return it."""
-        if modality == "image" and self.vq is None:  # diffusion
+        if modality == "image" and not self.repr.discrete:  # diffusion
             x = self.denoise(ctx, self._unconditional(1), 1, generator)
             ctx.run(ctx.image(x, torch.zeros(1, device=self.device), self.tokens_per_image))  # the clean image
             return Image(x[0].cpu())
         if modality == "image":
             codes = self.span(ctx, self._unconditional(1), "image", generator, length=self.tokens_per_image)
-            return Image(self.vq.decode(torch.tensor(codes, device=self.device))[0].cpu())
+            return Image(self.repr.decode(torch.tensor(codes))[0].cpu())
         return Units(modality, self.span(ctx, None, modality, generator)[0])
 
     def _unconditional(self, B: int) -> Context | None:
@@ -209,12 +210,12 @@ class Generator:
         [-1, 1], or latents: `decode_images` turns them into pixels). With VQ codes: decoded pixels."""
         ctx = Context(self.model, self.cfg.use_cache)
         ctx.run(ctx.prompt([self._encode([Text(p)], then=[self.tok.boi]) for p in prompts], self.tok.pad))
-        if self.vq is None:
+        if not self.repr.discrete:
             return self.denoise(ctx, self._unconditional(len(prompts)), len(prompts), generator, noise)
         if noise is not None:
             raise ValueError("`noise` is a diffusion starting point; this model samples images as VQ codes")
         codes = self.span(ctx, self._unconditional(len(prompts)), "image", generator, length=self.tokens_per_image)
-        return self.vq.decode(torch.tensor(codes, device=self.device))  # (B, C, H, W)
+        return self.repr.decode(torch.tensor(codes))  # (B, C, H, W)
 
     @torch.no_grad()
     def captions(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[str]:

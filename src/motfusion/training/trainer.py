@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
+from motfusion.codecs.image import apply_image_repr
 from motfusion.config import Config, TrainConfig
 from motfusion.data.pipeline import make_packer, training_texts
 from motfusion.errors import CheckpointError, ConfigError, NonFiniteLossError
@@ -66,7 +67,6 @@ from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
 from motfusion.training.logging import TrainLogger
 from motfusion.training.parallelize import autocast, parallel_mode, parallelize
 from motfusion.training.signals import StopSignal
-from motfusion.vae.kl_vae import apply_image_repr
 
 
 @dataclass
@@ -319,7 +319,7 @@ def train(cfg: Config, out_dir: Path, resume: bool = False) -> TrainResult:
     section must match the checkpoint's. Under torchrun every process calls this (see the module
     docstring); a checkpoint resumes with any number of processes and any train.parallel.
     """
-    apply_image_repr(cfg.validate())  # with VAE latents, model.image_channels follows the VAE
+    apply_image_repr(cfg.validate())  # model.image_channels: the image representation's (a VAE's latent channels)
     world = init_distributed(resolve_device(cfg.train.device))
     try:
         result = _train(cfg, Path(out_dir), resume, world)

@@ -1,6 +1,6 @@
 """motfusion's small KL-VAE, and VAE latents as the model's image representation.
 
-The VAE is Stable Diffusion's architecture (motfusion.vae.diffusers_format) at a small width: conv
+The VAE is Stable Diffusion's architecture (codecs/diffusers_vae.py) at a small width: conv
 encoder and decoder of residual blocks with GroupNorm and SiLU, 2x downsampling per level, an
 optional mid-block self-attention, and a diagonal Gaussian posterior. `motfusion train-vae` trains
 one into DIR/config.json (a VAEConfig, latent scale factor included) and DIR/model.safetensors.
@@ -14,7 +14,6 @@ are decoded back to pixels where images leave the library (`Generator.decode_ima
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import typing
 from dataclasses import dataclass
@@ -25,16 +24,14 @@ import safetensors.torch
 import torch
 import torch.nn as nn
 
-from motfusion.config import Config
-from motfusion.errors import ConfigError
-from motfusion.sequence import Document, Image
-from motfusion.vae.diffusers_format import (
+from motfusion.codecs.diffusers_vae import (
     AutoencoderKL,
     AutoencoderKLConfig,
     is_diffusers_dir,
     load_diffusers_vae,
     load_state_strict,
 )
+from motfusion.errors import ConfigError
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 LOSSES = ("l2", "l1")
@@ -233,48 +230,4 @@ def cached_vae(path: Path | str, device: torch.device | str = "cpu") -> LatentCo
 
 # ---- latents as the image representation ------------------------------------------------------
 
-def image_codec(cfg: Config, device: torch.device | str = "cpu") -> LatentCodec | None:
-    """The run's codec when it works on latents (`data.image_repr=latents`), else None."""
-    if cfg.data.image_repr != "latents":
-        return None
-    return cached_vae(cfg.model.vae, device)
 
-
-def apply_image_repr(cfg: Config) -> Config:
-    """Fit the model to its image representation: with latents, model.image_channels becomes the
-    VAE's latent channels, and the latent grid (data.image_size / downsample) must split into patches."""
-    codec = image_codec(cfg)
-    if codec is None:
-        return cfg
-    side, d, k = cfg.data.image_size, codec.downsample, cfg.model.patch_size
-    _check(side % d == 0, f"data.image_size={side} must be divisible by the VAE's downsampling factor {d} ({cfg.model.vae})")
-    _check((side // d) % k == 0, f"the latent grid {side // d}x{side // d} (data.image_size={side} / {d}) "
-                                 f"must be divisible by model.patch_size={k}")
-    cfg.model.image_channels = codec.latent_channels
-    return cfg
-
-
-class LatentImages:
-    """Document -> the same document with every image replaced by its latent.
-
-    Each distinct image is encoded once by the frozen VAE and then kept in memory, keyed by its
-    pixels: a finite dataset is encoded during its first epoch only, and an image gets the same
-    latent whichever document, rank or resumed run asks for it. Encoding is deterministic, so
-    caching changes no result, only the time spent.
-    """
-
-    def __init__(self, codec: LatentCodec):
-        self.codec = codec
-        self.cache: dict[bytes, torch.Tensor] = {}
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(3, H, W) -> (C, H/d, W/d)."""
-        digest = hashlib.blake2b(repr(tuple(pixels.shape)).encode(), digest_size=16)
-        digest.update(pixels.detach().cpu().float().contiguous().numpy().tobytes())
-        key = digest.digest()
-        if key not in self.cache:
-            self.cache[key] = self.codec.encode(pixels[None].to(next(self.codec.parameters()).device))[0].cpu()
-        return self.cache[key]
-
-    def __call__(self, doc: Document) -> Document:
-        return [Image(self.encode(seg.pixels)) if isinstance(seg, Image) else seg for seg in doc]

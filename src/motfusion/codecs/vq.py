@@ -13,14 +13,21 @@ random encoder outputs of the current batch, so the whole codebook stays in use.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from motfusion.config import ModelConfig
 from motfusion.errors import ConfigError
+
+WEIGHTS, CONFIG, METRICS = "vq.safetensors", "vq_config.json", "metrics.json"
 
 
 @dataclass(kw_only=True)
@@ -201,3 +208,36 @@ def perplexity(codes: torch.Tensor, codebook_size: int) -> float:
     p = torch.bincount(codes.flatten(), minlength=codebook_size).double()
     p = p / p.sum()
     return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
+
+def load_image_tokenizer(model_cfg: ModelConfig, image_size: int, device: torch.device | str = "cpu") -> VQVAE:
+    """The VQ-VAE in `model.vq`, checked against the model's image vocabulary and the image size."""
+    vq = load_vq(model_cfg.vq, device)
+    vocab = model_cfg.vocab_sizes.get("image")
+    if vocab != vq.vocab_size:
+        raise ConfigError(f"model.vocab_sizes has image:{vocab} but the VQ-VAE in {model_cfg.vq} has "
+                          f"{vq.vocab_size} codes: set model.vocab_sizes=image:{vq.vocab_size}")
+    if image_size % vq.cfg.downsample:
+        raise ConfigError(f"data.image_size={image_size} must be divisible by the VQ-VAE's downsampling "
+                          f"factor {vq.cfg.downsample} ({model_cfg.vq})")
+    return vq
+
+
+def save_vq(model: VQVAE, out: Path, metrics: dict | None = None) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
+    (out / CONFIG).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    if metrics is not None:
+        (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
+
+
+def load_vq(path: Path | str, device: torch.device | str = "cpu") -> VQVAE:
+    """A `motfusion train-vq` directory -> its VQ-VAE, in eval mode."""
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
+        raise FileNotFoundError(f"{path} holds no VQ-VAE ({WEIGHTS}, {CONFIG}); train one with "
+                                f"`motfusion train-vq --dataset shapes --out {path}`")
+    model = VQVAE(VQConfig(**json.loads((path / CONFIG).read_text())))
+    model.load_state_dict(safetensors.torch.load_file(path / WEIGHTS))
+    return model.to(device).eval()

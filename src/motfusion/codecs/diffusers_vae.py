@@ -17,7 +17,7 @@ outputs match, not just the shapes:
 - encode: encoder -> quant_conv (1x1) -> (mean, logvar), logvar clamped to [-30, 20];
   decode: post_quant_conv (1x1) -> decoder.
 
-The same architecture at a small width is motfusion's own KL-VAE (motfusion.vae.kl_vae).
+The same architecture at a small width is motfusion's own KL-VAE (codecs/vae.py).
 """
 
 from __future__ import annotations

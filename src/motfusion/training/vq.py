@@ -7,8 +7,6 @@ A VQ directory holds `vq.safetensors` (weights and codebook), `vq_config.json` (
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
 import time
 from collections.abc import Sized
@@ -16,14 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import safetensors.torch
 import torch
 
+from motfusion.codecs.vq import (
+    CONFIG,
+    METRICS,
+    VQVAE,
+    WEIGHTS,
+    VQConfig,
+    perplexity,
+    psnr,
+    save_vq,
+)
 from motfusion.config import Config
+from motfusion.data.pipeline import build_dataset
 from motfusion.errors import ConfigError
-from motfusion.vq.vqvae import VQVAE, VQConfig, perplexity, psnr
-
-WEIGHTS, CONFIG, METRICS = "vq.safetensors", "vq_config.json", "metrics.json"
 
 
 @dataclass(kw_only=True)
@@ -46,9 +51,6 @@ class ImageSource:
     """Batches of a dataset's images, a pure function of the batch's first index."""
 
     def __init__(self, dataset: str, image_size: int, split: str):
-        from motfusion.data.pipeline import (
-            build_dataset,  # the data package imports motfusion.vq
-        )
 
         cfg = Config().override([f"data.dataset={dataset}", f"data.image_size={image_size}"])
         self.data = build_dataset(cfg, split)
@@ -103,26 +105,6 @@ def train_vq(cfg: VQConfig, tcfg: VQTrainConfig, out: Path,
     log(f"val: psnr {metrics['psnr']:.2f} dB | perplexity {metrics['perplexity']:.1f} | "
         f"{metrics['codes_used']}/{cfg.codebook_size} codes used -> {out}")
     return model, metrics
-
-
-def save_vq(model: VQVAE, out: Path, metrics: dict | None = None) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
-    if metrics is not None:
-        (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
-
-
-def load_vq(path: Path | str, device: torch.device | str = "cpu") -> VQVAE:
-    """A `motfusion train-vq` directory -> its VQ-VAE, in eval mode."""
-    path = Path(path)
-    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path} holds no VQ-VAE ({WEIGHTS}, {CONFIG}); train one with "
-                                f"`motfusion train-vq --dataset shapes --out {path}`")
-    model = VQVAE(VQConfig(**json.loads((path / CONFIG).read_text())))
-    model.load_state_dict(safetensors.torch.load_file(path / WEIGHTS))
-    return model.to(device).eval()
 
 
 # ---- motfusion train-vq ----------------------------------------------------------------------

@@ -1,10 +1,8 @@
-"""A paired text-speech dataset spoken by espeak-ng, and reading it back (`SpeechDataset`: the
-training documents of `data.dataset=speech:DIR`).
+"""Making a paired text-speech dataset with espeak-ng (`motfusion make-speech-data`).
 
-`make_speech_data` draws sentences from the shapes captions and from real English text shipped by
-Debian packages (fortunes, the King James Bible of bible-kjv, WordNet's glosses and examples), has
-espeak-ng speak each with one of several voices at a random speed, resamples to 16 kHz mono and
-writes:
+Sentences come from the shapes captions and from real English text shipped by Debian packages
+(fortunes, the King James Bible of bible-kjv, WordNet's glosses and examples). espeak-ng speaks each
+with one of several voices at a random speed; the result is resampled to 16 kHz mono and written as
 
     DIR/wav/000000.wav ...     the utterances
     DIR/manifest.jsonl         one {"segments": [{"text": ...}, {"audio": "wav/000000.wav"}]} per line
@@ -14,7 +12,8 @@ Text is normalized before it is spoken (lowercase letters, apostrophes and singl
 transcript is exactly what was said and the character error rate of speech-to-text is meaningful.
 Sentences with digits or unusual symbols are skipped rather than spelled out. A sentence goes to
 the val split (5% by default) by a hash of its text, so no val sentence is heard in training, in
-any voice. Everything is a function of the seed and of the installed packages' text.
+any voice. Everything is a function of the seed and of the installed packages' text. data/speech.py
+reads the result back.
 """
 
 from __future__ import annotations
@@ -26,38 +25,34 @@ import subprocess
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 
-from motfusion.config import Config
-from motfusion.data.pipeline import document_for, split_seed
+from motfusion.codecs.audio import read_wav, write_wav
 from motfusion.data.shapes import ShapesDataset, caption_text
-from motfusion.errors import ConfigError, DataError
-from motfusion.sequence import Document, Text
-from motfusion.speech.features import read_wav, write_wav
-from motfusion.speech.units import (
-    UNITS_FILE,
-    Speech,
-    SpeechTokenizer,
-    load_units,
-    resolve_speech_dirs,
-)
+from motfusion.data.speech import INFO, MANIFEST
+from motfusion.errors import ConfigError
 
 SAMPLE_RATE = 16000
+
+
 VOICES = ("en-us", "en", "en+f3", "en+m3", "en-us+f2", "en-gb-x-rp+m1")
+
+
 SPEED_RANGE = (150, 190)  # words per minute (espeak-ng -s)
+
+
 VAL_PERCENT = 5
-MANIFEST, INFO = "manifest.jsonl", "dataset.json"
+
+
 _ALLOWED = re.compile(r"[A-Za-z ,.;:!?'\"()-]+")
+
+
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+")
 
-
-# ---- espeak-ng -------------------------------------------------------------------------------
 
 def espeak_binary() -> str:
     path = shutil.which("espeak-ng")
@@ -85,8 +80,6 @@ def trim_silence(wave: np.ndarray, sample_rate: int, threshold: float = 0.01, ke
     end = len(wave) if loud.size == 0 else min(len(wave), int(loud[-1]) + 1 + int(keep_s * sample_rate))
     return wave[:end]
 
-
-# ---- text sources ----------------------------------------------------------------------------
 
 def normalize(text: str) -> str:
     """Lowercase letters, apostrophes and single spaces: what a listener can recover from speech."""
@@ -166,8 +159,6 @@ def sentence_pools(sources: list[str], min_chars: int, max_chars: int) -> dict[s
     return pools
 
 
-# ---- making and reading a dataset ------------------------------------------------------------
-
 def split_of(text: str, val_percent: int = VAL_PERCENT) -> str:
     return "val" if zlib.crc32(text.encode()) % 100 < val_percent else "train"
 
@@ -209,83 +200,3 @@ def make_speech_data(out: str | Path, *, n: int = 2000, sources: tuple[str, ...]
     log(f"wrote {n} utterances ({seconds:.0f} s of audio, {sum(it['split'] == 'val' for it in items)} val) to {out} "
         f"in {dt:.1f} s: {n / dt:.1f} utterances/s, {seconds / dt:.0f}x real time")
     return out / MANIFEST
-
-
-@dataclass(frozen=True)
-class Utterance:
-    text: str
-    audio: Path
-    split: str
-
-
-def read_speech_data(root: str | Path) -> list[Utterance]:
-    """The utterances of a dataset written by `make_speech_data`, in manifest order."""
-    root = Path(root)
-    for name in (MANIFEST, INFO):
-        if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} not found: make the dataset with `motfusion make-speech-data --out {root}`")
-    items = json.loads((root / INFO).read_text())["items"]
-    lines = (root / MANIFEST).read_text().splitlines()
-    if len(lines) != len(items):
-        raise DataError(f"{root / MANIFEST} has {len(lines)} lines but {root / INFO} describes {len(items)}: "
-                        "make the dataset again with motfusion make-speech-data")
-    utterances = []
-    for line_no, (line, item) in enumerate(zip(lines, items), 1):
-        try:
-            segments = {key: value for seg in json.loads(line)["segments"] for key, value in seg.items()}
-            utterances.append(Utterance(segments["text"], root / segments["audio"], item["split"]))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise DataError(f"{root / MANIFEST}:{line_no}: expected {{\"segments\": [{{\"text\": ...}}, "
-                            f"{{\"audio\": ...}}]}}") from None
-    return utterances
-
-
-def check_vocab(cfg: Config, k: int, tokenizer_dir: Path) -> None:
-    """The model's speech vocabulary must be the tokenizer's: one embedding row and logit per unit."""
-    got = cfg.model.vocab_sizes.get("speech")
-    if got != k:
-        raise ConfigError(f"model.vocab_sizes has speech:{got} but the speech tokenizer at {tokenizer_dir} has k={k} "
-                          f"units: set model.vocab_sizes=speech:{k}")
-
-
-class SpeechDataset:
-    """`data.dataset=speech:PATH` for one split: documents of text->speech or speech->text pairs
-    (`data.speech_text_first_prob`), with shapes text-image documents mixed in
-    (`data.speech_shapes_share`, laid out as the shapes dataset lays them out).
-
-    PATH is a dataset directory (its tokenizer in PATH/tokenizer) or a tokenizer directory. The
-    pipeline's EpochOrder shuffles the utterances epoch by epoch; a stream position that draws a
-    shapes document takes a random shapes sample instead of its utterance.
-    """
-
-    def __init__(self, texts: list[str], units: list[torch.Tensor], cfg: Config, split: str):
-        self.texts, self.units, self.cfg = texts, units, cfg
-        d = cfg.data
-        self.shapes = ShapesDataset(image_size=d.image_size, seed=split_seed(cfg, split), split=split,
-                                    max_objects=d.max_objects, single_object_prob=d.single_object_prob)
-
-    @classmethod
-    def build(cls, cfg: Config, split: str, arg: str) -> "SpeechDataset":
-        if not arg:
-            raise ConfigError("data.dataset=speech needs a directory: speech:DIR (made by motfusion make-speech-data)")
-        data_dir, tok_dir = resolve_speech_dirs(arg)
-        utterances = read_speech_data(data_dir)
-        units, _ = load_units(tok_dir / UNITS_FILE)
-        if len(units) != len(utterances):
-            raise DataError(f"{tok_dir / UNITS_FILE} holds units of {len(units)} utterances but {data_dir} has "
-                            f"{len(utterances)}: re-run motfusion train-speech-tokenizer --data {data_dir}")
-        check_vocab(cfg, SpeechTokenizer.load(tok_dir).vocab_size, tok_dir)
-        keep = [i for i, u in enumerate(utterances) if u.split == split]
-        if not keep:
-            raise DataError(f"{data_dir} has no {split} utterance; make more with motfusion make-speech-data --n")
-        return cls([utterances[i].text for i in keep], [units[i] for i in keep], cfg, split)
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def document(self, index: int, rng: np.random.Generator) -> Document:
-        d = self.cfg.data
-        if rng.random() < d.speech_shapes_share:
-            return document_for(self.shapes.sample(int(rng.integers(2**31))), rng, d, self.cfg.objective)
-        text, speech = Text(self.texts[index]), Speech(self.units[index])
-        return [text, speech] if rng.random() < d.speech_text_first_prob else [speech, text]

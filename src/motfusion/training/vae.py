@@ -24,17 +24,17 @@ from typing import Any
 
 import torch
 
-from motfusion.config import Config, DataConfig, TrainConfig
-from motfusion.data.pipeline import EpochOrder, build_dataset
-from motfusion.errors import ConfigError, NonFiniteLossError
-from motfusion.vae.diffusers_format import AutoencoderKL
-from motfusion.vae.kl_vae import (
+from motfusion.codecs.diffusers_vae import AutoencoderKL
+from motfusion.codecs.vae import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     VAEConfig,
     build_vae,
     save_vae,
 )
+from motfusion.config import Config, DataConfig, TrainConfig
+from motfusion.data.pipeline import EpochOrder, build_dataset
+from motfusion.errors import ConfigError, NonFiniteLossError
 
 METRICS_FILE = "metrics.jsonl"
 

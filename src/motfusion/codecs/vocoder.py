@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from motfusion.codecs.audio import MelConfig, mel_filterbank
 from motfusion.errors import ConfigError
-from motfusion.speech.features import MelConfig, mel_filterbank
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -19,18 +19,18 @@ from typing import TYPE_CHECKING, Sequence, TypeVar
 
 import torch
 
-from motfusion.config import Config
-from motfusion.errors import ConfigError, DataError
-from motfusion.speech.synth import normalize, read_speech_data
-from motfusion.speech.units import (
+from motfusion.codecs.speech import (
     UNITS_FILE,
     dedup,
     load_units,
     resolve_speech_dirs,
-    speech_to_text,
     speech_tokenizer_of,
-    text_to_units,
 )
+from motfusion.config import Config
+from motfusion.data.espeak import normalize
+from motfusion.data.speech import read_speech_data
+from motfusion.errors import ConfigError, DataError
+from motfusion.sampling.speech import speech_to_text, text_to_units
 
 if TYPE_CHECKING:
     from motfusion.sampling import Generator
