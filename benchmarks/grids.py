@@ -15,7 +15,7 @@ import torch
 from PIL import Image as PILImage
 from PIL import ImageDraw
 
-from motfusion.report import to_pil
+from motfusion.data.images import to_pil
 from motfusion.sampling.generate import SampleConfig
 from motfusion.sampling.load import load_generator
 

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from motfusion.config import Config
+from motfusion.data.images import read_image
 from motfusion.errors import CheckpointError, ConfigError, DataError, NonFiniteLossError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.recipes import RECIPES, get_recipe
@@ -186,28 +186,15 @@ def _generate_arguments(p: argparse.ArgumentParser) -> None:
     _sample_arguments(p)
 
 
-def load_image(path: Path, size: int) -> torch.Tensor:
-    """A picture file -> (3, size, size) in [-1, 1] (resized when it has another size)."""
-    from PIL import Image as PILImage
-    from PIL import UnidentifiedImageError
-    try:
-        pic = PILImage.open(path).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"cannot read image {path}: {e}") from None
-    if pic.size != (size, size):
-        pic = pic.resize((size, size), PILImage.BICUBIC)
-    return torch.from_numpy(np.asarray(pic).copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
 def _generate(args: argparse.Namespace) -> None:
-    from motfusion.report import to_pil
+    from motfusion.data.images import to_pil
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gen, cfg = load_generator(args.ckpt, device, _sample_config(args), ema=not args.raw_weights)
     g = torch.Generator(device=device).manual_seed(args.seed)
     if args.speak is not None or args.transcribe:
         return _generate_speech(args, gen, cfg, g)
     if args.image:
-        images = torch.stack([load_image(p, cfg.data.image_size) for p in args.image]).to(device)
+        images = torch.stack([read_image(p, cfg.data.image_size) for p in args.image]).to(device)
         for path, caption in zip(args.image, gen.captions(images, g)):
             print(f"{path}\t{caption}")
         return

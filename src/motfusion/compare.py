@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from motfusion.errors import ConfigError
-from motfusion.report import read_metrics, save_figure, smooth, style_axes  # noqa: E402
+from motfusion.report import read_metrics, save_figure, smooth, style_axes
 from motfusion.training.logging import METRICS_FILE  # noqa: E402
 
 EXCLUDED = ("loss/moe_balance", "loss/contrastive")  # auxiliary losses, not modalities

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from motfusion.config import Config
+from motfusion.data.images import to_pil
 from motfusion.evaluation.shapes_suite import evaluate_shapes
 from motfusion.report import (
     display_scale,
@@ -20,7 +21,6 @@ from motfusion.report import (
     read_metrics,
     sample_grid,
     smooth,
-    to_pil,
     write_html,
 )
 from motfusion.sampling import Generator, SampleConfig

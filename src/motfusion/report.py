@@ -13,17 +13,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
+from motfusion.data.images import to_pil
 from motfusion.training.logging import METRICS_FILE  # noqa: E402
 from motfusion.training.logging import read_metrics as _read_records
 
 X_LABELS = {"step": "step", "cumulative_flops": "training FLOPs"}
-
-
-def to_pil(image: torch.Tensor, scale: int = 4) -> PILImage.Image:
-    """(3, H, W) in [-1, 1] -> an upscaled RGB picture (nearest neighbour keeps pixels crisp)."""
-    arr = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    pic = PILImage.fromarray(arr, "RGB")
-    return pic.resize((pic.width * scale, pic.height * scale), PILImage.NEAREST)
 
 
 def read_metrics(path: Path) -> list[dict]:

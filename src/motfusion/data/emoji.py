@@ -16,8 +16,9 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from motfusion.data.images import from_pil
 
 EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 EMOJI_PACKAGE = "fonts-noto-color-emoji"
@@ -74,7 +75,7 @@ def render_emoji(codepoint: int, size: int, font_path: Path = EMOJI_FONT) -> tor
     at = ((CANVAS - (x1 - x0)) // 2 - x0, (CANVAS - (y1 - y0)) // 2 - y0)
     ImageDraw.Draw(canvas).text(at, ch, font=font, embedded_color=True)
     pic = canvas.resize((size, size), Image.LANCZOS)
-    return torch.from_numpy(np.asarray(pic).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, size, size)
+    return from_pil(pic)  # (3, size, size)
 
 
 def emoji_caption(codepoint: int) -> str:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from motfusion.data.images import from_uint8
 from motfusion.errors import DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -93,7 +94,7 @@ def load_fashion(root: Path = FASHION_DIR, split: str = "train") -> tuple[np.nda
 
 def to_model_image(gray: np.ndarray | torch.Tensor, size: int) -> torch.Tensor:
     """(h, w) uint8 grayscale -> (3, size, size) float in [-1, 1] (antialiased resize)."""
-    x = torch.as_tensor(np.asarray(gray), dtype=torch.float32)[None, None] / 127.5 - 1  # (1, 1, h, w)
+    x = from_uint8(gray)[None, None]  # (1, 1, h, w)
     if x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x[0].expand(3, size, size).clamp(-1, 1).contiguous()  # (3, size, size)

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
-import numpy as np
 import torch
 from PIL import Image as PILImage
 from PIL import ImageOps, UnidentifiedImageError
 
 from motfusion.config import DataConfig
+from motfusion.data.images import from_pil
 from motfusion.errors import DataError
 
 log = logging.getLogger("motfusion.data")
@@ -130,7 +130,7 @@ def to_pixels(pic: PILImage.Image, size: int) -> torch.Tensor:
     """A decoded picture -> (3, size, size) in [-1, 1]: upright (EXIF), RGB, center square crop, resize."""
     pic = ImageOps.exif_transpose(pic).convert("RGB")
     pic = ImageOps.fit(pic, (size, size), method=PILImage.Resampling.BICUBIC)
-    return torch.from_numpy(np.asarray(pic).copy()).permute(2, 0, 1).float() / 127.5 - 1  # (3, S, S)
+    return from_pil(pic)  # (3, S, S)
 
 
 def load_pixels(path: Path, rules: ImageRules) -> torch.Tensor:

@@ -23,6 +23,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from motfusion.data.images import from_uint8
+
 BACKGROUND = (0, 0, 0)
 # Corners of the RGB cube plus X11 purple: every pair is at least 164/255 apart,
 # and every color is at least 255/255 from the background.
@@ -241,8 +243,7 @@ def render(scene: Scene) -> torch.Tensor:
         x0 = min(max(round(obj.x * n - d / 2), 0), n - d)
         y0 = min(max(round(obj.y * n - d / 2), 0), n - d)
         pixels[y0 : y0 + d, x0 : x0 + d][shape_mask(obj.shape, d, d)] = PALETTE[obj.color]
-    image = torch.from_numpy(pixels).permute(2, 0, 1).float()
-    return image / 127.5 - 1
+    return from_uint8(pixels).permute(2, 0, 1).contiguous()  # (3, n, n)
 
 
 # ---------------------------------------------------------------------------- captions

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from motfusion.data.fashion import CLASSES, FASHION_DIR, load_fashion
+from motfusion.data.images import from_uint8
 from motfusion.errors import ConfigError
 
 WEIGHTS, META = "classifier.safetensors", "classifier.json"
@@ -74,7 +75,7 @@ class FashionClassifier(nn.Module):
 
 def as_images(gray: torch.Tensor) -> torch.Tensor:
     """(B, h, w) uint8 -> (B, 3, h, w) float in [-1, 1]."""
-    return (gray.float() / 127.5 - 1)[:, None].expand(-1, 3, -1, -1)
+    return from_uint8(gray)[:, None].expand(-1, 3, -1, -1)
 
 
 @torch.no_grad()
