@@ -1,1 +1,2 @@
-"""Evaluation: scene checker and GenEval-style metrics for the shapes world."""
+"""Evaluation: every suite behind one registry (suites.py), the metrics they compute, and the small
+judge models they use (a Fashion-MNIST classifier, a CLIP)."""

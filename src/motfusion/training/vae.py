@@ -13,7 +13,6 @@ metrics.jsonl (one record per logged step, then a final one with val_psnr and sc
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -189,17 +188,3 @@ def _log(file, record: dict[str, Any], total_steps: int) -> None:
 
 
 # ---- command line ------------------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, metavar="NAME", help="a registered image dataset, e.g. shapes or fashion")
-    p.add_argument("--out", required=True, type=Path, help="directory for config.json, model.safetensors, metrics.jsonl")
-    p.add_argument("--steps", type=int, help="shorthand for steps=N")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="VAE config fields, e.g. image_size=32 downsample=8 latent_channels=8 kl_weight=1e-6 attention=true")
-
-
-def run(args: argparse.Namespace) -> None:
-    overrides = [f"dataset={args.dataset}", *args.overrides]
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    train_vae(VAEConfig().override(overrides), args.out)

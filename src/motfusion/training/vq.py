@@ -6,7 +6,6 @@ A VQ directory holds `vq.safetensors` (weights and codebook), `vq_config.json` (
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from collections.abc import Sized
@@ -17,10 +16,7 @@ from typing import Callable
 import torch
 
 from motfusion.codecs.vq import (
-    CONFIG,
-    METRICS,
     VQVAE,
-    WEIGHTS,
     VQConfig,
     perplexity,
     psnr,
@@ -105,26 +101,3 @@ def train_vq(cfg: VQConfig, tcfg: VQTrainConfig, out: Path,
     log(f"val: psnr {metrics['psnr']:.2f} dB | perplexity {metrics['perplexity']:.1f} | "
         f"{metrics['codes_used']}/{cfg.codebook_size} codes used -> {out}")
     return model, metrics
-
-
-# ---- motfusion train-vq ----------------------------------------------------------------------
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    d, t = VQConfig(), VQTrainConfig()
-    p.add_argument("--dataset", default=t.dataset, help="a data.dataset name (NAME or NAME:ARG); its images train the VQ")
-    p.add_argument("--out", required=True, type=Path, help=f"directory for {WEIGHTS}, {CONFIG} and {METRICS}")
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--codebook-size", type=int, default=d.codebook_size, help="vocabulary of image codes")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="pixels; must equal data.image_size of the runs")
-    p.add_argument("--downsample", type=int, default=d.downsample, help="pixels per code side: 32px / 4 = 8x8 codes")
-    p.add_argument("--channels", type=int, default=d.channels, help="width of the encoder and decoder")
-    p.add_argument("--seed", type=int, default=t.seed)
-
-
-def run(args: argparse.Namespace) -> None:
-    cfg = VQConfig(codebook_size=args.codebook_size, image_size=args.image_size, downsample=args.downsample,
-                   channels=args.channels)
-    tcfg = VQTrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    train_vq(cfg, tcfg, args.out)

@@ -1,0 +1,82 @@
+"""What every command shares: the Command record, config and sampling arguments, small parsers."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from motfusion.config import Config
+from motfusion.errors import ConfigError
+from motfusion.recipes import RECIPES, get_recipe
+from motfusion.sampling import SampleConfig
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: a help line, a function that adds its arguments, a function that runs it
+    (returning the exit status, or None for 0)."""
+
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+def add_config_arguments(p: argparse.ArgumentParser, recipe_required: bool = True) -> None:
+    """--recipe NAME plus trailing section.key=value overrides, shared by every config-driven command."""
+    p.add_argument("--recipe", required=recipe_required, choices=sorted(RECIPES), metavar="NAME",
+                   help=f"named config: {', '.join(sorted(RECIPES))}")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.untie=ffn train.lr=1e-3")
+
+
+def config_from_args(args: argparse.Namespace, base: Config | None = None) -> Config:
+    """The recipe (or `base`) with --steps and the key=value overrides applied, validated."""
+    cfg = base if base is not None else get_recipe(args.recipe)
+    overrides = list(args.overrides)
+    if getattr(args, "steps", None) is not None:
+        overrides.append(f"train.steps={args.steps}")
+    return cfg.override(overrides)
+
+
+def add_ckpt_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, type=Path, help="a run directory (its latest checkpoint), a checkpoint "
+                   "or an exported .safetensors file")
+
+
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-weights", action="store_true",
+                   help="use the trained weights, not their moving average (runs with train.ema > 0 have both)")
+
+
+def add_sample_arguments(p: argparse.ArgumentParser) -> None:
+    add_weights_argument(p)
+    d = SampleConfig()
+    p.add_argument("--steps", type=int, default=d.steps, help="denoising steps")
+    p.add_argument("--sampler", default=d.sampler, help="ddim or ddpm (DDPM runs), euler (flow runs); auto picks")
+    p.add_argument("--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens)
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=d.top_p)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def sample_config(args: argparse.Namespace) -> SampleConfig:
+    if args.steps <= 0 or args.max_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
+        raise ConfigError("--steps and --max-tokens must be positive, --top-p in (0, 1], --temperature >= 0")
+    return SampleConfig(steps=args.steps, sampler=args.sampler, guidance=args.guidance, max_tokens=args.max_tokens,
+                        temperature=args.temperature, top_p=args.top_p)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in text)[:60]

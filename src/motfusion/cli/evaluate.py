@@ -1,0 +1,95 @@
+"""`motfusion eval` (any suite of evaluation/suites.py), `demo`, `plot` and `compare`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from motfusion.cli.common import (
+    Command,
+    add_ckpt_argument,
+    add_config_arguments,
+    add_sample_arguments,
+    config_from_args,
+    default_device,
+    sample_config,
+)
+from motfusion.compare import compare
+from motfusion.demo import run_demo
+from motfusion.evaluation.losses import validation_losses
+from motfusion.evaluation.suites import SUITES, SuiteOptions, evaluate
+from motfusion.report import compare_runs
+from motfusion.sampling import SampleConfig
+from motfusion.sampling.load import load_generator
+
+
+def eval_arguments(p: argparse.ArgumentParser) -> None:
+    add_ckpt_argument(p)
+    p.add_argument("--suite", default="shapes", choices=sorted(SUITES), help="which evaluation")
+    p.add_argument("--n", type=int, default=64, help="prompts and images per metric")
+    p.add_argument("--classifier", type=Path, default=SuiteOptions().classifier,
+                   help="fashion: a `motfusion train-classifier` directory (FID features, class accuracy)")
+    p.add_argument("--clip", type=Path, help="fashion, emoji: a `motfusion train-clip` directory (default runs/clip-SUITE)")
+    p.add_argument("--val-batches", type=int, default=8, help="val batches for the per-modality validation loss")
+    p.add_argument("--out", type=Path, help="JSON file for the metrics (default: CKPT/eval_SUITE.json)")
+    add_sample_arguments(p)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    gen, cfg = load_generator(args.ckpt, default_device(), sample_config(args), ema=not args.raw_weights)
+    options = SuiteOptions(n=args.n, seed=args.seed, classifier=args.classifier, clip=args.clip)
+    metrics = evaluate(args.suite, gen, cfg, options)
+    metrics.update(validation_losses(gen.model, cfg, gen.tok, n_batches=args.val_batches, seed=args.seed))
+    out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / f"eval_{args.suite}.json"
+    out.write_text(json.dumps(metrics, indent=2))
+    print(json.dumps(metrics, indent=2))
+    print(f"wrote {out}")
+
+
+def demo_arguments(p: argparse.ArgumentParser) -> None:
+    add_config_arguments(p, recipe_required=False)
+    p.set_defaults(recipe="demo")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory; the report goes to OUT/report/")
+    p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
+    p.add_argument("--sample-steps", type=int, default=50, help="denoising steps for the evaluation samples")
+    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--n-eval", type=int, default=64, help="held-out prompts and images per metric")
+
+
+def run_demo_command(args: argparse.Namespace) -> None:
+    n = args.n_eval
+    run_demo(config_from_args(args), args.out, SampleConfig(steps=args.sample_steps, guidance=args.guidance),
+             n_single=n, n_prompts=n, n_captions=n)
+
+
+def plot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories, each with a metrics.jsonl")
+    p.add_argument("--out", required=True, type=Path, help="the PNG to write")
+
+
+def run_plot(args: argparse.Namespace) -> None:
+    keys = compare_runs(args.runs, args.out)
+    print(f"wrote {args.out}: {', '.join(keys)} against steps and training FLOPs")
+
+
+def compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dense", type=Path, metavar="RUN_DENSE", help="the dense baseline's run directory")
+    p.add_argument("mot", type=Path, metavar="RUN_MOT", help="the Mixture-of-Transformers run directory")
+    p.add_argument("--out", type=Path, default=Path("compare"), help="where compare.json, .md and .png go")
+
+
+def run_compare(args: argparse.Namespace) -> None:
+    compare(args.dense, args.mot, args.out)
+    print((args.out / "compare.md").read_text(), end="")
+
+
+COMMANDS = {
+    "demo": Command("train the default model on shapes, evaluate it and write an HTML report", demo_arguments,
+                    run_demo_command),
+    "eval": Command(f"evaluate a checkpoint on a suite ({', '.join(SUITES)}) and its per-modality val loss",
+                    eval_arguments, run_eval),
+    "plot": Command("plot per-modality loss curves of runs against steps and FLOPs", plot_arguments, run_plot),
+    "compare": Command("step matching: when a MoT run reaches a dense run's final loss, in steps, FLOPs and time",
+                       compare_arguments, run_compare),
+}
