@@ -37,7 +37,7 @@ def hand_built(tok):
 def test_mask_on_hand_built_sequence(hand_built):
     b = hand_built
     m = dense_mask(meta_of(b), meta_of(b), bidirectional=True)[0, 0]
-    A0, A1, t_b, B0, B1, eos0 = 3, 4, 6, 8, 9, 11
+    A0, A1, t_b, B0, B1 = 3, 4, 6, 8, 9
     assert m[A0, A1] and m[A1, A0]  # bidirectional inside image A
     assert m[B0, B1] and m[B1, B0]
     assert m[B0, A1] and not m[A1, B0]  # across images: causal only

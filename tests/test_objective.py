@@ -76,7 +76,7 @@ def test_information_flow(model, tok):
     b = collate([[enc]], len(enc), tok.pad)
     t = torch.full((1,), 300.0)
     base = model(b, b.images, t).hidden
-    boi, first_patch, last_patch = 3, 4, 4 + 15
+    boi, first_patch = 3, 4  # the last patch is 4 + 15
     # Change the last patch of the image: earlier patches change (bidirectional), BOI and text before don't.
     im2 = im.clone()
     im2[:, -4:, -4:] = -im2[:, -4:, -4:]

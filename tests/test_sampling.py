@@ -39,7 +39,7 @@ def test_text_cache_equals_recompute_logits(model, tok, cfg):
     prompt = [gen._encode([Text(p)]) for p in PROMPTS]
     ctxs = [Context(model, use_cache=True), Context(model, use_cache=False)]
     logits = [gen._logits(c.run(c.prompt(prompt, tok.pad))) for c in ctxs]
-    for step in range(5):
+    for _ in range(5):
         torch.testing.assert_close(logits[0], logits[1], atol=1e-4, rtol=1e-4)
         ids = logits[0].argmax(-1)
         logits = [gen._logits(c.run(c.tokens(ids))) for c in ctxs]

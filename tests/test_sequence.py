@@ -73,7 +73,7 @@ def test_collate_rejects_overflow_and_bad_input(tok):
 
 
 def test_packer_is_deterministic_and_resumable(tok):
-    docs = lambda i: encode_document([Text("doc %d " % i * (1 + i % 3)), img()], tok, 4)
+    docs = lambda i: encode_document([Text(f"doc {i} " * (1 + i % 3)), img()], tok, 4)
     a = Packer(docs, batch_size=2, seq_len=64, pad_id=tok.pad)
     first = a.next_batch()
     state = a.state_dict()
