@@ -38,10 +38,10 @@ shapes() {
 }
 
 modalities() {
-    [ -f runs/vae-fashion/model.safetensors ] || $M train-vae --dataset fashion --out runs/vae-fashion \
+    [ -f runs/vae-fashion/weights.safetensors ] || $M train-vae --dataset fashion --out runs/vae-fashion \
         image_size=32 downsample=4 latent_channels=4 channels=16 steps=500
-    [ -f runs/classifier/classifier.json ] || $M train-classifier --out runs/classifier
-    [ -f runs/clip-fashion/clip.json ] || $M train-clip --dataset fashion --out runs/clip-fashion
+    [ -f runs/classifier/weights.safetensors ] || $M train-classifier --out runs/classifier
+    [ -f runs/clip-fashion/weights.safetensors ] || $M train-clip --dataset fashion --out runs/clip-fashion
     train "$R/fashion" fashion
     [ -f runs/speech-data/dataset.json ] || $M make-speech-data --out runs/speech-data --n 3000
     [ -d runs/speech-data/tokenizer ] || $M train-speech-tokenizer --data runs/speech-data
@@ -49,7 +49,7 @@ modalities() {
     train "$R/speech-dense" speech-demo model.untie=
     train "$R/loo-text-image" loo-text-image
     train "$R/loo-image-speech" loo-image-speech
-    [ -f runs/vq-shapes32/vq.safetensors ] || $M train-vq --dataset shapes --out runs/vq-shapes32
+    [ -f runs/vq-shapes32/weights.safetensors ] || $M train-vq --dataset shapes --out runs/vq-shapes32
     train "$R/chameleon" chameleon-demo
 }
 

@@ -189,10 +189,10 @@ def test_eval_fashion_suite_end_to_end(tmp_path, capsys):
     assert main(["train", "--recipe", "debug", "--out", str(run), "--steps", "2", f"data.dataset=fashion:{data}"]) == 0
     assert main(["train-classifier", "--out", str(tmp_path / "cls"), "--steps", "3", "--batch-size", "8",
                  "--data", str(data)]) == 0
-    assert json.loads((tmp_path / "cls" / "classifier.json").read_text())["metrics"]["test_accuracy"] >= 0
+    assert json.loads((tmp_path / "cls" / "config.json").read_text())["metrics"]["test_accuracy"] >= 0
     assert main(["train-clip", "--dataset", f"fashion:{data}", "--out", str(tmp_path / "clip"), "--steps", "3",
                  "--batch-size", "8", "--image-size", "16"]) == 0
-    assert "zero_shot_accuracy" in json.loads((tmp_path / "clip" / "clip.json").read_text())["metrics"]
+    assert "zero_shot_accuracy" in json.loads((tmp_path / "clip" / "config.json").read_text())["metrics"]
     status = main(["eval", "--ckpt", str(run), "--suite", "fashion", "--n", "4", "--steps", "2", "--max-tokens", "8",
                    "--val-batches", "1", "--classifier", str(tmp_path / "cls"), "--clip", str(tmp_path / "clip")])
     assert status == 0

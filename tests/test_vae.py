@@ -21,7 +21,7 @@ from motfusion.codecs.vae import (
     load_vae,
     save_vae,
 )
-from motfusion.data.pipeline import DocumentStream, build_dataset, make_packer
+from motfusion.data.pipeline import DocumentStream, build_dataset, image_dataset, make_packer
 from motfusion.errors import ConfigError
 from motfusion.recipes import get_recipe
 from motfusion.sequence import Image
@@ -29,7 +29,6 @@ from motfusion.tokenizer import ByteTokenizer
 from motfusion.training.checkpoint import load_config
 from motfusion.training.vae import (
     image_batch,
-    image_dataset,
     latent_scale,
     psnr,
     train_step,
@@ -77,7 +76,7 @@ def _fit(cfg: VAEConfig, x: torch.Tensor, steps: int) -> list[dict[str, float]]:
 
 def test_training_lowers_reconstruction_and_kl():
     cfg = tiny(lr=3e-3)
-    x = image_batch(image_dataset(cfg, "train"), list(range(4)), cfg.image_size)
+    x = image_batch(image_dataset(cfg.dataset, cfg.image_size, "train"), list(range(4)), cfg.image_size)
     history = _fit(cfg, x, 15)
     assert history[-1]["recon"] < 0.5 * history[0]["recon"]
     # With the KL term in charge, the posterior moves toward the prior.
@@ -116,7 +115,7 @@ def test_latent_scale_factor_gives_unit_std():
     cfg = tiny()
     torch.manual_seed(0)
     model = build_vae(cfg).eval()
-    dataset = image_dataset(cfg, "train")
+    dataset = image_dataset(cfg.dataset, cfg.image_size, "train")
     scale = latent_scale(model, dataset, cfg, torch.device("cpu"))
     latents = LatentCodec(model, scale).encode(image_batch(dataset, list(range(cfg.scale_images)), cfg.image_size))
     assert latents.std().item() == pytest.approx(1.0, abs=1e-5)
@@ -310,8 +309,8 @@ def test_debug_recipe_on_latents_trains_and_generates_pixel_images(tmp_path, cap
                  "batch_size=4", "val_images=4", "scale_images=8", "log_every=1"]) == 0
     records = [json.loads(line) for line in (vae / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2] and records[-1]["val_images"] == 4
-    assert json.loads((vae / "config.json").read_text())["scale_factor"] == pytest.approx(records[-1]["scale_factor"])
-    assert (vae / "model.safetensors").is_file()
+    assert json.loads((vae / "config.json").read_text())["config"]["scale_factor"] == pytest.approx(records[-1]["scale_factor"])
+    assert (vae / "weights.safetensors").is_file()
 
     assert main(["train", "--recipe", "debug", "--out", str(run), "--steps", "3", "data.image_repr=latents",
                  f"model.vae={vae}", "data.image_size=32", "model.patch_size=2", "train.device=cpu",

@@ -7,6 +7,7 @@ A run is fully described by `Config`; `Config.to_dict()` is what gets written to
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -58,6 +59,10 @@ class ModelConfig:
         return self.dim // self.n_heads
 
     def validate(self) -> None:
+        _check_types(self, "model")
+        _check(self.ffn_dim >= 0 and self.image_channels > 0 and self.align_dim >= 0,
+               "model.ffn_dim and model.align_dim must be >= 0 and model.image_channels positive")
+        _check(self.rope_theta > 0 and self.norm_eps > 0, "model.rope_theta and model.norm_eps must be positive")
         _check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "model.dim, model.n_layers and model.n_heads must be positive")
         _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
         _check(self.head_dim % 2 == 0, f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
@@ -94,6 +99,8 @@ class ObjectiveConfig:
     contrastive_weight: float = 0.0  # > 0: + w * InfoNCE between each image and its document's text
 
     def validate(self) -> None:
+        _check_types(self, "objective")
+        _check(self.num_timesteps > 0, "objective.num_timesteps must be positive")
         _check(self.diffusion in ("ddpm", "flow"), f"objective.diffusion={self.diffusion!r}: choose 'ddpm' or 'flow'")
         _check(self.flow_timesteps in ("uniform", "logit_normal"),
                f"objective.flow_timesteps={self.flow_timesteps!r}: choose 'uniform' or 'logit_normal'")
@@ -125,6 +132,9 @@ class DataConfig:
     speech_shapes_share: float = 0.5  # share of shapes text-image documents in the speech dataset
 
     def validate(self) -> None:
+        _check_types(self, "data")
+        _check(self.max_objects > 0, "data.max_objects must be positive")
+        _check(0.0 <= self.single_object_prob <= 1.0, "data.single_object_prob must be in [0, 1]")
         _check(bool(self.dataset), "data.dataset must name a dataset, e.g. shapes")  # resolved in data.pipeline
         bpe = TRAINED_TOKENIZER.fullmatch(self.tokenizer)
         _check(not self.tokenizer.startswith("bpe:") or (bpe is not None and int(bpe.group(1)) > 272),
@@ -168,6 +178,13 @@ class TrainConfig:
     compile: bool = False  # torch.compile each block's forward
 
     def validate(self) -> None:
+        _check_types(self, "train")
+        _check(self.weight_decay >= 0,
+               f"train.weight_decay={self.weight_decay} must be >= 0 (a negative one grows the weights)")
+        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
+               f"train.beta1={self.beta1} and train.beta2={self.beta2} must be in [0, 1)")
+        _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0: no clipping)")
+        _check(self.keep_checkpoints >= 0 and self.seed >= 0, "train.keep_checkpoints and train.seed must be >= 0")
         for name in ("steps", "batch_size", "seq_len", "log_every", "max_bad_steps"):
             _check(getattr(self, name) > 0, f"train.{name} must be positive")
         _check(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
@@ -219,17 +236,53 @@ class Config:
 
     def override(self, overrides: list[str]) -> "Config":
         """Apply `section.key=value` strings in place; values are parsed by the field's type."""
-        for item in overrides:
-            key, sep, text = item.partition("=")
-            if not sep:
-                raise ConfigError(f"override {item!r} must look like section.key=value")
-            _set(self, key.strip(), _parse(key.strip(), text.strip(), _field_type(self, key.strip())))
-        return self.validate()
+        return apply_overrides(self, overrides, "section.key=value").validate()
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
+
+
+def _check_types(section: Any, prefix: str) -> None:
+    """Every field of a config section holds its annotated type, and every float is finite: a
+    config.json is hand-editable, and nan or inf passes every range check. The first field that
+    does not is a ConfigError naming its key."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, hint = getattr(section, f.name), hints[f.name]
+        if not _is_type(value, hint):
+            raise ConfigError(f"{prefix}.{f.name}={value!r} must be {_type_name(hint)}")
+
+
+def _is_type(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_type(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:  # an int is a float here, as in JSON
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:
+        return isinstance(value, tuple) and all(_is_type(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) and _is_type(v, args[1]) for k, v in value.items())
+    return True  # nested dataclasses validate themselves
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "none"}
+    if hint in names:
+        return names[hint]
+    return {tuple: "a list", dict: "an object of key: value"}.get(typing.get_origin(hint), str(hint))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
@@ -242,12 +295,41 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
-def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
+def apply_overrides(obj: Any, items: list[str], form: str = "key=value") -> Any:
+    """Apply `key=value` strings to the config dataclass `obj` in place (dotted keys reach nested
+    dataclasses: `model.dim=96`, `mel.n_mels=40`), each value parsed by its field's type. The one
+    command-line parser of every config: the run's `Config` and each auxiliary model's. No validation."""
+    for item in items:
+        key, sep, text = (s.strip() for s in item.partition("="))
+        if not sep:
+            raise ConfigError(f"override {item!r} must look like {form}")
+        obj = _set(obj, key, _parse(key, text, _field_type(obj, key)))
+    return obj
+
+
+def dataclass_from_dict(cls: type, d: dict[str, Any]) -> Any:
+    """A config dataclass from its `dataclasses.asdict` (as read back from JSON: lists become tuples,
+    nested dataclasses are rebuilt); an unknown key is a ConfigError that lists the valid ones."""
+    hints, names = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} keys {unknown}; valid keys: {sorted(names)}")
+    values = {}
+    for key, value in d.items():
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            value = dataclass_from_dict(hints[key], value)
+        values[key] = tuple(value) if isinstance(value, list) else value
+    return cls(**values)
+
+
+def _resolve(obj: Any, key: str) -> tuple[Any, str]:
+    """`a.b.c` -> (the dataclass that holds field c, "c")."""
     *path, leaf = key.split(".")
-    obj = cfg
     for part in path:
-        if not dataclasses.is_dataclass(obj) or part not in {f.name for f in dataclasses.fields(obj)}:
-            raise ConfigError(f"unknown config key {key!r}; sections are model, objective, data, train")
+        names = {f.name for f in dataclasses.fields(obj)}
+        if part not in names or not dataclasses.is_dataclass(getattr(obj, part)):
+            sections = sorted(n for n in names if dataclasses.is_dataclass(getattr(obj, n)))
+            raise ConfigError(f"unknown config key {key!r}; sections here: {sections}")
         obj = getattr(obj, part)
     names = {f.name for f in dataclasses.fields(obj)}
     if leaf not in names or dataclasses.is_dataclass(getattr(obj, leaf)):
@@ -255,17 +337,27 @@ def _resolve(cfg: Config, key: str) -> tuple[Any, str]:
     return obj, leaf
 
 
-def _field_type(cfg: Config, key: str) -> Any:
-    obj, leaf = _resolve(cfg, key)
-    return typing.get_type_hints(type(obj))[leaf]
+def _field_type(obj: Any, key: str) -> Any:
+    owner, leaf = _resolve(obj, key)
+    return typing.get_type_hints(type(owner))[leaf]
 
 
-def _set(cfg: Config, key: str, value: Any) -> None:
-    obj, leaf = _resolve(cfg, key)
-    hint = typing.get_type_hints(type(obj))[leaf]
-    if typing.get_origin(hint) is tuple and isinstance(value, list):
+def _set(obj: Any, key: str, value: Any) -> Any:
+    if typing.get_origin(_field_type(obj, key)) is tuple and isinstance(value, list):
         value = tuple(value)
-    setattr(obj, leaf, value)
+    return _assign(obj, key.split("."), value)
+
+
+def _assign(obj: Any, path: list[str], value: Any) -> Any:
+    """obj with obj.path = value, set in place; a frozen dataclass on the way is replaced by an updated copy."""
+    head, *rest = path
+    if rest:
+        value = _assign(getattr(obj, head), rest, value)
+    try:
+        setattr(obj, head, value)
+    except dataclasses.FrozenInstanceError:
+        return dataclasses.replace(obj, **{head: value})
+    return obj
 
 
 def _parse(key: str, text: str, hint: Any) -> Any:
@@ -283,7 +375,8 @@ def _parse(key: str, text: str, hint: Any) -> Any:
         if hint in (int, float, str):
             return hint(text)
         if typing.get_origin(hint) is tuple:
-            return tuple(s.strip() for s in text.split(",") if s.strip())
+            item_type = typing.get_args(hint)[0]
+            return tuple(item_type(s.strip()) for s in text.split(",") if s.strip())
         if typing.get_origin(hint) is dict:
             pairs = [p.split(":") for p in text.split(",") if p.strip()]
             if any(len(p) != 2 for p in pairs):

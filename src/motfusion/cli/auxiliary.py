@@ -1,25 +1,63 @@
 """The commands that make what a run needs besides the model: speech data and its unit codec, the
-VAE and the VQ-VAE image codecs, and the judge models of evaluation (classifier, CLIP)."""
+VAE and the VQ-VAE image codecs, and the judge models of evaluation (classifier, CLIP).
+
+Each `train-*` command writes one artifact directory (`--out DIR`, see artifacts.py) and takes
+`key=value` overrides of that artifact's config dataclass, parsed like a run's config; a few
+frequent keys also have a flag (`--steps 200` is `steps=200`).
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from motfusion.cli.common import Command, csv
 from motfusion.codecs.speech import SpeechTokenizerConfig
 from motfusion.codecs.vae import VAEConfig
-from motfusion.codecs.vq import CONFIG, METRICS, WEIGHTS, VQConfig
-from motfusion.config import Config
+from motfusion.codecs.vq import VQConfig
+from motfusion.config import apply_overrides
 from motfusion.data.espeak import SOURCES, VOICES, make_speech_data
 from motfusion.data.fashion import FASHION_DIR
-from motfusion.data.pipeline import build_dataset
-from motfusion.errors import ConfigError
+from motfusion.data.pipeline import image_dataset
 from motfusion.evaluation.classifier import ClassifierConfig, fit_fashion_classifier
 from motfusion.evaluation.clip import ClipConfig, fit_clip
 from motfusion.training.speech_units import train_speech_tokenizer
 from motfusion.training.vae import train_vae
-from motfusion.training.vq import VQTrainConfig, train_vq
+from motfusion.training.vq import train_vq
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A shorthand flag for one config key: `--batch-size 8` is `batch_size=8`."""
+
+    flag: str
+    key: str
+    type: type = int  # bool: a switch that sets the key to true
+    help: str = ""
+
+
+def artifact_arguments(p: argparse.ArgumentParser, config: type, flags: list[Flag], out_help: str,
+                       out_required: bool = True) -> None:
+    """--out DIR, the shorthand flags, and trailing key=value overrides of the `config` dataclass."""
+    p.add_argument("--out", required=out_required, type=Path, help=out_help)
+    for f in flags:
+        value = "true" if f.type is bool else "VALUE"
+        text = f"{f.help} ({f.key}={value})" if f.help else f"shorthand for {f.key}={value}"
+        if f.type is bool:
+            p.add_argument(f.flag, dest=f.key, action="store_const", const="true", help=text)
+        else:
+            p.add_argument(f.flag, dest=f.key, type=f.type, help=text)
+    keys = ", ".join(f.name for f in dataclasses.fields(config))
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=f"{config.__name__} fields: {keys}")
+
+
+def config_from(args: argparse.Namespace, cfg: Any, flags: list[Flag]) -> Any:
+    """`cfg` with the key=value overrides, then the flags given, applied; validated."""
+    given = [f"{f.key}={getattr(args, f.key)}" for f in flags if getattr(args, f.key) is not None]
+    return apply_overrides(cfg, [*args.overrides, *given]).validate()
 
 
 def speech_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,90 +75,75 @@ def run_speech_data(args: argparse.Namespace) -> None:
                      max_chars=args.max_chars, val_percent=args.val_percent, seed=args.seed)
 
 
+SPEECH_FLAGS = [Flag("--k", "k", help="vocabulary size (k-means clusters)"),
+                Flag("--iters", "iters", help="Lloyd iterations (at most)"),
+                Flag("--max-frames", "max_frames", help="frames sampled to fit k-means on"),
+                Flag("--dedup", "dedup", bool, "collapse repeated units (shorter sequences, durations lost)"),
+                Flag("--seed", "seed")]
+
+
 def speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
-    d = SpeechTokenizerConfig()
     p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
-    p.add_argument("--out", type=Path, help="tokenizer directory (default: DATA/tokenizer)")
-    p.add_argument("--k", type=int, default=d.k, help="vocabulary size (k-means clusters)")
-    p.add_argument("--iters", type=int, default=d.iters, help="Lloyd iterations (at most)")
-    p.add_argument("--max-frames", type=int, default=d.max_frames, help="frames sampled to fit k-means on")
-    p.add_argument("--dedup", action="store_true", help="collapse repeated units (shorter sequences, durations lost)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    artifact_arguments(p, SpeechTokenizerConfig, SPEECH_FLAGS, "tokenizer directory (default: DATA/tokenizer)",
+                       out_required=False)
 
 
 def run_speech_tokenizer(args: argparse.Namespace) -> None:
-    if args.k < 2 or args.iters < 0 or args.max_frames < args.k:
-        raise ConfigError("--k must be >= 2, --iters >= 0 and --max-frames >= --k")
-    cfg = SpeechTokenizerConfig(k=args.k, iters=args.iters, max_frames=args.max_frames, seed=args.seed, dedup=args.dedup)
-    train_speech_tokenizer(args.data, args.out, cfg)
+    train_speech_tokenizer(args.data, args.out, config_from(args, SpeechTokenizerConfig(), SPEECH_FLAGS))
+
+
+VAE_FLAGS = [Flag("--dataset", "dataset", str, "a registered image dataset, e.g. shapes or fashion"), Flag("--steps", "steps")]
 
 
 def vae_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", required=True, metavar="NAME", help="a registered image dataset, e.g. shapes or fashion")
-    p.add_argument("--out", required=True, type=Path, help="directory for config.json, model.safetensors, metrics.jsonl")
-    p.add_argument("--steps", type=int, help="shorthand for steps=N")
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="VAE config fields, e.g. image_size=32 downsample=8 latent_channels=8 kl_weight=1e-6 attention=true")
+    artifact_arguments(p, VAEConfig, VAE_FLAGS, "directory for the VAE (weights.safetensors, config.json) and metrics.jsonl")
 
 
 def run_vae(args: argparse.Namespace) -> None:
-    overrides = [f"dataset={args.dataset}", *args.overrides]
-    if args.steps is not None:
-        overrides.append(f"steps={args.steps}")
-    train_vae(VAEConfig().override(overrides), args.out)
+    train_vae(config_from(args, VAEConfig(), VAE_FLAGS), args.out)
+
+
+VQ_FLAGS = [Flag("--dataset", "dataset", str, "a data.dataset name (NAME or NAME:ARG); its images train the VQ"),
+            Flag("--steps", "steps"), Flag("--batch-size", "batch_size"), Flag("--lr", "lr", float),
+            Flag("--codebook-size", "codebook_size", help="vocabulary of image codes"),
+            Flag("--image-size", "image_size", help="pixels; must equal data.image_size of the runs"),
+            Flag("--downsample", "downsample", help="pixels per code side: 32px / 4 = 8x8 codes"),
+            Flag("--channels", "channels", help="width of the encoder and decoder"), Flag("--seed", "seed")]
 
 
 def vq_arguments(p: argparse.ArgumentParser) -> None:
-    d, t = VQConfig(), VQTrainConfig()
-    p.add_argument("--dataset", default=t.dataset, help="a data.dataset name (NAME or NAME:ARG); its images train the VQ")
-    p.add_argument("--out", required=True, type=Path, help=f"directory for {WEIGHTS}, {CONFIG} and {METRICS}")
-    p.add_argument("--steps", type=int, default=t.steps)
-    p.add_argument("--batch-size", type=int, default=t.batch_size)
-    p.add_argument("--lr", type=float, default=t.lr)
-    p.add_argument("--codebook-size", type=int, default=d.codebook_size, help="vocabulary of image codes")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="pixels; must equal data.image_size of the runs")
-    p.add_argument("--downsample", type=int, default=d.downsample, help="pixels per code side: 32px / 4 = 8x8 codes")
-    p.add_argument("--channels", type=int, default=d.channels, help="width of the encoder and decoder")
-    p.add_argument("--seed", type=int, default=t.seed)
+    artifact_arguments(p, VQConfig, VQ_FLAGS, "directory for the VQ-VAE (weights.safetensors, config.json) and metrics.json")
 
 
 def run_vq(args: argparse.Namespace) -> None:
-    cfg = VQConfig(codebook_size=args.codebook_size, image_size=args.image_size, downsample=args.downsample,
-                   channels=args.channels)
-    tcfg = VQTrainConfig(dataset=args.dataset, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
-    train_vq(cfg, tcfg, args.out)
+    train_vq(config_from(args, VQConfig(), VQ_FLAGS), args.out)
+
+
+CLASSIFIER_FLAGS = [Flag("--steps", "steps"), Flag("--batch-size", "batch_size"), Flag("--seed", "seed")]
 
 
 def classifier_arguments(p: argparse.ArgumentParser) -> None:
-    d = ClassifierConfig()
-    p.add_argument("--out", required=True, type=Path, help="directory for classifier.safetensors and classifier.json")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--data", type=Path, default=FASHION_DIR, help="folder with the Fashion-MNIST IDX files")
-    p.add_argument("--seed", type=int, default=d.seed)
+    artifact_arguments(p, ClassifierConfig, CLASSIFIER_FLAGS, "directory for the classifier (weights.safetensors, config.json)")
 
 
 def run_classifier(args: argparse.Namespace) -> None:
-    cfg = ClassifierConfig(steps=args.steps, batch_size=args.batch_size, seed=args.seed)
-    fit_fashion_classifier(cfg, args.out, root=args.data)
+    fit_fashion_classifier(config_from(args, ClassifierConfig(), CLASSIFIER_FLAGS), args.out, root=args.data)
+
+
+CLIP_FLAGS = [Flag("--dataset", "dataset", str, "as data.dataset: fashion, emoji, fashion:PATH, ..."),
+              Flag("--steps", "steps"), Flag("--batch-size", "batch_size"),
+              Flag("--image-size", "input_size", help="as data.image_size (input_size=N)"), Flag("--seed", "seed")]
 
 
 def clip_arguments(p: argparse.ArgumentParser) -> None:
-    d = ClipConfig()
-    p.add_argument("--dataset", required=True, help="as data.dataset: fashion, emoji, fashion:PATH, ...")
-    p.add_argument("--out", required=True, type=Path, help="directory for clip.safetensors and clip.json")
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--image-size", type=int, default=d.input_size, help="as data.image_size")
-    p.add_argument("--seed", type=int, default=d.seed)
+    artifact_arguments(p, ClipConfig, CLIP_FLAGS, "directory for the CLIP model (weights.safetensors, config.json)")
 
 
 def run_clip(args: argparse.Namespace) -> None:
-    # Only the data section matters here; patch size 1 accepts any image size.
-    data_cfg = Config().override([f"data.dataset={args.dataset}", f"data.image_size={args.image_size}", "model.patch_size=1"])
-    cfg = ClipConfig(steps=args.steps, batch_size=args.batch_size, input_size=args.image_size, seed=args.seed)
-    fit_clip(cfg, build_dataset(data_cfg, "train"), build_dataset(data_cfg, "val"), args.out,
-             {"dataset": args.dataset, "image_size": args.image_size})
+    cfg = config_from(args, ClipConfig(), CLIP_FLAGS)
+    train_set, val_set = (image_dataset(cfg.dataset, cfg.input_size, split) for split in ("train", "val"))
+    fit_clip(cfg, train_set, val_set, args.out)
 
 
 COMMANDS = {

@@ -11,27 +11,28 @@ log-mel frames themselves: acoustic rather than semantic units, same rate and vo
   `dedup=True` runs collapse to one unit (shorter sequences, durations lost); the unit error rate
   in evaluation/speech.py always compares deduplicated sequences.
 - Decoding: units -> centroid log-mel frames -> `MelVocoder` (Griffin-Lim) -> waveform.
-- Saved as `centroids.safetensors` (centroids, mean, std) + `config.json`; the tokenizer of a
-  dataset also caches every utterance's units in `units.safetensors` (flat ids + offsets).
+- Saved as an artifact (artifacts.py, kind "speech-units": weights.safetensors with centroids,
+  mean and std, config.json); the tokenizer of a dataset also caches every utterance's units
+  beside it in `units.safetensors` (flat ids + offsets).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import safetensors.torch
 import torch
 
+from motfusion.artifacts import kind_of, load_artifact, save_artifact
 from motfusion.codecs.audio import LogMel, MelConfig, read_wav
 from motfusion.codecs.vocoder import MelVocoder, VocoderConfig
-from motfusion.config import Config
+from motfusion.config import Config, dataclass_from_dict
 from motfusion.errors import ConfigError, DataError
 from motfusion.sequence import SEGMENT_ENCODERS, Units
 
-CONFIG_FILE, CENTROIDS_FILE, UNITS_FILE = "config.json", "centroids.safetensors", "units.safetensors"
+KIND, UNITS_FILE = "speech-units", "units.safetensors"
 
 
 # ---- k-means ---------------------------------------------------------------------------------
@@ -50,7 +51,7 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> tup
 
 # ---- the tokenizer ---------------------------------------------------------------------------
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(kw_only=True)
 class SpeechTokenizerConfig:
     k: int = 500  # vocabulary size
     iters: int = 25  # Lloyd iterations (at most)
@@ -64,9 +65,12 @@ class SpeechTokenizerConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "SpeechTokenizerConfig":
-        d = dict(d)
-        d["mel"] = MelConfig(**d["mel"])
-        return cls(**d)
+        return dataclass_from_dict(cls, d).validate()
+
+    def validate(self) -> "SpeechTokenizerConfig":
+        if self.k < 2 or self.iters < 0 or self.max_frames < self.k:
+            raise ConfigError(f"k={self.k} must be >= 2, iters={self.iters} >= 0 and max_frames={self.max_frames} >= k")
+        return self
 
 
 @dataclass(frozen=True)
@@ -138,22 +142,15 @@ class SpeechTokenizer:
     # ---- persistence ----
 
     def save(self, out_dir: str | Path) -> None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = {"centroids": self.centroids.contiguous(), "mean": self.mean.contiguous(), "std": self.std.contiguous()}
-        safetensors.torch.save_file(tensors, out / CENTROIDS_FILE)
-        (out / CONFIG_FILE).write_text(json.dumps(self.cfg.to_dict(), indent=2) + "\n")
+        save_artifact(out_dir, KIND, {"centroids": self.centroids, "mean": self.mean, "std": self.std}, self.cfg.to_dict())
 
     @classmethod
     def load(cls, directory: str | Path) -> "SpeechTokenizer":
-        d = Path(directory)
-        for name in (CONFIG_FILE, CENTROIDS_FILE):
-            if not (d / name).is_file():
-                raise FileNotFoundError(f"{d / name} not found: train a speech tokenizer with "
-                                        f"`motfusion train-speech-tokenizer --data DATA --out {d}`")
-        cfg = SpeechTokenizerConfig.from_dict(json.loads((d / CONFIG_FILE).read_text()))
-        t = safetensors.torch.load_file(d / CENTROIDS_FILE)
-        return cls(cfg, t["centroids"], t["mean"], t["std"])
+        """A `motfusion train-speech-tokenizer` directory (or an older centroids.safetensors + config.json)."""
+        artifact = load_artifact(directory, KIND, "train a speech tokenizer with "
+                                 f"`motfusion train-speech-tokenizer --data DATA --out {directory}`")
+        t = artifact.tensors
+        return cls(SpeechTokenizerConfig.from_dict(artifact.config), t["centroids"], t["mean"], t["std"])
 
 
 # ---- a dataset's tokenizer and its cached units ---------------------------------------------
@@ -185,9 +182,9 @@ def resolve_speech_dirs(path: str | Path) -> tuple[Path, Path]:
     """`data.dataset=speech:PATH`: PATH is a tokenizer directory (its units name their dataset) or a
     dataset directory whose tokenizer is in PATH/tokenizer. -> (data_dir, tokenizer_dir)."""
     path = Path(path)
-    if (path / CENTROIDS_FILE).is_file():
+    if kind_of(path) == KIND:
         return load_units(path / UNITS_FILE)[1], path
-    if (path / DEFAULT_SUBDIR / CENTROIDS_FILE).is_file():
+    if kind_of(path / DEFAULT_SUBDIR) == KIND:
         return path, path / DEFAULT_SUBDIR
     raise FileNotFoundError(f"no speech tokenizer at {path} nor at {path / DEFAULT_SUBDIR}: run "
                             f"`motfusion make-speech-data --out DATA` then `motfusion train-speech-tokenizer --data DATA`")

@@ -3,7 +3,8 @@
 The VAE is Stable Diffusion's architecture (codecs/diffusers_vae.py) at a small width: conv
 encoder and decoder of residual blocks with GroupNorm and SiLU, 2x downsampling per level, an
 optional mid-block self-attention, and a diagonal Gaussian posterior. `motfusion train-vae` trains
-one into DIR/config.json (a VAEConfig, latent scale factor included) and DIR/model.safetensors.
+one into an artifact directory (artifacts.py): DIR/weights.safetensors and DIR/config.json (kind
+"vae", the VAEConfig with the latent scale factor).
 
 With `data.image_repr=latents model.vae=DIR` (DIR: such a directory, or a diffusers AutoencoderKL
 directory) the transformer never sees pixels: dataset images are encoded once by the frozen VAE
@@ -14,26 +15,25 @@ are decoded back to pixels where images leave the library (`Generator.decode_ima
 from __future__ import annotations
 
 import dataclasses
-import json
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 
+from motfusion.artifacts import LEGACY, WEIGHTS, load_artifact, save_artifact
 from motfusion.codecs.diffusers_vae import (
+    DIFFUSERS_WEIGHTS,
     AutoencoderKL,
     AutoencoderKLConfig,
     is_diffusers_dir,
     load_diffusers_vae,
     load_state_strict,
 )
+from motfusion.config import apply_overrides, dataclass_from_dict
 from motfusion.errors import ConfigError
 
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 LOSSES = ("l2", "l1")
 
 
@@ -105,38 +105,16 @@ class VAEConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        _check(not unknown, f"unknown VAE config keys {unknown}; valid keys: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}).validate()
+        return dataclass_from_dict(cls, d).validate()
 
     def override(self, items: list[str]) -> "VAEConfig":
         """Apply `key=value` strings (e.g. `latent_channels=8 kl_weight=1e-6`) in place."""
-        hints = typing.get_type_hints(type(self))
-        for item in items:
-            key, sep, text = (s.strip() for s in item.partition("="))
-            _check(bool(sep), f"override {item!r} must look like key=value")
-            _check(key in hints, f"unknown VAE config key {key!r}; valid keys: {sorted(hints)}")
-            setattr(self, key, _parse(key, text, hints[key]))
-        return self.validate()
+        return apply_overrides(self, items).validate()
 
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
-
-
-def _parse(key: str, text: str, hint: Any) -> Any:
-    try:
-        if hint is bool:
-            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError
-            return text.lower() in ("true", "1", "yes")
-        if typing.get_origin(hint) is tuple:
-            return tuple(int(s) for s in text.split(",") if s.strip())
-        return hint(text)
-    except ValueError:
-        raise ConfigError(f"{key}={text!r} is not a valid {getattr(hint, '__name__', hint)}") from None
 
 
 def build_vae(cfg: VAEConfig) -> AutoencoderKL:
@@ -146,21 +124,18 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKL:
 # ---- a trained VAE directory ------------------------------------------------------------------
 
 def save_vae(out: Path, model: AutoencoderKL, cfg: VAEConfig) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    safetensors.torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS_FILE)
+    save_artifact(out, "vae", model.state_dict(), cfg.to_dict())
 
 
 def load_trained_vae(path: Path) -> tuple[AutoencoderKL, VAEConfig]:
-    """A `motfusion train-vae` directory -> (the VAE in eval mode, its config)."""
+    """A `motfusion train-vae` directory (or one of the older config.json + model.safetensors) ->
+    (the VAE in eval mode, its config)."""
     path = Path(path)
-    try:
-        cfg = VAEConfig.from_dict(json.loads((path / CONFIG_FILE).read_text()))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path / CONFIG_FILE} is not valid JSON: {e}") from None
+    artifact = load_artifact(path, "vae", f"train one with `motfusion train-vae --dataset NAME --out {path}`, or name "
+                             "a diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)")
+    cfg = VAEConfig.from_dict(artifact.config)
     model = build_vae(cfg)
-    load_state_strict(model, safetensors.torch.load_file(path / WEIGHTS_FILE), path / WEIGHTS_FILE)
+    load_state_strict(model, artifact.tensors, path)
     return model.eval(), cfg
 
 
@@ -197,19 +172,18 @@ class LatentCodec(nn.Module):
 
 
 def load_vae(path: Path | str, device: torch.device | str = "cpu") -> LatentCodec:
-    """A VAE directory -> its frozen codec: a `motfusion train-vae` output (config.json +
-    model.safetensors) or a diffusers AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)."""
+    """A VAE directory -> its frozen codec: a `motfusion train-vae` artifact or a diffusers
+    AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)."""
     path = Path(path)
     try:
         if is_diffusers_dir(path):
             vae = load_diffusers_vae(path)
             codec = LatentCodec(vae, vae.cfg.scaling_factor, vae.cfg.shift_factor or 0.0)
-        elif (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
+        else:
             vae, cfg = load_trained_vae(path)
             codec = LatentCodec(vae, cfg.scale_factor)
-        else:
-            raise FileNotFoundError(f"no VAE in {path}: expected {CONFIG_FILE} + {WEIGHTS_FILE} (motfusion train-vae) "
-                                    "or config.json + diffusion_pytorch_model.safetensors (a diffusers AutoencoderKL)")
+    except ConfigError:  # already names the directory and what to fix
+        raise
     except ValueError as e:  # a config or weights file that does not describe a VAE we can build
         raise ConfigError(f"cannot load the VAE in {path}: {e}") from None
     return codec.to(device)
@@ -221,8 +195,8 @@ _CODECS: dict[tuple[str, int, str], LatentCodec] = {}
 def cached_vae(path: Path | str, device: torch.device | str = "cpu") -> LatentCodec:
     """load_vae, once per (directory, weights file version, device) in this process."""
     path = Path(path).resolve()
-    weights = path / WEIGHTS_FILE if (path / WEIGHTS_FILE).is_file() else path / "diffusion_pytorch_model.safetensors"
-    key = (str(path), weights.stat().st_mtime_ns if weights.is_file() else 0, str(torch.device(device)))
+    weights = [path / name for name in (WEIGHTS, LEGACY["vae"][0], DIFFUSERS_WEIGHTS) if (path / name).is_file()]
+    key = (str(path), weights[0].stat().st_mtime_ns if weights else 0, str(torch.device(device)))
     if key not in _CODECS:
         _CODECS[key] = load_vae(path, device)
     return _CODECS[key]

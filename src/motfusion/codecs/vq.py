@@ -9,6 +9,9 @@ The codebook is not trained by gradients but as running averages (the paper's ap
 each entry tracks the exponential moving average of the encoder outputs assigned to it. A
 commitment loss keeps the encoder near its codes. Entries that stop being chosen are restarted on
 random encoder outputs of the current batch, so the whole codebook stays in use.
+
+`motfusion train-vq` (training/vq.py) writes an artifact directory (artifacts.py, kind "vq":
+weights.safetensors with the codebook, config.json with the VQConfig) and metrics.json beside it.
 """
 
 from __future__ import annotations
@@ -19,19 +22,22 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from motfusion.config import ModelConfig
+from motfusion.artifacts import load_artifact, save_artifact
+from motfusion.config import ModelConfig, dataclass_from_dict
 from motfusion.errors import ConfigError
 
-WEIGHTS, CONFIG, METRICS = "vq.safetensors", "vq_config.json", "metrics.json"
+METRICS = "metrics.json"
 
 
 @dataclass(kw_only=True)
 class VQConfig:
+    """The VQ-VAE's architecture and its training run."""
+
+    # architecture
     codebook_size: int = 512
     code_dim: int = 32
     channels: int = 64
@@ -42,6 +48,14 @@ class VQConfig:
     beta: float = 0.25  # commitment loss weight
     decay: float = 0.99  # of the codebook's moving averages
     dead_below: float = 0.5  # an entry whose average batch count falls below this is restarted
+    # training
+    dataset: str = "shapes"  # any data.dataset name; only its images are used
+    steps: int = 1000
+    batch_size: int = 32
+    lr: float = 2e-3  # cosine decay to lr / 10
+    seed: int = 0
+    log_every: int = 100
+    val_images: int = 256
 
     def validate(self) -> "VQConfig":
         d = self.downsample
@@ -53,6 +67,8 @@ class VQConfig:
             raise ConfigError("codebook_size, code_dim and channels must be positive, res_blocks >= 0")
         if not 0.0 < self.decay < 1.0:
             raise ConfigError(f"decay={self.decay} must be in (0, 1)")
+        if min(self.steps, self.batch_size, self.log_every, self.val_images) <= 0 or self.lr <= 0:
+            raise ConfigError("steps, batch_size, log_every, val_images and lr must be positive")
         return self
 
     @property
@@ -224,20 +240,15 @@ def load_image_tokenizer(model_cfg: ModelConfig, image_size: int, device: torch.
 
 
 def save_vq(model: VQVAE, out: Path, metrics: dict | None = None) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps(dataclasses.asdict(model.cfg), indent=2) + "\n")
+    """The artifact, and `metrics` (val PSNR, codebook usage) in metrics.json beside it."""
+    out = save_artifact(out, "vq", model.state_dict(), dataclasses.asdict(model.cfg))
     if metrics is not None:
         (out / METRICS).write_text(json.dumps(metrics, indent=2) + "\n")
 
 
 def load_vq(path: Path | str, device: torch.device | str = "cpu") -> VQVAE:
-    """A `motfusion train-vq` directory -> its VQ-VAE, in eval mode."""
-    path = Path(path)
-    if not (path / WEIGHTS).is_file() or not (path / CONFIG).is_file():
-        raise FileNotFoundError(f"{path} holds no VQ-VAE ({WEIGHTS}, {CONFIG}); train one with "
-                                f"`motfusion train-vq --dataset shapes --out {path}`")
-    model = VQVAE(VQConfig(**json.loads((path / CONFIG).read_text())))
-    model.load_state_dict(safetensors.torch.load_file(path / WEIGHTS))
+    """A `motfusion train-vq` directory (or an older vq.safetensors + vq_config.json) -> its VQ-VAE, in eval mode."""
+    artifact = load_artifact(path, "vq", f"train one with `motfusion train-vq --dataset shapes --out {path}`")
+    model = VQVAE(dataclass_from_dict(VQConfig, artifact.config))
+    model.load_state_dict(artifact.tensors)
     return model.to(device).eval()

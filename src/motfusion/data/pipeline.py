@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 
 from motfusion.codecs.image import image_repr
-from motfusion.config import Config
+from motfusion.config import Config, DataConfig, TrainConfig
 from motfusion.data.documents import (
     DocumentDataset,
     PairDataset,
@@ -90,6 +90,17 @@ def build_dataset(cfg: Config, split: str) -> Dataset:
     if name not in DATASETS:
         raise ConfigError(f"data.dataset={cfg.data.dataset!r}: unknown dataset {name!r}; available: {sorted(DATASETS)}")
     return DATASETS[name](cfg, split, arg)
+
+
+def image_dataset(name: str, image_size: int, split: str, seed: int = 0) -> PairDataset:
+    """A registered dataset by name ("NAME" or "NAME:ARG") at `image_size`, for the models trained on
+    its (image, caption) samples alone: the VAE, the VQ-VAE, CLIP."""
+    cfg = Config(data=DataConfig(dataset=name, image_size=image_size), train=TrainConfig(seed=seed))
+    cfg.data.validate()
+    dataset = build_dataset(cfg, split)
+    if not hasattr(dataset, "sample"):
+        raise ConfigError(f"dataset={name!r} gives documents, not images; choose an image dataset, e.g. shapes or fashion")
+    return dataset
 
 
 class EpochOrder:

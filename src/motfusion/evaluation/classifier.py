@@ -3,31 +3,30 @@ and the judge behind `class_accuracy`.
 
 It is not Inception: its Fréchet distances are comparable only with each other (same classifier
 weights, same image size), never with published FIDs. `motfusion train-classifier --out DIR`
-trains it reproducibly (seeded init, seeded batch order) and writes DIR/classifier.safetensors
-and DIR/classifier.json (its config and test accuracy).
+trains it reproducibly (seeded init, seeded batch order) and writes the artifact DIR
+(artifacts.py, kind "classifier": weights.safetensors; config.json with its config, test accuracy
+and class names).
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from motfusion.artifacts import WEIGHTS, load_artifact, save_artifact
+from motfusion.config import dataclass_from_dict
 from motfusion.data.fashion import CLASSES, FASHION_DIR, load_fashion
 from motfusion.data.images import from_uint8
 from motfusion.errors import ConfigError
-
-WEIGHTS, META = "classifier.safetensors", "classifier.json"
+from motfusion.training.loop import LoopConfig, train_loop
 
 
 @dataclass(kw_only=True)
@@ -103,11 +102,11 @@ def train_classifier(cfg: ClassifierConfig, images: torch.Tensor, labels: torch.
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model = FashionClassifier(cfg).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(cfg.seed)
-    order, cursor, losses = torch.randperm(len(images), generator=g), 0, []
-    t0 = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+    order, cursor = torch.randperm(len(images), generator=g), 0
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        nonlocal order, cursor
         if cursor + cfg.batch_size > len(order):
             order, cursor = torch.randperm(len(images), generator=g), 0
         idx = order[cursor:cursor + cfg.batch_size]
@@ -115,18 +114,11 @@ def train_classifier(cfg: ClassifierConfig, images: torch.Tensor, labels: torch.
         x = as_images(images[idx])  # (B, 3, h, w)
         flip = torch.rand(len(idx), generator=g) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - 1) / cfg.steps))
-        loss = F.cross_entropy(model(x), labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log is not None and (step % log_every == 0 or step == cfg.steps):
-            recent = losses[-log_every:]
-            log(f"classifier step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
-                f"({time.perf_counter() - t0:.0f} s)")
-    return model.eval(), losses
+        return F.cross_entropy(model(x), labels[idx]), {}
+
+    loop = LoopConfig(name="classifier", steps=cfg.steps, lr=cfg.lr, weight_decay=cfg.weight_decay, log_every=log_every)
+    history = train_loop(model.parameters(), step_loss, loop, log)
+    return model.eval(), [r["loss"] for r in history]
 
 
 def fit_fashion_classifier(cfg: ClassifierConfig, out: Path, root: Path = FASHION_DIR,
@@ -144,19 +136,12 @@ def fit_fashion_classifier(cfg: ClassifierConfig, out: Path, root: Path = FASHIO
 
 
 def save_classifier(model: FashionClassifier, cfg: ClassifierConfig, metrics: dict[str, float], out: Path) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
-    (out / META).write_text(json.dumps({"config": asdict(cfg), "metrics": metrics, "classes": list(CLASSES)}, indent=2) + "\n")
+    save_artifact(out, "classifier", model.state_dict(), asdict(cfg), {"metrics": metrics, "classes": list(CLASSES)})
 
 
 def load_classifier(path: Path) -> FashionClassifier:
-    """The classifier saved in directory `path`, in eval mode."""
-    path = Path(path)
-    if not (path / WEIGHTS).is_file() or not (path / META).is_file():
-        raise FileNotFoundError(f"no classifier in {path} (needs {WEIGHTS} and {META}); "
-                                f"train one with `motfusion train-classifier --out {path}`")
-    cfg = ClassifierConfig(**json.loads((path / META).read_text())["config"])
-    model = FashionClassifier(cfg)
-    model.load_state_dict(safetensors.torch.load_file(path / WEIGHTS))
+    """The classifier saved in directory `path` (or an older classifier.safetensors + classifier.json), in eval mode."""
+    artifact = load_artifact(path, "classifier", f"train one with `motfusion train-classifier --out {path}`")
+    model = FashionClassifier(dataclass_from_dict(ClassifierConfig, artifact.config))
+    model.load_state_dict(artifact.tensors)
     return model.eval()

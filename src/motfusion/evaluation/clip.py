@@ -9,12 +9,14 @@ torch 2.13 but pulls in sentence-transformers, transformers, scikit-learn and sc
 weights, for captions that are at most a few words; a byte-level encoder trained here is enough.
 
 `info_nce` is also the loss of the objective's optional image-text alignment term.
+
+`motfusion train-clip --out DIR` writes an artifact directory (artifacts.py, kind "clip":
+weights.safetensors; config.json with the ClipConfig and the val metrics).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -22,19 +24,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from motfusion.artifacts import WEIGHTS, load_artifact, save_artifact
+from motfusion.config import dataclass_from_dict
 from motfusion.errors import ConfigError
 from motfusion.objectives import info_nce
-
-WEIGHTS, META = "clip.safetensors", "clip.json"
+from motfusion.training.loop import LoopConfig, train_loop
 
 
 @dataclass(kw_only=True)
 class ClipConfig:
+    dataset: str = "fashion"  # as data.dataset: fashion, emoji, fashion:PATH, ... (what `motfusion train-clip` trains on)
     embed_dim: int = 128
     width: int = 16  # image CNN channels of the first stage (doubling per stage)
     input_size: int = 32  # images of any size are resized to this
@@ -169,12 +172,6 @@ def _batch_indices(n: int | None, batch_size: int, g: torch.Generator):
             yield order[i:i + batch_size]
 
 
-def _lr(step: int, peak: float, warmup: int, steps: int) -> float:
-    if step <= warmup:
-        return peak * step / warmup
-    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
 def train_clip(cfg: ClipConfig, dataset: Any, log: Callable[[str], None] | None = None,
                log_every: int = 50) -> tuple[ClipModel, list[float]]:
     """Train on `dataset.sample(i)` pairs (finite datasets are reshuffled each epoch); returns the model
@@ -184,26 +181,20 @@ def train_clip(cfg: ClipConfig, dataset: Any, log: Callable[[str], None] | None 
     model = ClipModel(cfg).train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and n != "text.pos"]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and n != "text.pos")]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                            lr=cfg.lr, betas=(0.9, 0.98))
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     g = torch.Generator().manual_seed(cfg.seed)
     batches = _batch_indices(len(dataset) if hasattr(dataset, "__len__") else None, cfg.batch_size, g)
-    warmup, losses, t0 = max(1, cfg.steps // 20), [], time.perf_counter()
-    for step in range(1, cfg.steps + 1):
+
+    def step_loss(step: int) -> tuple[torch.Tensor, dict[str, float]]:
         samples = [dataset.sample(i) for i in next(batches)]
         images = torch.stack([s.image for s in samples])  # (B, 3, H, W)
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.lr, warmup, cfg.steps)
         loss = model.loss(images, [s.caption for s in samples], positives_of(samples))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if log is not None and (step % log_every == 0 or step == cfg.steps):
-            recent = losses[-log_every:]
-            log(f"clip step {step}/{cfg.steps} loss {sum(recent) / len(recent):.4f} "
-                f"temperature {1 / model.logit_scale.exp().item():.4f} ({time.perf_counter() - t0:.0f} s)")
-    return model.eval(), losses
+        return loss, {"temperature": 1 / model.logit_scale.exp().item()}
+
+    loop = LoopConfig(name="clip", steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 20), betas=(0.9, 0.98),
+                      log_every=log_every)
+    history = train_loop(groups, step_loss, loop, log)
+    return model.eval(), [r["loss"] for r in history]
 
 
 @torch.no_grad()
@@ -227,9 +218,10 @@ def zero_shot_accuracy(model: ClipModel, images: torch.Tensor, labels: torch.Ten
     return float((predicted == labels).float().mean())
 
 
-def fit_clip(cfg: ClipConfig, train_set: Any, val_set: Any, out: Path, info: dict[str, Any],
+def fit_clip(cfg: ClipConfig, train_set: Any, val_set: Any, out: Path, info: dict[str, Any] | None = None,
              log: Callable[[str], None] = functools.partial(print, flush=True), n_retrieval: int = 500) -> dict[str, float]:
-    """Train on `train_set`, score on `val_set`, save to `out` (with `info` in clip.json); returns the metrics.
+    """Train on `train_set`, score on `val_set`, save to `out` (with `info` and the metrics in its config.json);
+    returns the metrics.
 
     Retrieval is image -> text among the first `n_retrieval` val samples; a dataset with
     `class_prompts` (one caption per class) also gets zero-shot classification accuracy on all of val."""
@@ -241,25 +233,19 @@ def fit_clip(cfg: ClipConfig, train_set: Any, val_set: Any, out: Path, info: dic
     if hasattr(val_set, "class_prompts"):
         images, labels = torch.stack([s.image for s in val]), torch.tensor([s.label for s in val])
         metrics["zero_shot_accuracy"] = zero_shot_accuracy(model, images, labels, val_set.class_prompts)
-    save_clip(model, out, {**info, "metrics": metrics})
+    save_clip(model, out, {**(info or {}), "metrics": metrics})
     log("val " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()) + f"; wrote {Path(out) / WEIGHTS}")
     return metrics
 
 
 def save_clip(model: ClipModel, out: Path, info: dict[str, Any]) -> None:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / WEIGHTS)
-    (out / META).write_text(json.dumps({"config": asdict(model.cfg), **info}, indent=2) + "\n")
+    save_artifact(out, "clip", model.state_dict(), asdict(model.cfg), info)
 
 
 def load_clip(path: Path) -> tuple[ClipModel, dict[str, Any]]:
-    """The CLIP model saved in directory `path` (eval mode) and its clip.json."""
-    path = Path(path)
-    if not (path / WEIGHTS).is_file() or not (path / META).is_file():
-        raise FileNotFoundError(f"no CLIP model in {path} (needs {WEIGHTS} and {META}); "
-                                f"train one with `motfusion train-clip --dataset NAME --out {path}`")
-    meta = json.loads((path / META).read_text())
-    model = ClipModel(ClipConfig(**meta["config"]))
-    model.load_state_dict(safetensors.torch.load_file(path / WEIGHTS))
-    return model.eval(), meta
+    """The CLIP model saved in directory `path` (or an older clip.safetensors + clip.json), in eval
+    mode, and what its config.json records besides the config (metrics, ...)."""
+    artifact = load_artifact(path, "clip", f"train one with `motfusion train-clip --dataset NAME --out {path}`")
+    model = ClipModel(dataclass_from_dict(ClipConfig, artifact.config))
+    model.load_state_dict(artifact.tensors)
+    return model.eval(), artifact.info

@@ -85,9 +85,9 @@ def fit_tokenizer(frames: torch.Tensor, cfg: SpeechTokenizerConfig) -> tuple[Spe
 
 def train_speech_tokenizer(data_dir: str | Path, out_dir: str | Path | None, cfg: SpeechTokenizerConfig,
                            log: Callable[[str], None] = partial(print, flush=True)) -> SpeechTokenizer:
-    """Fit k-means on the log-mel frames of the dataset's train split, save the tokenizer to
-    `out_dir` (default DATA/tokenizer) and cache the units of every utterance, train and val."""
-
+    """Fit k-means on the log-mel frames of the dataset's train split, save the tokenizer artifact to
+    `out_dir` (default DATA/tokenizer) and cache the units of every utterance, train and val, beside it."""
+    cfg.validate()
     data_dir = Path(data_dir)
     out = Path(out_dir) if out_dir is not None else data_dir / DEFAULT_SUBDIR
     utterances = read_speech_data(data_dir)

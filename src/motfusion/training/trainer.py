@@ -40,7 +40,11 @@ from motfusion.tokenizer import (
     trained_vocab,
 )
 from motfusion.training.checkpoint import (
+    CHECKPOINTS,
+    STATE_FILE,
+    RunLock,
     check_resumable,
+    check_writable_dir,
     checkpoint_step,
     has_ema,
     latest_checkpoint,
@@ -65,6 +69,7 @@ from motfusion.training.distributed import (
 from motfusion.training.ema import EMA
 from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
 from motfusion.training.logging import TrainLogger
+from motfusion.training.loop import cosine_lr
 from motfusion.training.parallelize import autocast, parallel_mode, parallelize
 from motfusion.training.signals import StopSignal
 
@@ -112,15 +117,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    try:
+        return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+    except ValueError as e:  # torch's own range checks
+        raise ConfigError(f"the optimizer rejects train.lr={tcfg.lr}, train.beta1={tcfg.beta1}, "
+                          f"train.beta2={tcfg.beta2}, train.weight_decay={tcfg.weight_decay}: {e}") from None
 
 
 def lr_at(step: int, tcfg: TrainConfig) -> float:
     """Learning rate of step `step` (1-based): linear warmup, then cosine decay to min_lr at train.steps."""
-    if step <= tcfg.warmup:
-        return tcfg.lr * step / tcfg.warmup
-    progress = min(1.0, (step - tcfg.warmup) / max(1, tcfg.steps - tcfg.warmup))
-    return tcfg.min_lr + 0.5 * (tcfg.lr - tcfg.min_lr) * (1 + math.cos(math.pi * progress))
+    return cosine_lr(step, lr=tcfg.lr, steps=tcfg.steps, warmup=tcfg.warmup, min_lr=tcfg.min_lr)
 
 
 def train_step(model: nn.Module, objective: TransfusionObjective, optimizer: torch.optim.Optimizer,
@@ -269,10 +275,40 @@ def _guarded_step(run: Run, batch: Batch, whole: GlobalBatch, lr: float, tcfg: T
     return {**stats, "skipped": 0, "bad_steps": 0}
 
 
+def _weights_finite(model: nn.Module) -> bool:
+    """No inf or nan in this rank's weights (its shards under FSDP); one host sync."""
+    flags = [torch.isfinite(p.to_local() if isinstance(p, DTensor) else p).all() for p in model.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _unsaveable(run: Run, done: int, applied: int, last: bool, ckpt: Path | None) -> NonFiniteLossError | None:
+    """Why the weights must not be checkpointed: an update with a finite loss made them non-finite (a
+    broken hyper-parameter), or, at the end of the run, every one of the `done` steps of this process
+    was skipped. Collective: every rank gets the same answer."""
+    then = f"the last good checkpoint is {ckpt}" if ckpt is not None else "no checkpoint was written"
+    if any_rank(not _weights_finite(run.model)):
+        return NonFiniteLossError(f"step {run.step}: the weights became non-finite although the loss was finite, so "
+                                  "they were not saved; check train.lr, train.beta1, train.beta2, train.weight_decay "
+                                  f"and train.grad_clip; {then}")
+    if last and done and not applied:
+        return NonFiniteLossError(f"all {done} steps up to step {run.step} were skipped (non-finite loss or gradient), "
+                                  f"so nothing was trained; lower train.lr or raise train.warmup; {then}")
+    return None
+
+
 def _too_many_bad_steps(run: Run, ckpt: Path | None) -> NonFiniteLossError:
     then = f"--resume from {ckpt}" if ckpt is not None else "start again"
     return NonFiniteLossError(f"stopped at step {run.step}: {run.bad_steps} steps in a row had a non-finite loss or "
                               f"gradient (train.max_bad_steps); lower train.lr or raise train.warmup, then {then}")
+
+
+def _next_batch(packer: Packer) -> Batch:
+    try:
+        return packer.next_batch()
+    except ValueError as e:  # sequence.Packer: a document longer than train.seq_len, which the config must fix
+        if "train.seq_len" not in str(e):
+            raise
+        raise ConfigError(str(e)) from None
 
 
 def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | None,
@@ -283,16 +319,17 @@ def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | N
     tcfg = cfg.train
     history = []
     counter, peak = FlopCounter(run.model), peak_flops(run.device)
-    start, base_elapsed = time.perf_counter(), run.elapsed_s
+    start, base_elapsed, first, applied = time.perf_counter(), run.elapsed_s, run.step, 0
     while run.step < tcfg.steps:
         t0 = time.perf_counter()
-        batch = run.packer.next_batch()  # (B / W, T): this rank's rows of the global batch, built on the host
+        batch = _next_batch(run.packer)  # (B / W, T): this rank's rows of the global batch, built on the host
         whole, totals = locate(batch, counter.count(batch).as_counts())  # global denominators, tokens and FLOPs
         flops = BatchFlops.from_counts(totals)
         counts = {f"tokens/{m}": n for m, n in flops.tokens.items()}
         step, lr = run.step + 1, lr_at(run.step + 1, tcfg)
         run.generator.manual_seed(derive_seed(tcfg.seed, f"noise/{step}"))
         stats = _guarded_step(run, batch.to(run.device), whole, lr, tcfg, log)
+        applied += not stats["skipped"]
         dt = time.perf_counter() - t0
         run.step, run.elapsed_s, run.flops = step, base_elapsed + time.perf_counter() - start, run.flops + flops.total
         log.advance()
@@ -305,6 +342,9 @@ def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | N
             raise _too_many_bad_steps(run, ckpt)
         stopping = any_rank(stop.received is not None)  # every rank joins the checkpoint and stops together
         if (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0) or step == tcfg.steps or stopping:
+            refusal = _unsaveable(run, step - first, applied, step == tcfg.steps, ckpt)
+            if refusal is not None:
+                raise refusal
             ckpt = save_checkpoint(run_dir, step, run.model, cfg, run.state_dict(), tcfg.keep_checkpoints,
                                    optimizer=run.optimizer, sharded=run.mode == "fsdp", ema=run.ema)
         if stopping:
@@ -316,30 +356,54 @@ def train(cfg: Config, out_dir: Path, resume: bool = False) -> TrainResult:
     """Train `cfg` into `out_dir` (config.json, metrics.jsonl, checkpoints/), or continue it with `resume`.
 
     A resumed run may raise train.steps: the LR schedule follows the current config. The model
-    section must match the checkpoint's. Under torchrun every process calls this (see the module
+    section must match the checkpoint's. The call holds the run directory's lock (checkpoint.RunLock:
+    one writer per run), and never checkpoints weights that hold inf or nan (docs/GUARANTEES.md). Under torchrun every process calls this (see the module
     docstring); a checkpoint resumes with any number of processes and any train.parallel.
     """
     apply_image_repr(cfg.validate())  # model.image_channels: the image representation's (a VAE's latent channels)
     world = init_distributed(resolve_device(cfg.train.device))
+    lock = RunLock(out_dir)
     try:
-        result = _train(cfg, Path(out_dir), resume, world)
+        _lock_run(lock, world)
+        notes = [f"took over {lock.path} from process {lock.stale}, which ended without releasing it "
+                 "(killed or crashed)"] if lock.stale else []
+        result = _train(cfg, Path(out_dir), resume, world, notes)
         barrier()  # no rank closes its connections while another may still be reading from them
         return result
     finally:
+        lock.release()
         cleanup(world)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, world: World) -> TrainResult:
+def _lock_run(lock: RunLock, world: World) -> None:
+    """Before any work: rank 0 takes the run directory's lock (one writer per run) and proves that
+    checkpoints/ takes new files. If it cannot, every rank stops with its message."""
+    failure = None
+    if world.is_main:
+        try:
+            lock.acquire()
+            check_writable_dir(lock.run_dir / CHECKPOINTS, "checkpoints directory")
+        except CheckpointError as e:
+            failure = e
+    if any_rank(failure is not None):
+        raise failure or CheckpointError(f"rank 0 could not take the run directory {lock.run_dir}; see its error")
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, world: World, notes: list[str]) -> TrainResult:
     ckpt = _resume_point(run_dir, resume)
     prepare_tokenizer(cfg, run_dir, world)
     run = new_run(cfg, world, run_dir)
-    notes = []
     if ckpt is not None:
         changed = check_resumable(load_config(ckpt), cfg)
         state = load_train_state(ckpt)
         load_weights(run.model, ckpt)
         load_optimizer(run.model, run.optimizer, ckpt, state)
-        run.load_state_dict(state)
+        try:
+            run.load_state_dict(state)
+        except KeyError as e:
+            raise CheckpointError(f"{ckpt / STATE_FILE}: key {e.args[0]!r} is missing; it cannot be resumed") from None
+        except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
+            raise CheckpointError(f"{ckpt / STATE_FILE}: malformed training state ({e}); it cannot be resumed") from None
         if run.ema is not None and has_ema(ckpt):
             load_ema(run.ema, run.model, ckpt)
         elif run.ema is not None:
