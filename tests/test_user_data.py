@@ -104,7 +104,7 @@ BAD_MANIFEST_LINES = {
     "truncated png": (_truncated_png, _image_doc("img/cut.png"), [], ["img/cut.png", "truncated or corrupt"]),
     "missing file": (None, _image_doc("img/nope.png"), [], ["img/nope.png", "does not exist"]),
     "directory as image": (lambda r: (r / "img" / "dir.png").mkdir(parents=True), _image_doc("img/dir.png"), [],
-                           ["img/dir.png", "cannot read"]),
+                           ["img/dir.png", "is a directory, not a regular file"]),
     "invalid json": (None, '{"segments": [{"text": "x"}', [], ["invalid JSON"]),
     "not a document": (None, "[1, 2]", [], ['{"segments"']),
     "unknown segment type": (None, json.dumps({"segments": [{"video": "a.mp4"}]}), [], ["unknown segment type 'video'"]),

@@ -24,6 +24,12 @@ class CheckpointError(Exception):
     """A missing, partial or incompatible checkpoint; the message names the path."""
 
 
+class WriteError(CheckpointError, OSError):
+    """A file of a run, checkpoint or export could not be written (a full disk, a read-only file
+    system, a file in the way); the message names the path and the cause. An OSError too, for
+    callers that handle file-system errors as such."""
+
+
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradient norm became inf/nan; the step was not applied. `stats`: its numbers."""
 

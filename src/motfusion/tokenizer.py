@@ -22,6 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from motfusion.config import TRAINED_TOKENIZER
+from motfusion.errors import ConfigError
 
 # Order fixes the ids. Reserved slots keep ids stable when a modality adds markers later.
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<bosp>", "<eosp>") + tuple(f"<reserved{i}>" for i in range(9))
@@ -70,13 +71,22 @@ class BPETokenizer(Tokenizer):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} not found (train one with motfusion.tokenizer.train_bpe)")
-        self._init(HFTokenizer.from_file(str(path)), str(path), vocab_size)
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises a bare Exception on a file it cannot parse
+            raise ConfigError(f"tokenizer {path} is not a tokenizers JSON file ({str(e)[:120]}); "
+                              "train one with motfusion.tokenizer.train_bpe") from None
+        self._init(tok, str(path), vocab_size)
 
     @classmethod
     def from_json(cls, text: str, vocab_size: int | None = None) -> "BPETokenizer":
         """A tokenizer from its JSON text (as an exported model's metadata carries it)."""
         tok = cls.__new__(cls)
-        tok._init(HFTokenizer.from_str(text), "the JSON given", vocab_size)
+        try:
+            parsed = HFTokenizer.from_str(text)
+        except Exception as e:  # as in __init__
+            raise ConfigError(f"the tokenizer JSON given is not a tokenizers file ({str(e)[:120]})") from None
+        tok._init(parsed, "the JSON given", vocab_size)
         return tok
 
     def _init(self, tok: HFTokenizer, where: str, vocab_size: int | None) -> None:
@@ -84,11 +94,11 @@ class BPETokenizer(Tokenizer):
         ids = {name: tok.token_to_id(name) for name in SPECIALS}
         missing = [name for name, i in ids.items() if i is None]
         if missing:
-            raise ValueError(f"tokenizer {where} lacks the special tokens {missing}; train it with train_bpe")
+            raise ConfigError(f"tokenizer {where} lacks the special tokens {missing}; train it with train_bpe")
         super().__init__(ids)
         trained = tok.get_vocab_size()
         if vocab_size is not None and trained > vocab_size:
-            raise ValueError(f"tokenizer {where} has {trained} tokens, more than the model's {vocab_size}")
+            raise ConfigError(f"tokenizer {where} has {trained} tokens, more than the model's {vocab_size}")
         self.vocab_size = vocab_size or trained
 
     def to_json(self) -> str:

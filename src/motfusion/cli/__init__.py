@@ -2,8 +2,9 @@
 
 Each subcommand is a `Command` (cli/common.py) in the COMMANDS of one module: a help line, a function
 that adds its arguments to its argparse subparser, and a function that runs it. A new subcommand is
-one more entry. Mistakes a user can make (bad config or data, missing files, unusable checkpoint)
-end with one line, `motfusion: error: ...`, and exit status 2.
+one more entry. Mistakes a user can make (bad config or data, missing files, unusable checkpoint,
+a path that cannot be written, a full disk) end with one line, `motfusion: error: ...`, and exit
+status 2. docs/GUARANTEES.md lists what survives what.
 """
 
 from __future__ import annotations
@@ -45,4 +46,14 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into a reader that stopped early, e.g. `head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:  # the file system said no (read-only, full, a file in the way): path and cause
+        print(f"{PROG}: error: {os_error_text(e)}", file=sys.stderr)
+        return 2
     return status or 0
+
+
+def os_error_text(e: OSError) -> str:
+    """"PATH: no space left on device", from an OSError that names its file (else its own text)."""
+    if e.filename is None or e.strerror is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror[0].lower()}{e.strerror[1:]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -64,8 +65,10 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def sample_config(args: argparse.Namespace) -> SampleConfig:
-    if args.steps <= 0 or args.max_tokens <= 0 or not 0 < args.top_p <= 1 or args.temperature < 0:
+    if args.steps <= 0 or args.max_tokens <= 0 or not 0 < args.top_p <= 1 or not 0 <= args.temperature < math.inf:
         raise ConfigError("--steps and --max-tokens must be positive, --top-p in (0, 1], --temperature >= 0")
+    if not math.isfinite(args.guidance):
+        raise ConfigError(f"--guidance={args.guidance} must be a finite number (1 = off)")
     return SampleConfig(steps=args.steps, sampler=args.sampler, guidance=args.guidance, max_tokens=args.max_tokens,
                         temperature=args.temperature, top_p=args.top_p)
 

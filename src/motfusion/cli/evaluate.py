@@ -17,11 +17,13 @@ from motfusion.cli.common import (
 )
 from motfusion.compare import compare
 from motfusion.demo import run_demo
+from motfusion.errors import CheckpointError, ConfigError
 from motfusion.evaluation.losses import validation_losses
 from motfusion.evaluation.suites import SUITES, SuiteOptions, evaluate
 from motfusion.report import compare_runs
 from motfusion.sampling import SampleConfig
 from motfusion.sampling.load import load_generator
+from motfusion.training.checkpoint import check_writable_file, write_json
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -37,12 +39,18 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    gen, cfg = load_generator(args.ckpt, default_device(), sample_config(args), ema=not args.raw_weights)
+    if args.n <= 0 or args.val_batches < 0:
+        raise ConfigError(f"--n={args.n} must be positive and --val-batches={args.val_batches} >= 0")
+    samples = sample_config(args)
+    if not args.ckpt.exists():
+        raise CheckpointError(f"--ckpt {args.ckpt} does not exist")
+    out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / f"eval_{args.suite}.json"
+    check_writable_file(out, "--out")  # before the minutes of evaluation, not after
+    gen, cfg = load_generator(args.ckpt, default_device(), samples, ema=not args.raw_weights)
     options = SuiteOptions(n=args.n, seed=args.seed, classifier=args.classifier, clip=args.clip)
     metrics = evaluate(args.suite, gen, cfg, options)
     metrics.update(validation_losses(gen.model, cfg, gen.tok, n_batches=args.val_batches, seed=args.seed))
-    out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / f"eval_{args.suite}.json"
-    out.write_text(json.dumps(metrics, indent=2))
+    write_json(out, metrics)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}")
 

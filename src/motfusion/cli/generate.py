@@ -18,11 +18,14 @@ from motfusion.cli.common import (
 from motfusion.codecs.audio import write_wav
 from motfusion.codecs.speech import speech_tokenizer_of
 from motfusion.config import Config
-from motfusion.data.images import read_image, to_pil
+from motfusion.data.images import to_pil
+from motfusion.data.scan import ImageRules, read_image
+from motfusion.errors import ConfigError
 from motfusion.sampling import Generator
 from motfusion.sampling.load import load_generator
 from motfusion.sampling.speech import speech_to_text, text_to_units
 from motfusion.sequence import Image, Units
+from motfusion.training.checkpoint import check_writable_dir
 
 
 def generate_arguments(p: argparse.ArgumentParser) -> None:
@@ -39,17 +42,25 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
+    if args.n <= 0:
+        raise ConfigError(f"--n={args.n}: samples per prompt must be positive")
+    samples = sample_config(args)
+    if args.speak is not None:  # where the output goes is checked before any work
+        check_writable_dir(args.out.parent if args.out.suffix.lower() == ".wav" else args.out, "--out")
+    elif args.prompt or args.interleaved is not None:
+        check_writable_dir(args.out, "--out")
     device = default_device()
-    gen, cfg = load_generator(args.ckpt, device, sample_config(args), ema=not args.raw_weights)
+    gen, cfg = load_generator(args.ckpt, device, samples, ema=not args.raw_weights)
     g = torch.Generator(device=device).manual_seed(args.seed)
     if args.speak is not None or args.transcribe:
         return _speech(args, gen, cfg, g)
     if args.image:
-        images = torch.stack([read_image(p, cfg.data.image_size) for p in args.image]).to(device)
+        d = cfg.data
+        rules = ImageRules(size=d.image_size, min_side=1, max_pixels=d.max_image_pixels)  # any size is resized
+        images = torch.stack([read_image(p, rules) for p in args.image]).to(device)
         for path, caption in zip(args.image, gen.captions(images, g)):
             print(f"{path}\t{caption}")
         return
-    args.out.mkdir(parents=True, exist_ok=True)
     if args.interleaved is not None:
         return _interleaved(args, gen, g)
     prompts = [p for p in args.prompt for _ in range(args.n)]
@@ -80,7 +91,6 @@ def _speech(args: argparse.Namespace, gen: Generator, cfg: Config, g: torch.Gene
         return
     units = text_to_units(gen, stok, [args.speak], g)[0]
     path = args.out if args.out.suffix.lower() == ".wav" else args.out / f"{slug(args.speak)}.wav"
-    path.parent.mkdir(parents=True, exist_ok=True)
     write_wav(path, stok.decode(units), stok.sample_rate)
     print(f"{path}\t{len(units)} units, {len(units) / stok.cfg.mel.frame_rate:.2f} s")
 

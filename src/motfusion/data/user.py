@@ -4,7 +4,9 @@
         {"segments": [{"text": "a cat"}, {"image": "img/cat.png"}, {"text": "on a mat"}]}
         image paths are relative to the manifest's folder; other keys of the object are ignored.
     data.dataset=folder:PATH     every image under PATH (.png .jpg .jpeg .webp .bmp, searched
-        recursively, hidden files skipped) with its caption in a .txt file of the same stem.
+        recursively through links to folders, hidden files skipped) with its caption in a .txt file
+        of the same stem. Links to nothing, link loops and image names that are not regular files
+        are bad samples, reported like any other.
 
 Both are checked in full when built (data/scan.py). Images are loaded lazily: RGB, EXIF-upright,
 center-cropped to a square, resized to data.image_size, scaled to [-1, 1].
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -110,10 +113,18 @@ def user_path(arg: str, kind: str, want_dir: bool) -> Path:
 ManifestDoc = tuple[Text | Path, ...]  # text segments as they are, images as resolved paths
 
 
+def preview(value: object) -> str:
+    """A short JSON rendering of a user's value for a message, whatever it holds."""
+    try:
+        return json.dumps(value)[:80]
+    except (ValueError, RecursionError):  # e.g. nested too deeply to render
+        return f"a deeply nested {type(value).__name__}"
+
+
 def parse_segment(i: int, seg: object, root: Path) -> Text | Path:
     if not isinstance(seg, dict) or len(seg) != 1:
         raise BadSample("bad document", f"segment {i} must be an object with one key, one of {list(SEGMENT_KEYS)}; "
-                                        f"got {json.dumps(seg)[:80]}")
+                                        f"got {preview(seg)}")
     (kind, value), = seg.items()
     if kind not in SEGMENT_KEYS:
         if kind == "audio" and "speech" not in MODALITIES:
@@ -126,7 +137,7 @@ def parse_segment(i: int, seg: object, root: Path) -> Text | Path:
         raise BadSample("unknown segment type", f"segment {i} has unknown segment type {kind!r}; "
                                                 f"manifests support {list(SEGMENT_KEYS)}")
     if not isinstance(value, str) or (kind == "image" and not value):
-        raise BadSample("bad document", f"segment {i}: {kind!r} must be a non-empty string, got {json.dumps(value)[:80]}")
+        raise BadSample("bad document", f"segment {i}: {kind!r} must be a non-empty string, got {preview(value)}")
     if kind == "image":
         return root / value
     try:
@@ -142,6 +153,10 @@ def parse_line(raw: bytes, root: Path) -> ManifestDoc:
         obj = json.loads(decode_utf8(raw, multiline=False))
     except json.JSONDecodeError as e:
         raise BadSample("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise BadSample("invalid JSON", "JSON nested too deeply to parse") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise BadSample("invalid JSON", f"JSON Python cannot parse: {str(e).split(';')[0]}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("segments"), list):
         raise BadSample("bad document", 'expected an object like {"segments": [{"text": "..."}, {"image": "a.png"}]}')
     doc = tuple(parse_segment(i, seg, root) for i, seg in enumerate(obj["segments"], 1))
@@ -168,6 +183,9 @@ def read_manifest(path: Path, cfg: Config) -> list[tuple[int, bytes, ManifestDoc
                 lines.append((line, raw, fits([image if isinstance(s, Path) else s for s in doc], cfg, tokenizer) or doc))
             except BadSample as e:
                 lines.append((line, raw, e))
+            except Exception as e:  # whatever else a line can do, it is that line's problem, not the scan's
+                lines.append((line, raw, BadSample("bad document", f"cannot read this line: {type(e).__name__}: "
+                                                                   f"{str(e)[:120]}")))
     return lines
 
 
@@ -224,11 +242,38 @@ class Pair:
     caption: str
 
 
-def find_images(root: Path) -> list[Path]:
-    """Image files under root, recursively, hidden ones skipped, sorted by relative path."""
-    found = [p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+def find_images(root: Path) -> tuple[list[Path], list[Problem]]:
+    """Image names under root, recursively (through links to folders), hidden ones skipped, sorted by
+    relative path; and the folders not searched: unreadable ones, and links back to a folder already
+    searched (a loop, or a second way in), each a Problem. Names that turn out not to be regular
+    files (links to nothing, link loops, FIFOs) are listed: the image check reports them."""
+    found, problems, seen, stack = [], [], {(root.stat().st_dev, root.stat().st_ino)}, [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError as e:
+            problems.append(Problem("unreadable file", folder, None, f"cannot list the folder: {e.strerror or e}"))
+            continue
+        for entry in entries:
+            path = Path(entry.path)
+            if entry.name.startswith("."):
+                continue
+            try:
+                info = entry.stat() if entry.is_dir() else None  # follows links
+            except OSError:
+                info = None
+            if info is None:
+                if path.suffix.lower() in IMAGE_SUFFIXES:
+                    found.append(path)
+            elif (info.st_dev, info.st_ino) in seen:
+                problems.append(Problem("link loop", path, None, "links to a folder already searched (a loop, or "
+                                                                 "a second way in); not searched again"))
+            else:
+                seen.add((info.st_dev, info.st_ino))
+                stack.append(path)
+    return (sorted(found, key=lambda p: p.relative_to(root).as_posix()),
+            sorted(problems, key=lambda p: p.path.relative_to(root).as_posix()))
 
 
 def read_caption(caption: Path) -> str:
@@ -245,7 +290,7 @@ def read_caption(caption: Path) -> str:
 
 
 def scan_folder(root: Path, cfg: Config) -> tuple[list[Scanned[tuple[Path, str]]], ScanReport]:
-    images = find_images(root)
+    images, unsearched = find_images(root)
     if not images:
         raise DataError(f"data.dataset=folder:{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
     tokenizer, image = length_tokenizer(cfg.data.tokenizer), placeholder(cfg)
@@ -261,6 +306,7 @@ def scan_folder(root: Path, cfg: Config) -> tuple[list[Scanned[tuple[Path, str]]
         too_long = fits([Text(caption), image], cfg, tokenizer)
         bad = (too_long.at(caption_path) if too_long else None) or (checked[path].at(path) if checked[path] else None)
         scanned.append(Scanned(key, None if bad else (path, caption), bad))
+    scanned += [Scanned(p.path.relative_to(root).as_posix().encode(), None, p) for p in unsearched]
     return scanned, ScanReport(f"folder {root}", len(scanned), [s.problem for s in scanned if s.problem])
 
 

@@ -21,11 +21,18 @@ the training state from `torch.load(weights_only=True)`.
 
 Sampling reads the moving average when a checkpoint has one (`load_model(..., ema=True)`, the
 default) and the raw weights with `ema=False`; an export holds the one it was asked for.
+
+A run directory has one writer: `RunLock` (an OS lock on RUN/.lock, held for the life of the
+process) keeps a second `train` out. Every file here is written through Python's own file objects,
+so a full disk or a read-only file system surfaces as an OSError naming the file (never a
+truncated file renamed into place); `write_error` turns it into one line. docs/GUARANTEES.md lists
+what survives what.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import re
@@ -46,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from motfusion.config import Config
-from motfusion.errors import CheckpointError, ConfigError
+from motfusion.errors import CheckpointError, ConfigError, WriteError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.tokenizer import (
     TOKENIZER_FILE,
@@ -95,8 +102,123 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(match.group(1))
 
 
+LOCK_FILE = ".lock"  # RUN/.lock: the PID of the process that trains the run (RunLock)
+
+
+def write_error(e: OSError, what: str, then: str = "") -> WriteError:
+    """An OSError while writing -> one line naming the path and the cause ("no space left on device")."""
+    cause = (e.strerror or str(e)).lower() if e.errno is not None else str(e)
+    where = f" {e.filename}" if e.filename else ""
+    return WriteError(f"cannot write {what}{where}: {cause}{then}")
+
+
+def write_atomic(path: Path, write: Any) -> None:
+    """Write a file whole or not at all: `write(f)` fills a temporary sibling, which is fsynced and renamed
+    over `path`. A kill at any moment leaves the old file or the new one, never a torn one."""
+    path = Path(path)
+    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
+    try:
+        _write_file(tmp, write, fsync=True)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n")
+    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def check_writable_dir(path: Path, what: str) -> None:
+    """Create `path` (a directory) if needed and prove a file can be written there, before any work:
+    a read-only or full file system, or a file in the way, is one CheckpointError naming the path."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CheckpointError(f"{what} {path} is a file, not a directory; choose another path")
+    _check_ancestors(path, what)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f"{_TMP_PREFIX}probe-{os.getpid()}"
+        with open(probe, "wb") as f:
+            f.write(b"\0")
+        probe.unlink()
+    except OSError as e:
+        raise write_error(e, what) from None
+
+
+def check_writable_file(path: Path, what: str) -> None:
+    """`path` can be (re)written as a file: it is not a directory and its folder takes new files."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{what} {path} is a directory; name a file")
+    _check_ancestors(path, what)
+    check_writable_dir(path.parent, f"the folder of {what}")
+
+
+def _check_ancestors(path: Path, what: str) -> None:
+    """A file where `path` needs a folder, e.g. --out notes.txt/run."""
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CheckpointError(f"{what} {path} lies under {parent}, which is a file; choose another path")
+            return
+
+
+class RunLock:
+    """The one writer of a run directory: an exclusive flock on RUN/.lock, holding the writer's PID.
+
+    The OS drops a flock when its process ends, however it ends (SIGKILL and power loss included),
+    so the lock of a crashed run is never in the way: the next writer takes it, and `stale` names the
+    PID that left it (the file still holds it; a clean exit empties it). While a process holds it, a
+    second writer gets a CheckpointError naming that PID. The file is never deleted, so two processes
+    cannot each lock a different file of the same name.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.path = Path(run_dir), Path(run_dir) / LOCK_FILE
+        self.fd: int | None = None
+        self.stale: str | None = None  # the PID a crashed writer left in the file
+
+    def acquire(self) -> "RunLock":
+        check_writable_dir(self.run_dir, "run directory")
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise write_error(e, "run lock") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_pid(fd) or "unknown"
+            os.close(fd)
+            raise CheckpointError(f"{self.run_dir} is in use: process {holder} is training it (lock {self.path}); "
+                                  "wait for it or stop it, or choose another --out") from None
+        except OSError as e:  # a file system without flock
+            os.close(fd)
+            raise write_error(e, "run lock") from None
+        previous = _read_pid(fd)
+        self.stale = previous if previous and previous != str(os.getpid()) else None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # a clean exit: nothing stale for the next writer to report
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_pid(fd: int) -> str | None:
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return text if text.isdigit() else None
 
 
 def _fsync(path: Path) -> None:
@@ -106,6 +228,47 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+class _Sink:
+    """A file's write() that remembers the OSError it raised. torch.save swallows a failed write of the
+    file object it is given (then reports a position mismatch, or nothing at all)."""
+
+    def __init__(self, f: Any):
+        self.f, self.error = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+    def __getattr__(self, name: str) -> Any:  # name, fileno, tell...: the file's
+        return getattr(self.f, name)
+
+
+def _write_file(path: Path, write: Any, fsync: bool = False) -> None:
+    """`write(sink)` into a new file, raising the OSError of any failed write with its errno and file
+    ("no space left on device"). torch.save to a path reports a full disk as an inline_container.cc
+    RuntimeError, and safetensors' save_file can drop the error and leave a short file: here both
+    write through Python file objects."""
+    with open(path, "wb") as f:
+        sink = _Sink(f)
+        try:
+            write(sink)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        except Exception:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        if sink.error is not None:
+            raise sink.error
 
 
 def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, cfg: Config,
@@ -129,10 +292,11 @@ def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if not sharded:
         for tensors, name in ((weights, MODEL_FILE), (averages, EMA_FILE)):
             if tensors is not None:
-                safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, tmp / name)
+                _write_file(tmp / name, lambda f, t=tensors: f.write(safetensors.torch.save(
+                    {k: v.contiguous() for k, v in t.items()})))
                 names.append(name)
-    torch.save(state, tmp / STATE_FILE)
-    write_json(tmp / CONFIG_FILE, cfg.to_dict())
+    _write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
+    _write_file(tmp / CONFIG_FILE, lambda f: f.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode()))
     if (Path(run_dir) / TOKENIZER_FILE).is_file():  # data.tokenizer=bpe:N: the checkpoint carries its own
         shutil.copyfile(Path(run_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         names.append(TOKENIZER_FILE)
@@ -166,9 +330,12 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
                 shutil.rmtree(stale)
             os.replace(tmp, final)
             _fsync(final.parent)
-    except BaseException:
+    except BaseException as e:
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            last = latest_checkpoint(run_dir)
+            raise write_error(e, f"checkpoint {final}", f"; the last checkpoint, {last}, is intact" if last else "") from None
         raise
     if is_main():
         prune_checkpoints(run_dir, keep)
@@ -197,9 +364,36 @@ def load_config(directory: Path) -> Config:
     """The config.json of a checkpoint or of a run directory."""
     path = _require(Path(directory) / CONFIG_FILE)
     try:
-        return Config.from_dict(json.loads(path.read_text()))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    return parse_config(text, str(path))
+
+
+def parse_config(text: str, where: str) -> Config:
+    """A config from its JSON text (a config.json, an export's metadata). Hand-edited or damaged text
+    gives one CheckpointError naming `where` and, through the config's own checks, the key."""
+    try:
+        d = json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{where} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where} must hold a JSON object (the config's sections), not {_json_type(d)}")
+    for section in ("model", "objective", "data", "train"):
+        if section in d and not isinstance(d[section], dict):
+            raise CheckpointError(f"{where}: {section!r} must be an object of keys, not {_json_type(d[section])}")
+    try:
+        return Config.from_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type reaching a check
+        raise CheckpointError(f"{where}: a value has the wrong type ({e}); compare it with `motfusion config "
+                              "--recipe NAME`") from None
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
 
 
 def weights_mismatch(model: torch.nn.Module, path: Path) -> list[str]:
@@ -318,9 +512,12 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
 def load_train_state(ckpt: Path) -> dict[str, Any]:
     path = _require(Path(ckpt) / STATE_FILE)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} must hold a dict of training state, not {type(state).__name__}")
+    return state
 
 
 def resolve_checkpoint(path: Path) -> Path:
@@ -343,6 +540,7 @@ def export_checkpoint(path: Path, out: Path, ema: bool = True) -> Path:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise CheckpointError(f"{out}: the export is one .safetensors file; name it e.g. model.safetensors")
+    check_writable_file(out, "export")
     ckpt = resolve_checkpoint(path)
     cfg = load_config(ckpt)
     text = json.dumps(cfg.to_dict(), indent=2) + "\n"
@@ -354,15 +552,14 @@ def export_checkpoint(path: Path, out: Path, ema: bool = True) -> Path:
         state = load_model(ckpt, ema=ema)[0].state_dict()
     else:
         state = safetensors.torch.load_file(ckpt / EMA_FILE if ema else _weights_file(ckpt), device="cpu")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{_TMP_PREFIX}{out.name}-{os.getpid()}")
     metadata = {"format": "pt", CONFIG_METADATA: text, WEIGHTS_METADATA: "ema" if ema else "raw"}
     if trained_vocab(cfg.data.tokenizer):
         metadata[TOKENIZER_METADATA] = build_tokenizer(cfg.data.tokenizer, ckpt).to_json()
-    safetensors.torch.save_file(state, tmp, metadata=metadata)
-    _fsync(tmp)
-    os.replace(tmp, out)
-    beside.write_text(text)
+    try:
+        write_atomic(out, lambda f: f.write(safetensors.torch.save(state, metadata=metadata)))
+        write_atomic(beside, lambda f: f.write(text.encode()))
+    except OSError as e:
+        raise write_error(e, "export") from None
     return out
 
 
@@ -376,7 +573,7 @@ def load_exported_config(path: Path) -> Config:
         raise CheckpointError(f"cannot read {path}: {e}") from None
     if text is None:
         return load_config(path.parent)
-    return Config.from_dict(json.loads(text))
+    return parse_config(text, f"{path} (its {CONFIG_METADATA} metadata)")
 
 
 def load_model(path: Path, device: torch.device | str = "cpu",

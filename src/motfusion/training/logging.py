@@ -6,28 +6,72 @@ otherwise (CI, a file, a notebook cell) it prints one dense line per logged step
     step 40/600 | loss 3.2100 | text 2.1000 | image 0.2200 | lr 1.2e-03 | norm 0.41 | 812 tok/s | 245 ms
 
 With `tensorboard=True` the same numbers also go to TensorBoard event files in the run directory.
+
+metrics.jsonl is append-only while a run trains. On resume it is cut back to the resumed step by
+writing the kept records to a temporary file, fsyncing it and renaming it over the old one, so a
+kill at any moment leaves the old history or the new one whole. A last line torn by a kill is
+dropped (and said so); a damaged line anywhere else stops with its line number.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
+from motfusion.errors import CheckpointError
+from motfusion.training.checkpoint import write_atomic, write_error
+
 METRICS_FILE = "metrics.jsonl"
+log = logging.getLogger("motfusion.training")
+
+
+def parse_metrics(path: Path) -> tuple[list[dict[str, Any]], str | None]:
+    """The records of a metrics.jsonl, and a note when a torn last line was dropped.
+
+    Each record is written as one line with its newline, so a last line that does not parse (or has
+    no newline) is a record cut short by a kill mid-write: it is dropped. A line that does not parse
+    elsewhere is damage no kill makes: CheckpointError naming the line."""
+    path = Path(path)
+    if not path.is_file():
+        return [], None
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise CheckpointError(f"cannot read {path}: {e.strerror or e}") from None
+    lines = text.split("\n")  # the last item is "" when the file ends with a newline
+    numbered = [(i, line) for i, line in enumerate(lines, 1) if line.strip()]
+    records, note = [], None
+    for k, (number, line) in enumerate(numbered):
+        record = _record(line)
+        if record is not None:
+            records.append(record)
+        elif k == len(numbered) - 1:
+            note = f"{path}:{number}: dropped a torn last record (a write cut short)"
+        else:
+            raise CheckpointError(f"{path}:{number} is not a metrics record (a JSON object with a step); delete or "
+                                  "repair that line, the other records are intact")
+    return records, note
+
+
+def _record(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except (ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl. Each is written as one line with its newline, so text after the
-    last newline is a record cut short by a kill mid-write: it is dropped."""
-    path = Path(path)
-    if not path.is_file():
-        return []
-    text = path.read_text()
-    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+    """The records of a metrics.jsonl (see parse_metrics); a dropped torn last line is logged."""
+    records, note = parse_metrics(path)
+    if note:
+        log.warning(note)
+    return records
 
 
 def format_line(record: dict[str, Any], total_steps: int) -> str:
@@ -52,21 +96,30 @@ class TrainLogger:
         self.path = Path(run_dir) / METRICS_FILE
         self.total_steps = total_steps
         self.stream = stream or sys.stdout
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        for leftover in Path(run_dir).glob(f".tmp-{METRICS_FILE}-*"):  # a rewrite killed before its rename
+            leftover.unlink()
+        records, note = parse_metrics(self.path)
+        kept = [r for r in records if r["step"] <= start_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        write_atomic(self.path, lambda f: f.write(text.encode()))
         self.file = self.path.open("a")
         self.tensorboard = _summary_writer(Path(run_dir), start_step) if tensorboard else None
         self.bar = None
         if self.stream.isatty():
             self.bar = tqdm(total=total_steps, initial=start_step, file=self.stream, unit="step", dynamic_ncols=True)
+        if note:
+            self.info(note)
 
     def advance(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
 
     def log(self, record: dict[str, Any]) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # e.g. a full disk: the error names no file of its own
+            raise write_error(e, f"metrics to {self.path}") from None
         if self.tensorboard is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
