@@ -2,19 +2,25 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 # Debian packages the tests read: espeak-ng and fortunes (speech), dataset-fashion-mnist and
 # fonts-noto-color-emoji (real image datasets). `make test` installs the missing ones when it runs
 # as root on a machine with apt-get.
 DEB_PACKAGES := espeak-ng fortunes dataset-fashion-mnist fonts-noto-color-emoji
 
-.PHONY: demo test install clean debs bench
+.PHONY: demo test lint install clean debs bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.txt
 	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
+
+# What the tests add: linters and the reference libraries of tests/test_agreement.py.
+$(DEV_STAMP): $(STAMP) requirements-dev.txt
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $(DEV_STAMP)
 
 install: $(STAMP)
 
@@ -26,7 +32,14 @@ debs:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEB_PACKAGES) >/dev/null; \
 	fi
 
-test: $(STAMP) debs
+# Style and layering: ruff formats and lints; import-linter keeps imports flowing down the layers
+# (pyproject.toml), so a new import cycle fails CI.
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff format --check --quiet src tests benchmarks
+	$(VENV)/bin/ruff check --quiet src tests benchmarks
+	$(VENV)/bin/lint-imports --no-cache
+
+test: $(DEV_STAMP) debs lint
 	$(PY) -m pytest -q
 
 # Train-step and attention timings on this host (about a minute on CPU): benchmarks/results/.
