@@ -16,7 +16,7 @@ def test_bench_writes_every_table(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "SEQ_LENS", (256,))
     monkeypatch.setattr(bench, "SAMPLING_BATCH", 2)
     monkeypatch.setattr(sys, "argv", ["bench.py"])
-    bench.main(["--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+    bench.main(["--repeats", "1", "--warmup", "0", "--no-compile", "--out", str(tmp_path)])
     train = json.loads((tmp_path / "train_step.json").read_text())["results"]
     assert {(r["modalities"], r["model"]) for r in train} == {(2, "dense"), (2, "MoT"), (3, "dense"), (3, "MoT")}
     for m in (2, 3):

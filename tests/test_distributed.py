@@ -62,7 +62,7 @@ def curve(run_dir: Path, extra: tuple[str, ...] = ()) -> list[list[float]]:
 def assert_same_curve(a: list[list[float]], b: list[list[float]]) -> None:
     assert [r[0] for r in a] == [r[0] for r in b]
     torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                               rtol=0, atol=TOL)
+                               rtol=1e-6, atol=TOL)  # rtol: float32 sums in another order (a grad norm of 28)
 
 
 def rewind(run_dir: Path, to: Path) -> Path:

@@ -36,8 +36,38 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.T
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]). x: (B, T, H, hd); cos, sin: (B, T, hd // 2)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, hd // 2) each
+    """Rotate pairs (x[2i], x[2i+1]) by angle i. x: (B, T, H, hd); cos, sin: (B, T, hd // 2).
+
+    Eager: one complex multiply per pair, the same arithmetic as x1 cos - x2 sin, x1 sin + x2 cos in
+    a third of the time on CPU. Compiled: real arithmetic, which inductor fuses (it does not
+    generate code for complex numbers)."""
     cos, sin = cos[:, :, None], sin[:, :, None]
-    out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, H, hd // 2, 2)
-    return out.flatten(-2).type_as(x)
+    if torch.compiler.is_compiling():
+        x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, hd // 2) each
+        out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (B, T, H, hd // 2, 2)
+        return out.flatten(-2).type_as(x)
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, H, hd // 2) complex
+    return torch.view_as_real(pairs * torch.complex(cos, sin)).flatten(-2).type_as(x)
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0, whose backward is the gather grad[inverse] (index_select's own backward
+    is a scatter-add, slower on CPU). Exact when `index` is a permutation and `inverse` its inverse.
+
+    Padding: `index` may also read a row again (a padding slot), and `inverse` may name one output
+    row for several inputs; backward then ignores the padding slots' gradients, or hands them a
+    copy of a real one. That is exact when nothing real depends on the padding slots, as in
+    attention's document buckets, where a padding slot attends to padding only."""
+    return _GatherRows.apply(x, index, inverse)

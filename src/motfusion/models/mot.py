@@ -5,28 +5,84 @@ attention is one softmax over the whole mixed sequence. Each component keeps its
 ModuleDict keyed by tower name when it is untied, or under the single key "shared" when it is tied;
 `model.untie = ()` is the dense baseline, with the same FLOPs per token.
 
-Routing: each tower's positions (precomputed flat indices) are gathered into a contiguous buffer,
-run through that tower's weights, and scattered back. No boolean masks, no host syncs.
+Routing: once per forward, `MoTBackbone.route` orders the B * T positions tower by tower (a
+`Route`). The backbone keeps its residual stream (and RoPE angles) in that order, so each tower's
+tokens are one contiguous slice and every per-tower weight runs on a view, with no gather or
+scatter. Only attention mixes towers: document buckets (models/attention.py) gather q, k, v
+straight from tower order, as they would from row order; a dense mask, a BlockMask or the KV cache
+takes q, k, v back to row order and the output forward again, one gather each way per layer
+(its backward a gather too). No boolean masks, no host syncs.
 
 With `model.text_moe_experts`, the FFN that serves text is a mixture of experts (models/moe.py).
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 
 from motfusion.config import ModelConfig
-from motfusion.models.attention import attend
-from motfusion.models.layers import RMSNorm, SwiGLU, apply_rope
+from motfusion.models.attention import DocumentBuckets, attend
+from motfusion.models.layers import RMSNorm, SwiGLU, apply_rope, gather_rows
 from motfusion.models.moe import MoEFFN
 
 SHARED = "shared"
 
-# tower name -> flat positions (into B * T) of that tower's tokens; None = one shared tower (dense)
-Route = dict[str, torch.Tensor] | None
+
+@dataclass(frozen=True)
+class Route:
+    """Which tower serves each of a pass's N = B * T positions; None instead of a Route: dense.
+
+    `order` lists the flat row-major positions tower by tower (`sizes` tokens each, towers with no
+    token left out); `inverse` is its inverse permutation. Both are None when one tower has every
+    token. `sorted`: the residual stream is already in tower order (the backbone's); otherwise it is
+    in row order (a block called on its own) and each per-tower step gathers in and out."""
+
+    towers: tuple[str, ...]
+    sizes: tuple[int, ...]
+    order: torch.Tensor | None  # (N,)
+    inverse: torch.Tensor | None  # (N,)
+    sorted: bool = False
+
+
+def split_towers(x: torch.Tensor, route: Route | None) -> list[tuple[str, torch.Tensor]]:
+    """The stream x (N, ...) as (tower, its tokens) pairs; views when the stream is in tower order."""
+    if route is None:
+        return [(SHARED, x)]
+    if route.order is None:
+        return [(route.towers[0], x)]
+    xs = x if route.sorted else gather_rows(x, route.order, route.inverse)  # (N, ...) tower order
+    return list(zip(route.towers, xs.split(route.sizes)))
+
+
+def join_towers(parts: list[torch.Tensor], route: Route | None) -> torch.Tensor:
+    """Inverse of split_towers: per-tower (n_t, ...) -> the stream (N, ...)."""
+    if route is None or route.order is None:
+        return parts[0]
+    out = torch.cat(parts)  # (N, ...) tower order
+    return out if route.sorted else gather_rows(out, route.inverse, route.order)
+
+
+def each_tower(x: torch.Tensor, route: Route | None, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply fn(tower, x_tower) to each tower's tokens of the stream x (N, D) -> (N, out), stream order."""
+    return join_towers([fn(t, part) for t, part in split_towers(x, route)], route)
+
+
+def to_rows(x: torch.Tensor, route: Route | None) -> torch.Tensor:
+    """The stream's (N, ...) in row order (for attention)."""
+    if route is None or route.order is None or not route.sorted:
+        return x
+    return gather_rows(x, route.inverse, route.order)
+
+
+def to_stream(x: torch.Tensor, route: Route | None) -> torch.Tensor:
+    """Row-order (N, ...) back into the stream's order."""
+    if route is None or route.order is None or not route.sorted:
+        return x
+    return gather_rows(x, route.order, route.inverse)
 
 
 def tower_names(cfg: ModelConfig) -> list[str]:
@@ -45,17 +101,6 @@ def weight_key(cfg: ModelConfig, component: str, tower: str) -> str:
 def per_tower(cfg: ModelConfig, component: str, make: Callable[[], nn.Module]) -> nn.ModuleDict:
     keys = tower_names(cfg) if is_untied(cfg, component) else [SHARED]
     return nn.ModuleDict({k: make() for k in keys})
-
-
-def routed(x: torch.Tensor, route: Route, fn: Callable[[str, torch.Tensor], torch.Tensor], out_dim: int) -> torch.Tensor:
-    """Apply fn(tower, x_tower) to each tower's rows of x (N, D) and scatter back -> (N, out_dim)."""
-    if route is None:
-        return fn(SHARED, x)
-    out = x.new_empty(x.shape[0], out_dim)
-    for tower, idx in route.items():
-        if idx.numel():  # shape metadata only: no host sync
-            out = out.index_copy(0, idx, fn(tower, x.index_select(0, idx)))
-    return out
 
 
 class MoTBlock(nn.Module):
@@ -91,23 +136,35 @@ class MoTBlock(nn.Module):
     def _ffn(self, tower: str, x: torch.Tensor) -> torch.Tensor:
         return self.ffn[self._key("ffn", tower)](self.ffn_norm[self._key("norm", tower)](x))
 
-    def forward(self, x: torch.Tensor, route: Route, rope: tuple[torch.Tensor, torch.Tensor], mask,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """x: (B, T, D). kv: cached (k, v) of earlier positions, (B, H, Tc, hd) each.
-        Returns the new x and this pass's full (k, v), cached part included."""
+    def forward(self, x: torch.Tensor, route: Route | None, rope: tuple[torch.Tensor, torch.Tensor], mask,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple | None]:
+        """x: (B, T, D) and rope's cos, sin: (B, T, hd / 2), their B * T positions in the route's
+        stream order (row order unless the backbone sorted them). kv: cached (k, v) of earlier
+        positions, (B, H, Tc, hd) each. Returns the new x, same order, and this pass's full (k, v) in
+        row order, cached part included (None when attention ran on document buckets)."""
         B, T, D = x.shape
         H, hd = self.cfg.n_heads, self.cfg.head_dim
-        xf = x.reshape(B * T, D)
-        qkv = routed(xf, route, self._qkv, 3 * D).view(B, T, 3, H, hd)
-        q, k, v = qkv.unbind(2)  # (B, T, H, hd) each
+        xs = split_towers(x.reshape(B * T, D), route)  # [(tower, (n_t, D))]
+        qkv = join_towers([self._qkv(t, xt) for t, xt in xs], route)  # (N, 3D)
+        q, k, v = qkv.view(B, T, 3, H, hd).unbind(2)  # (B, T, H, hd) each
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
+        y, kv = self._attention(q, k, v, route, mask, kv)  # (N, D)
+        ys = split_towers(y, route)
+        xs = [(t, xt + self.wo[self._key("attn", t)](yt)) for (t, xt), (_, yt) in zip(xs, ys)]
+        xs = [xt + self._ffn(t, xt) for t, xt in xs]
+        return join_towers(xs, route).view(B, T, D), kv
+
+    def _attention(self, q, k, v, route: Route | None, mask, kv) -> tuple[torch.Tensor, tuple | None]:
+        """q, k, v: (B, T, H, hd) in stream order -> (B * T, D) in stream order, and (k, v) as forward returns them."""
+        B, T, H, hd = q.shape
+        q, k, v = (t.reshape(B * T, H, hd) for t in (q, k, v))
+        if isinstance(mask, DocumentBuckets):  # gathers straight from the stream's order
+            return mask.attend(q, k, v).view(B * T, H * hd), None
+        q, k, v = (to_rows(t, route).view(B, T, H, hd).transpose(1, 2) for t in (q, k, v))  # (B, H, T, hd)
         if kv is not None:
             k, v = torch.cat((kv[0], k), dim=2), torch.cat((kv[1], v), dim=2)  # (B, H, Tc + T, hd)
-        y = attend(q, k, v, mask).transpose(1, 2).reshape(B * T, D)
-        xf = xf + routed(y, route, lambda t, ys: self.wo[self._key("attn", t)](ys), D)
-        xf = xf + routed(xf, route, self._ffn, D)
-        return xf.view(B, T, D), (k, v)
+        y = attend(q, k, v, mask).transpose(1, 2).reshape(B * T, H * hd)  # (N, D) row order
+        return to_stream(y, route), (k, v)
 
 
 class MoTBackbone(nn.Module):
@@ -121,26 +178,39 @@ class MoTBackbone(nn.Module):
     def is_dense(self) -> bool:
         return not any(is_untied(self.cfg, c) for c in self.cfg.untie)
 
-    def route(self, modality_index: dict[str, torch.Tensor]) -> Route:
-        """Merge per-modality positions into per-tower positions (modalities may share a tower)."""
+    def route(self, modality_index: dict[str, torch.Tensor]) -> Route | None:
+        """Order the positions tower by tower (modalities may share a tower); None when dense."""
         if self.is_dense:
             return None
-        present = {m: idx for m, idx in modality_index.items() if idx.numel()}
+        present = {m: idx for m, idx in modality_index.items() if idx.numel()}  # shape metadata: no sync
         unknown = sorted(set(present) - set(self.cfg.towers))
         if unknown:
             raise ValueError(f"modalities {unknown} have no tower in model.towers={self.cfg.towers}")
-        route = {}
+        parts = {}
         for tower in tower_names(self.cfg):
-            parts = [present[m] for m, t in self.cfg.towers.items() if t == tower and m in present]
-            route[tower] = torch.cat(parts) if parts else next(iter(modality_index.values())).new_empty(0)
-        return route
+            mine = [present[m] for m, t in self.cfg.towers.items() if t == tower and m in present]
+            if mine:
+                parts[tower] = torch.cat(mine) if len(mine) > 1 else mine[0]
+        towers, sizes = tuple(parts), tuple(p.numel() for p in parts.values())
+        if len(parts) < 2:
+            return Route(towers, sizes, None, None)
+        order = torch.cat(list(parts.values()))  # (N,)
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        return Route(towers, sizes, order, inverse)
 
-    def forward(self, x: torch.Tensor, route: Route, rope, mask, cache: list | None = None) -> tuple[torch.Tensor, list]:
-        """x: (B, T, D) -> (B, T, D) after the final norm, plus each layer's (k, v)."""
+    def forward(self, x: torch.Tensor, route: Route | None, rope, mask, cache: list | None = None) -> tuple[torch.Tensor, list]:
+        """x: (B, T, D) -> (B, T, D) after the final norm, plus each layer's (k, v). In between, the
+        residual stream is in tower order."""
         B, T, D = x.shape
+        if route is not None and route.order is not None:  # the stream, rope and buckets in tower order
+            route = replace(route, sorted=True)
+            x = to_stream(x.reshape(B * T, D), route).view(B, T, D)
+            rope = tuple(to_stream(r.reshape(B * T, -1), route).view_as(r) for r in rope)
+            if isinstance(mask, DocumentBuckets):
+                mask = mask.reorder(route.order, route.inverse)
         kvs = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, route, rope, mask, cache[i] if cache else None)
             kvs.append(kv)
         norm = lambda t, xs: self.final_norm[weight_key(self.cfg, "norm", t)](xs)
-        return routed(x.reshape(B * T, D), route, norm, D).view(B, T, D), kvs
+        return to_rows(each_tower(x.reshape(B * T, D), route, norm), route).view(B, T, D), kvs

@@ -1,8 +1,9 @@
 """Transfusion decoding: text by next-token sampling, images by diffusion inside the same sequence.
 
 - `generate_images`: prompt, BOI, then diffusion. The prompt's keys and values are computed once; each
-  denoising step runs only the image's positions against that cache. Classifier-free guidance runs
-  an unconditional context (BOS, BOI) beside it.
+  denoising step runs only the image's positions against that cache. Classifier-free guidance adds
+  an unconditional prompt (BOS, BOI) per image as extra rows of the same batch, so each step is one
+  forward pass of 2B rows.
 - `generate_captions`: image in (clean, t = 0), caption out, with a KV cache.
 - `generate_interleaved`: sample text; when the model emits BOI, generate an image, append EOI, go on.
 
@@ -122,19 +123,23 @@ class Generator:
     def span(self, ctx: Context, uncond: Context | None, modality: str, generator: torch.Generator | None,
              length: int | None = None) -> list[list[int]]:
         """Sample one span of `modality` per row, after each context's start marker, with that
-        modality's head; `uncond` (an unconditional context) adds classifier-free guidance.
+        modality's head; `uncond` (an unconditional context, or `ctx` itself when its second half
+        of rows is unconditional: see `guided_prompt`) adds classifier-free guidance.
 
         Every kept id is run, so the contexts end with the span and the caller appends the end
         marker. Fixed-length spans (image codes) take exactly `length` ids. Spans the model closes
         (speech) stop at SPAN_END, which is not run, or after `length` (default max_tokens) ids;
         rows stay in lockstep, and what a row samples after its end is dropped. Returns the units."""
         spec = SPECS[modality]
-        B = ctx.last.hidden.shape[0]
+        paired = uncond is ctx
+        B = ctx.last.hidden.shape[0] // (2 if paired else 1)
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for _ in range(length or self.cfg.max_tokens):
-            logits = self._logits(ctx.last, modality)  # (B, V_modality)
-            if uncond is not None:
+            logits = self._logits(ctx.last, modality)  # (B or 2B, V_modality)
+            if paired:
+                logits = guide(*logits.chunk(2), self.cfg.guidance)
+            elif uncond is not None:
                 logits = guide(logits, self._logits(uncond.last, modality), self.cfg.guidance)
             ids = sample_token(logits, self.cfg.temperature, self.cfg.top_p, generator)
             for b, i in enumerate(ids.tolist()):
@@ -143,22 +148,30 @@ class Generator:
                     out[b].append(i - spec.offset)
             if all(done):
                 break
-            for c in (ctx, uncond) if uncond is not None else (ctx,):
+            if paired:
+                ids = torch.cat((ids, ids))
+            for c in (ctx, uncond) if uncond is not None and not paired else (ctx,):
                 c.run(c.tokens(ids, spec.index))
         return out
 
     def denoise(self, ctx: Context, uncond: Context | None, B: int, generator: torch.Generator | None,
                 noise: torch.Tensor | None = None) -> torch.Tensor:
         """Generate one image per row after each context's BOI -> (B, C, H, W). Nothing is committed.
+        `uncond`: an unconditional context for guidance, or `ctx` itself when its rows B..2B-1 are
+        the unconditional prompts (`guided_prompt`): then each step is one batch of 2B rows.
         `noise` (B, C, H, W) fixes the starting point; otherwise it is drawn from `generator`."""
         sampler = make_sampler(self.process, self.sampler_name, self.cfg.steps, clip_x0=self.clip_x0)
         x = noise.to(self.device) if noise is not None else torch.randn((B, *self.image_shape), generator=generator, device=self.device)
         for i in range(len(sampler)):
             t = sampler.batch_timesteps(i, x)
-            pred = ctx.run(ctx.image(x, t, self.tokens_per_image), commit=False).image
-            if uncond is not None:
-                pred_u = uncond.run(uncond.image(x, t, self.tokens_per_image), commit=False).image
-                pred = guide(pred, pred_u, self.cfg.guidance)
+            if uncond is ctx:  # conditional and unconditional rows in one pass
+                both = ctx.run(ctx.image(torch.cat((x, x)), torch.cat((t, t)), self.tokens_per_image), commit=False)
+                pred = guide(*both.image.chunk(2), self.cfg.guidance)
+            else:
+                pred = ctx.run(ctx.image(x, t, self.tokens_per_image), commit=False).image
+                if uncond is not None:
+                    pred_u = uncond.run(uncond.image(x, t, self.tokens_per_image), commit=False).image
+                    pred = guide(pred, pred_u, self.cfg.guidance)
             x = sampler.step(pred, i, x, generator)
         return x.clamp(-1, 1) if self.clip_x0 else x
 
@@ -201,6 +214,17 @@ class Generator:
         ctx.run(ctx.prompt([self._encode([], then=[self.tok.boi])] * B, self.tok.pad))
         return ctx
 
+    def guided_prompt(self, prompts: list[str]) -> tuple[Context, Context | None]:
+        """A context after each prompt's BOI, and what `denoise` and `span` take as `uncond`: with
+        guidance, the same context, whose rows B..2B-1 hold the unconditional prompts (BOS, BOI)."""
+        docs = [self._encode([Text(p)], then=[self.tok.boi]) for p in prompts]
+        guided = self.cfg.guidance != 1.0
+        if guided:
+            docs += [self._encode([], then=[self.tok.boi])] * len(prompts)
+        ctx = Context(self.model, self.cfg.use_cache)
+        ctx.run(ctx.prompt(docs, self.tok.pad))
+        return ctx, ctx if guided else None
+
     # ---- decoding modes -----------------------------------------------------------------------
 
     @torch.no_grad()
@@ -208,13 +232,12 @@ class Generator:
                noise: torch.Tensor | None = None) -> torch.Tensor:
         """Text to image: one image per prompt -> (B, C, H, W) in the model's image space (pixels in
         [-1, 1], or latents: `decode_images` turns them into pixels). With VQ codes: decoded pixels."""
-        ctx = Context(self.model, self.cfg.use_cache)
-        ctx.run(ctx.prompt([self._encode([Text(p)], then=[self.tok.boi]) for p in prompts], self.tok.pad))
+        ctx, uncond = self.guided_prompt(prompts)
         if not self.repr.discrete:
-            return self.denoise(ctx, self._unconditional(len(prompts)), len(prompts), generator, noise)
+            return self.denoise(ctx, uncond, len(prompts), generator, noise)
         if noise is not None:
             raise ValueError("`noise` is a diffusion starting point; this model samples images as VQ codes")
-        codes = self.span(ctx, self._unconditional(len(prompts)), "image", generator, length=self.tokens_per_image)
+        codes = self.span(ctx, uncond, "image", generator, length=self.tokens_per_image)
         return self.repr.decode(torch.tensor(codes))  # (B, C, H, W)
 
     @torch.no_grad()
