@@ -131,7 +131,9 @@ def setup(recipe: str, overrides: list[str], modalities: int = 2, batches: int =
         model.zero_grad(set_to_none=True)
         objective(model, batch(), generator, None)[0].backward()
 
-    step = lambda: train_step(model, objective, optimizer, batch(), generator, cfg.train.lr, cfg.train.grad_clip)
+    step = lambda: train_step(
+        model, objective, optimizer, batch(), generator, cfg.train.lr, cfg.train.grad_clip
+    )
     return Setup(cfg, model, optimizer, data, step, forward_backward)
 
 
@@ -157,7 +159,10 @@ def memory_mb(model: TransfusionModel, step: Callable[[], object], optimizer) ->
     """Peak allocated on CUDA; on CPU: weights + gradients + AdamW states + activations saved for backward."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     states = sum(
-        t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values() if torch.is_tensor(t)
+        t.numel() * t.element_size()
+        for st in optimizer.state.values()
+        for t in st.values()
+        if torch.is_tensor(t)
     )
     saved = [0]
 
@@ -182,25 +187,37 @@ def memory_mb(model: TransfusionModel, step: Callable[[], object], optimizer) ->
     return out
 
 
-def bench_train_step(dim: int, modalities: int, threads: int, warmup: int, repeats: int, memory: bool) -> list[dict]:
+def bench_train_step(
+    dim: int, modalities: int, threads: int, warmup: int, repeats: int, memory: bool
+) -> list[dict]:
     """Dense and MoT rows at width `dim`: full step and forward + backward, alternating in one process."""
     torch.set_num_threads(threads)
     models = {"dense": "", "MoT": "ffn,attn,norm"}
     three = THREE_TOWERS if modalities == 3 else ()
-    runs = {name: setup("debug", [f"model.dim={dim}", f"model.untie={untie}", *three], modalities)
-            for name, untie in models.items()}
+    runs = {
+        name: setup("debug", [f"model.dim={dim}", f"model.untie={untie}", *three], modalities)
+        for name, untie in models.items()
+    }
     step = interleaved_ms({name: s.step for name, s in runs.items()}, warmup, repeats)
     fwd_bwd = interleaved_ms({name: s.forward_backward for name, s in runs.items()}, warmup, repeats)
     rows = []
     for name, s in runs.items():
         flops = FlopCounter(s.model).count(s.batches[0])
-        row = {"dim": dim, "modalities": modalities, "model": name, "untie": models[name], "threads": threads,
-               "params": s.model.num_params(), "non_embedding_params": s.model.num_params(non_embedding=True),
-               "flops_per_token": {k: round(v) for k, v in flops.per_token().items()},
-               "batch": f"{s.cfg.train.batch_size}x{s.cfg.train.seq_len}",
-               "median_ms": step[name], "forward_backward_ms": fwd_bwd[name],
-               "mot_over_dense": step[name] / step["dense"],
-               "forward_backward_mot_over_dense": fwd_bwd[name] / fwd_bwd["dense"]}
+        row = {
+            "dim": dim,
+            "modalities": modalities,
+            "model": name,
+            "untie": models[name],
+            "threads": threads,
+            "params": s.model.num_params(),
+            "non_embedding_params": s.model.num_params(non_embedding=True),
+            "flops_per_token": {k: round(v) for k, v in flops.per_token().items()},
+            "batch": f"{s.cfg.train.batch_size}x{s.cfg.train.seq_len}",
+            "median_ms": step[name],
+            "forward_backward_ms": fwd_bwd[name],
+            "mot_over_dense": step[name] / step["dense"],
+            "forward_backward_mot_over_dense": fwd_bwd[name] / fwd_bwd["dense"],
+        }
         if memory:
             row["memory"] = memory_mb(s.model, s.step, s.optimizer)
         rows.append(row)
@@ -229,15 +246,36 @@ def bench_attention(seq_len: int, warmup: int, repeats: int) -> dict:
     mask = dense_mask(meta, meta, bidirectional=True)  # (1, 1, T, T)
     buckets = build_mask("documents", meta, meta, True)  # falls back to the dense mask for one document
     sdpa = lambda **kw: lambda: F.scaled_dot_product_attention(q, k, v, **kw).sum().backward()
-    documents = (lambda: buckets.attend(*flat).sum().backward()) if not torch.is_tensor(buckets) else sdpa(attn_mask=mask)
-    ms = interleaved_ms({"mask": sdpa(attn_mask=mask), "documents": documents, "causal": sdpa(is_causal=True)},
-                        warmup, repeats)
-    build = interleaved_ms({"mask": lambda: dense_mask(meta, meta, True),
-                            "documents": lambda: build_mask("documents", meta, meta, True)}, warmup, repeats)
-    return {"seq_len": seq_len, "heads": HEADS, "head_dim": HEAD_DIM, "transfusion_mask_ms": ms["mask"],
-            "documents_ms": ms["documents"], "causal_ms": ms["causal"], "mask_build_ms": build["mask"],
-            "documents_build_ms": build["documents"], "bucketed": not torch.is_tensor(buckets),
-            "causal_over_documents": ms["causal"] / ms["documents"]}
+    documents = (
+        (lambda: buckets.attend(*flat).sum().backward())
+        if not torch.is_tensor(buckets)
+        else sdpa(attn_mask=mask)
+    )
+    ms = interleaved_ms(
+        {"mask": sdpa(attn_mask=mask), "documents": documents, "causal": sdpa(is_causal=True)},
+        warmup,
+        repeats,
+    )
+    build = interleaved_ms(
+        {
+            "mask": lambda: dense_mask(meta, meta, True),
+            "documents": lambda: build_mask("documents", meta, meta, True),
+        },
+        warmup,
+        repeats,
+    )
+    return {
+        "seq_len": seq_len,
+        "heads": HEADS,
+        "head_dim": HEAD_DIM,
+        "transfusion_mask_ms": ms["mask"],
+        "documents_ms": ms["documents"],
+        "causal_ms": ms["causal"],
+        "mask_build_ms": build["mask"],
+        "documents_build_ms": build["documents"],
+        "bucketed": not torch.is_tensor(buckets),
+        "causal_over_documents": ms["causal"] / ms["documents"],
+    }
 
 
 # ---- 3. utilisation ---------------------------------------------------------------------------
@@ -247,7 +285,10 @@ OP_KINDS = (  # torch.profiler op name -> kind; first match wins
     ("attention", ("scaled_dot_product", "flash_attention")),
     ("convolution", ("convolution",)),
     ("optimizer", ("adam", "Optimizer", "_foreach", "lerp", "sqrt", "addcdiv", "addcmul")),
-    ("gather / scatter / copy", ("index", "gather", "scatter", "cat", "copy_", "clone", "contiguous", "stack", "_to_copy")),
+    (
+        "gather / scatter / copy",
+        ("index", "gather", "scatter", "cat", "copy_", "clone", "contiguous", "stack", "_to_copy"),
+    ),
 )
 
 
@@ -277,14 +318,26 @@ def op_split(step: Callable[[], object], steps: int = 3) -> dict[str, float]:
     return {k: v / total for k, v in sorted(split.items(), key=lambda kv: -kv[1])}
 
 
-def bench_utilisation(name: str, recipe: str, overrides: list[str], peak: float, warmup: int, repeats: int) -> dict:
+def bench_utilisation(
+    name: str, recipe: str, overrides: list[str], peak: float, warmup: int, repeats: int
+) -> dict:
     s = setup(recipe, overrides)
     flops = FlopCounter(s.model).count(s.batches[0]).total
     ms = median_ms(s.step, warmup, repeats)
     gflops = flops / (ms / 1e3) / 1e9
-    return {"name": name, "recipe": recipe, "overrides": overrides, "params": s.model.num_params(),
-            "batch": f"{s.cfg.train.batch_size}x{s.cfg.train.seq_len}", "median_ms": ms, "flops_per_step": flops,
-            "gflops": gflops, "peak_gflops": peak, "utilisation": gflops / peak, "time_split": op_split(s.step)}
+    return {
+        "name": name,
+        "recipe": recipe,
+        "overrides": overrides,
+        "params": s.model.num_params(),
+        "batch": f"{s.cfg.train.batch_size}x{s.cfg.train.seq_len}",
+        "median_ms": ms,
+        "flops_per_step": flops,
+        "gflops": gflops,
+        "peak_gflops": peak,
+        "utilisation": gflops / peak,
+        "time_split": op_split(s.step),
+    }
 
 
 # ---- 4. compile -------------------------------------------------------------------------------
@@ -292,18 +345,29 @@ def bench_utilisation(name: str, recipe: str, overrides: list[str], peak: float,
 
 def bench_compile(dim: int, repeats: int) -> dict:
     """Eager vs train.compile=true over COMPILE_BATCHES packed batches in turn; the first pass is the warmup."""
-    runs = {mode: setup("debug", [f"model.dim={dim}", f"train.compile={mode == 'compiled'}"],
-                        batches=COMPILE_BATCHES) for mode in ("eager", "compiled")}
+    runs = {
+        mode: setup(
+            "debug", [f"model.dim={dim}", f"train.compile={mode == 'compiled'}"], batches=COMPILE_BATCHES
+        )
+        for mode in ("eager", "compiled")
+    }
     warmup_s, losses = {}, {}
     for mode, s in runs.items():
         start = time.perf_counter()
         losses[mode] = [s.step()["loss"] for _ in range(COMPILE_BATCHES)]
         warmup_s[mode] = time.perf_counter() - start
     ms = interleaved_ms({mode: s.step for mode, s in runs.items()}, 0, repeats)
-    return {"dim": dim, "batches": COMPILE_BATCHES, "eager_ms": ms["eager"], "compiled_ms": ms["compiled"],
-            "speedup": ms["eager"] / ms["compiled"], "warmup_s": warmup_s, "losses": losses,
-            "max_loss_difference": max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])),
-            "break_even_steps": warmup_s["compiled"] / max(1e-9, (ms["eager"] - ms["compiled"]) / 1e3)}
+    return {
+        "dim": dim,
+        "batches": COMPILE_BATCHES,
+        "eager_ms": ms["eager"],
+        "compiled_ms": ms["compiled"],
+        "speedup": ms["eager"] / ms["compiled"],
+        "warmup_s": warmup_s,
+        "losses": losses,
+        "max_loss_difference": max(abs(a - b) for a, b in zip(losses["eager"], losses["compiled"])),
+        "break_even_steps": warmup_s["compiled"] / max(1e-9, (ms["eager"] - ms["compiled"]) / 1e3),
+    }
 
 
 # ---- 5. sampling ------------------------------------------------------------------------------
@@ -311,7 +375,9 @@ def bench_compile(dim: int, repeats: int) -> dict:
 
 def bench_sampling(warmup: int, repeats: int) -> list[dict]:
     """Text to image and image to text with the demo recipe's model: cache on/off, batched vs one by one."""
-    cfg = get_recipe("demo").override(["data.tokenizer=bytes"])  # bpe:512 is trained with a run; speed is alike
+    cfg = get_recipe("demo").override(
+        ["data.tokenizer=bytes"]
+    )  # bpe:512 is trained with a run; speed is alike
     tok = build_tokenizer(cfg.data.tokenizer)
     torch.manual_seed(0)
     model = TransfusionModel(cfg.model, tok.vocab_size).eval()
@@ -321,8 +387,13 @@ def bench_sampling(warmup: int, repeats: int) -> list[dict]:
     images = torch.stack([s.image for s in samples])
     rows = []
     for cache in (True, False):
-        gen = Generator(model, tok, cfg.objective, cfg.data.image_size,
-                        SampleConfig(steps=20, guidance=3.0, max_tokens=32, use_cache=cache))
+        gen = Generator(
+            model,
+            tok,
+            cfg.objective,
+            cfg.data.image_size,
+            SampleConfig(steps=20, guidance=3.0, max_tokens=32, use_cache=cache),
+        )
         tasks = {
             # 32 greedy tokens per image (no stop token, so every setting decodes the same count)
             "image_to_text": (lambda idx, gen=gen: sum(map(len, gen.caption_ids(images[idx]))), "tokens"),
@@ -338,9 +409,17 @@ def bench_sampling(warmup: int, repeats: int) -> list[dict]:
                     made[0] = sum(run(idx) for idx in groups)
 
                 ms = median_ms(go, warmup, repeats)
-                rows.append({"task": task, "kv_cache": cache, "batch": SAMPLING_BATCH if batched else 1,
-                             "items": SAMPLING_BATCH, unit: made[0], "median_ms": ms,
-                             f"{unit}_per_s": made[0] / (ms / 1e3)})
+                rows.append(
+                    {
+                        "task": task,
+                        "kv_cache": cache,
+                        "batch": SAMPLING_BATCH if batched else 1,
+                        "items": SAMPLING_BATCH,
+                        unit: made[0],
+                        "median_ms": ms,
+                        f"{unit}_per_s": made[0] / (ms / 1e3),
+                    }
+                )
                 print(f"sampling {task} cache={cache} batch={rows[-1]['batch']}: {ms:.0f} ms", flush=True)
     return rows
 
@@ -351,16 +430,27 @@ def bench_sampling(warmup: int, repeats: int) -> list[dict]:
 def machine() -> dict:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.processor())
-    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-            "platform": platform.platform()}
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+        platform.processor(),
+    )
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "load_avg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+        "platform": platform.platform(),
+    }
 
 
 def write_results(out: Path, header: dict, tables: dict[str, object], note: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in tables.items():
-        (out / f"{name}.json").write_text(json.dumps({**header, "note": note, "results": rows}, indent=2) + "\n")
+        (out / f"{name}.json").write_text(
+            json.dumps({**header, "note": note, "results": rows}, indent=2) + "\n"
+        )
     (out / "README.md").write_text(markdown(header, tables, note))
 
 
@@ -372,113 +462,168 @@ def targets_table(tables: dict) -> list[str]:
     longest = max(attention, key=lambda r: r["seq_len"])
     widest = util["rows"][-1]
     ok = lambda met: "yes" if met else "**no**"
-    lines = ["| measure | target | result | met |", "|---|---|---|---|",
-             f"| MoT / dense train step, worst of {len(mot)} (dims, modalities, threads) | <= "
-             f"{TARGETS['mot_over_dense']} | {worst:.2f} (best {min(r['mot_over_dense'] for r in mot):.2f}) | "
-             f"{ok(worst <= TARGETS['mot_over_dense'])} |",
-             f"| the same, forward + backward only (no optimizer) | (the model's share) | {worst_fb:.2f} | |",
-             f"| attention at {longest['seq_len']} positions: full causal / documents | >= "
-             f"{TARGETS['causal_over_documents']} | {longest['causal_over_documents']:.2f} | "
-             f"{ok(longest['causal_over_documents'] >= TARGETS['causal_over_documents'])} |",
-             f"| utilisation of a train step, {widest['name']} | >= {TARGETS['utilisation']:.0%} | "
-             f"{widest['utilisation']:.0%} of {widest['peak_gflops']:.0f} GFLOP/s | "
-             f"{ok(widest['utilisation'] >= TARGETS['utilisation'])} |"]
+    lines = [
+        "| measure | target | result | met |",
+        "|---|---|---|---|",
+        f"| MoT / dense train step, worst of {len(mot)} (dims, modalities, threads) | <= "
+        f"{TARGETS['mot_over_dense']} | {worst:.2f} (best {min(r['mot_over_dense'] for r in mot):.2f}) | "
+        f"{ok(worst <= TARGETS['mot_over_dense'])} |",
+        f"| the same, forward + backward only (no optimizer) | (the model's share) | {worst_fb:.2f} | |",
+        f"| attention at {longest['seq_len']} positions: full causal / documents | >= "
+        f"{TARGETS['causal_over_documents']} | {longest['causal_over_documents']:.2f} | "
+        f"{ok(longest['causal_over_documents'] >= TARGETS['causal_over_documents'])} |",
+        f"| utilisation of a train step, {widest['name']} | >= {TARGETS['utilisation']:.0%} | "
+        f"{widest['utilisation']:.0%} of {widest['peak_gflops']:.0f} GFLOP/s | "
+        f"{ok(widest['utilisation'] >= TARGETS['utilisation'])} |",
+    ]
     for r in tables["compile"]:
-        lines.append(f"| train.compile=true vs eager, dim {r['dim']} (steady state) | faster | "
-                     f"{r['speedup']:.2f}x, after {r['warmup_s']['compiled']:.0f} s of compilation | "
-                     f"{ok(r['speedup'] > 1)} |")
-    rates = {r["batch"]: r["images_per_s"] for r in tables["sampling"] if r["task"] == "text_to_image" and r["kv_cache"]}
-    lines.append(f"| text to image (CFG in one batch), images/s at batch 1 / {SAMPLING_BATCH} | reported | "
-                 f"{rates.get(1, float('nan')):.1f} / {rates.get(SAMPLING_BATCH, float('nan')):.1f} | |")
+        lines.append(
+            f"| train.compile=true vs eager, dim {r['dim']} (steady state) | faster | "
+            f"{r['speedup']:.2f}x, after {r['warmup_s']['compiled']:.0f} s of compilation | "
+            f"{ok(r['speedup'] > 1)} |"
+        )
+    rates = {
+        r["batch"]: r["images_per_s"]
+        for r in tables["sampling"]
+        if r["task"] == "text_to_image" and r["kv_cache"]
+    }
+    lines.append(
+        f"| text to image (CFG in one batch), images/s at batch 1 / {SAMPLING_BATCH} | reported | "
+        f"{rates.get(1, float('nan')):.1f} / {rates.get(SAMPLING_BATCH, float('nan')):.1f} | |"
+    )
     return lines
 
 
 def train_lines(train: list[dict]) -> list[str]:
-    lines = ["| modalities | dim | model | threads | params | FLOPs/token (text, image, speech) | batch | step ms "
-             "| MoT / dense | fwd+bwd ms | MoT / dense (fwd+bwd) | memory MB (saved activations) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| modalities | dim | model | threads | params | FLOPs/token (text, image, speech) | batch | step ms "
+        "| MoT / dense | fwd+bwd ms | MoT / dense (fwd+bwd) | memory MB (saved activations) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in train:
         f, mem = r["flops_per_token"], r.get("memory")
         flops = " / ".join(f"{f[m]:,}" for m in ("text", "image", "speech") if m in f)
         memory = f"{mem['total_mb']:.1f} ({mem['saved_activations_mb']:.1f})" if mem else ""
-        lines.append(f"| {r['modalities']} | {r['dim']} | {r['model']} | {r['threads']} | {r['params'] / 1e6:.2f}M | "
-                     f"{flops} | {r['batch']} | {r['median_ms']:.1f} | {r['mot_over_dense']:.2f} | "
-                     f"{r['forward_backward_ms']:.1f} | {r['forward_backward_mot_over_dense']:.2f} | {memory} |")
+        lines.append(
+            f"| {r['modalities']} | {r['dim']} | {r['model']} | {r['threads']} | {r['params'] / 1e6:.2f}M | "
+            f"{flops} | {r['batch']} | {r['median_ms']:.1f} | {r['mot_over_dense']:.2f} | "
+            f"{r['forward_backward_ms']:.1f} | {r['forward_backward_mot_over_dense']:.2f} | {memory} |"
+        )
     return lines
 
 
 def attention_lines(attention: list[dict]) -> list[str]:
-    lines = [f"B=1, {HEADS} heads of {HEAD_DIM}; documents of {DOC_LEN} positions with one image of "
-             f"{IMAGE_PATCHES} patches each. `documents` keeps the dense mask where buckets would not save half.", "",
-             "| seq len | Transfusion mask ms | documents ms | causal ms | mask / causal | causal / documents "
-             "| mask build ms | buckets build ms |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"B=1, {HEADS} heads of {HEAD_DIM}; documents of {DOC_LEN} positions with one image of "
+        f"{IMAGE_PATCHES} patches each. `documents` keeps the dense mask where buckets would not save half.",
+        "",
+        "| seq len | Transfusion mask ms | documents ms | causal ms | mask / causal | causal / documents "
+        "| mask build ms | buckets build ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in attention:
-        lines.append(f"| {r['seq_len']} | {r['transfusion_mask_ms']:.2f} | {r['documents_ms']:.2f} | "
-                     f"{r['causal_ms']:.2f} | {r['transfusion_mask_ms'] / r['causal_ms']:.2f} | "
-                     f"{r['causal_over_documents']:.2f} | {r['mask_build_ms']:.2f} | {r['documents_build_ms']:.2f} |")
+        lines.append(
+            f"| {r['seq_len']} | {r['transfusion_mask_ms']:.2f} | {r['documents_ms']:.2f} | "
+            f"{r['causal_ms']:.2f} | {r['transfusion_mask_ms'] / r['causal_ms']:.2f} | "
+            f"{r['causal_over_documents']:.2f} | {r['mask_build_ms']:.2f} | {r['documents_build_ms']:.2f} |"
+        )
     return lines
 
 
 def utilisation_lines(util: dict) -> list[str]:
     peak = util["peak"]
     sizes = ", ".join(f"{n}: {g:.0f}" for n, g in peak["by_size"].items())
-    lines = [f"fp32 GEMM peak on this host: {peak['gflops']:.1f} GFLOP/s at {util['threads']} thread(s) "
-             f"(square matmuls, GFLOP/s by size: {sizes}). Model FLOPs per step from training/flops.py.", "",
-             "| model | params | batch | step ms | GFLOP / step | GFLOP/s | utilisation |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"fp32 GEMM peak on this host: {peak['gflops']:.1f} GFLOP/s at {util['threads']} thread(s) "
+        f"(square matmuls, GFLOP/s by size: {sizes}). Model FLOPs per step from training/flops.py.",
+        "",
+        "| model | params | batch | step ms | GFLOP / step | GFLOP/s | utilisation |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in util["rows"]:
-        lines.append(f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['median_ms']:.1f} | "
-                     f"{r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} | {r['utilisation']:.0%} |")
+        lines.append(
+            f"| {r['name']} | {r['params'] / 1e6:.2f}M | {r['batch']} | {r['median_ms']:.1f} | "
+            f"{r['flops_per_step'] / 1e9:.2f} | {r['gflops']:.1f} | {r['utilisation']:.0%} |"
+        )
     kinds = list(dict.fromkeys(k for r in util["rows"] for k in r["time_split"]))
-    lines += ["", "Where a step's time goes (torch.profiler, self CPU time by kind of op):", "",
-              "| kind of op | " + " | ".join(r["name"] for r in util["rows"]) + " |",
-              "|---|" + "---|" * len(util["rows"])]
+    lines += [
+        "",
+        "Where a step's time goes (torch.profiler, self CPU time by kind of op):",
+        "",
+        "| kind of op | " + " | ".join(r["name"] for r in util["rows"]) + " |",
+        "|---|" + "---|" * len(util["rows"]),
+    ]
     for k in kinds:
-        lines.append(f"| {k} | " + " | ".join(f"{r['time_split'].get(k, 0):.0%}" for r in util["rows"]) + " |")
+        lines.append(
+            f"| {k} | " + " | ".join(f"{r['time_split'].get(k, 0):.0%}" for r in util["rows"]) + " |"
+        )
     return lines
 
 
 def compile_lines(rows: list[dict]) -> list[str]:
-    lines = [f"The debug recipe at each dim; {COMPILE_BATCHES} packed batches in turn, as training sees them. The first "
-             "pass includes compilation, which inductor's on-disk cache (from any earlier run on this host) shortens a "
-             "lot: a first-ever compile takes tens of seconds more.", "",
-             "| dim | eager ms | compiled ms | speed-up | first pass s (eager / compiled) | break-even steps "
-             "| max loss difference, first pass |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"The debug recipe at each dim; {COMPILE_BATCHES} packed batches in turn, as training sees them. The first "
+        "pass includes compilation, which inductor's on-disk cache (from any earlier run on this host) shortens a "
+        "lot: a first-ever compile takes tens of seconds more.",
+        "",
+        "| dim | eager ms | compiled ms | speed-up | first pass s (eager / compiled) | break-even steps "
+        "| max loss difference, first pass |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['dim']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['speedup']:.2f} | "
-                     f"{r['warmup_s']['eager']:.1f} / {r['warmup_s']['compiled']:.1f} | {r['break_even_steps']:.0f} "
-                     f"| {r['max_loss_difference']:.1e} |")
+        lines.append(
+            f"| {r['dim']} | {r['eager_ms']:.1f} | {r['compiled_ms']:.1f} | {r['speedup']:.2f} | "
+            f"{r['warmup_s']['eager']:.1f} / {r['warmup_s']['compiled']:.1f} | {r['break_even_steps']:.0f} "
+            f"| {r['max_loss_difference']:.1e} |"
+        )
     return lines
 
 
 def sampling_lines(sampling: list[dict]) -> list[str]:
-    lines = [f"{SAMPLING_BATCH} items per run: text to image is Euler with 20 steps and guidance 3 (conditional "
-             "and unconditional rows in one batch); image to text decodes 32 greedy tokens per image.", "",
-             "| task | KV cache | batch | ms for all items | items/s or tokens/s | cache speed-up | batching speed-up |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{SAMPLING_BATCH} items per run: text to image is Euler with 20 steps and guidance 3 (conditional "
+        "and unconditional rows in one batch); image to text decodes 32 greedy tokens per image.",
+        "",
+        "| task | KV cache | batch | ms for all items | items/s or tokens/s | cache speed-up | batching speed-up |",
+        "|---|---|---|---|---|---|---|",
+    ]
     ms = {(r["task"], r["kv_cache"], r["batch"]): r["median_ms"] for r in sampling}
     for r in sampling:
         unit = "images" if "images_per_s" in r else "tokens"
-        lines.append(f"| {r['task']} | {'on' if r['kv_cache'] else 'off'} | {r['batch']} | {r['median_ms']:.0f} | "
-                     f"{r[unit + '_per_s']:.1f} {unit}/s | {ms[r['task'], False, r['batch']] / r['median_ms']:.2f} | "
-                     f"{ms[r['task'], r['kv_cache'], 1] / r['median_ms']:.2f} |")
+        lines.append(
+            f"| {r['task']} | {'on' if r['kv_cache'] else 'off'} | {r['batch']} | {r['median_ms']:.0f} | "
+            f"{r[unit + '_per_s']:.1f} {unit}/s | {ms[r['task'], False, r['batch']] / r['median_ms']:.2f} | "
+            f"{ms[r['task'], r['kv_cache'], 1] / r['median_ms']:.2f} |"
+        )
     return lines
 
 
 def markdown(header: dict, tables: dict, note: str) -> str:
     m = header["machine"]
-    lines = ["# Benchmark results", "", f"Command: `{header['command']}`", "",
-             f"Machine: {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, threads {header['threads']}, "
-             f"load average {m['load_avg_1_5_15']} at the start.", "",
-             f"Medians of {header['repeats']} runs after {header['warmup']} warmup runs.", ""]
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Command: `{header['command']}`",
+        "",
+        f"Machine: {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, threads {header['threads']}, "
+        f"load average {m['load_avg_1_5_15']} at the start.",
+        "",
+        f"Medians of {header['repeats']} runs after {header['warmup']} warmup runs.",
+        "",
+    ]
     if note:
         lines += [f"**Note:** {note}", ""]
-    sections = [("Targets", targets_table(tables)),
-                ("1. Train step: MoT vs dense (equal FLOPs per token)", train_lines(tables["train_step"])),
-                ("2. Attention (sdpa, forward + backward): documents vs the Transfusion mask vs causal",
-                 attention_lines(tables["attention"])),
-                ("3. Utilisation of a train step", utilisation_lines(tables["utilisation"])),
-                ("4. train.compile on CPU", compile_lines(tables["compile"])),
-                ("5. Sampling: KV cache and batching (demo recipe's model)", sampling_lines(tables["sampling"]))]
+    sections = [
+        ("Targets", targets_table(tables)),
+        ("1. Train step: MoT vs dense (equal FLOPs per token)", train_lines(tables["train_step"])),
+        (
+            "2. Attention (sdpa, forward + backward): documents vs the Transfusion mask vs causal",
+            attention_lines(tables["attention"]),
+        ),
+        ("3. Utilisation of a train step", utilisation_lines(tables["utilisation"])),
+        ("4. train.compile on CPU", compile_lines(tables["compile"])),
+        ("5. Sampling: KV cache and batching (demo recipe's model)", sampling_lines(tables["sampling"])),
+    ]
     for title, body in sections:
         lines += [f"## {title}", "", *body, ""]
     return "\n".join(lines)
@@ -489,32 +634,52 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", default="1,2", help="torch intra-op thread counts for the train-step table")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="time train.compile=true against eager (a minute or two of compilation)")
-    p.add_argument("--note", default="", help="a remark written into the results, e.g. that the host was busy")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="time train.compile=true against eager (a minute or two of compilation)",
+    )
+    p.add_argument(
+        "--note", default="", help="a remark written into the results, e.g. that the host was busy"
+    )
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     threads = [int(t) for t in args.threads.split(",")]
-    header = {"command": shlex.join(["python", *sys.argv]), "machine": machine(), "threads": threads,
-              "repeats": args.repeats, "warmup": args.warmup}
+    header = {
+        "command": shlex.join(["python", *sys.argv]),
+        "machine": machine(),
+        "threads": threads,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
     tables: dict[str, object] = {"train_step": []}
     for n in threads:
         for modalities in (2, 3):
             for dim in DIMS:
                 rows = bench_train_step(dim, modalities, n, args.warmup, args.repeats, memory=n == threads[0])
                 tables["train_step"] += rows
-                print(f"train step {modalities} modalities dim {dim} threads {n}: dense {rows[0]['median_ms']:.1f} ms, "
-                      f"MoT {rows[1]['median_ms']:.1f} ms ({rows[1]['mot_over_dense']:.2f})", flush=True)
+                print(
+                    f"train step {modalities} modalities dim {dim} threads {n}: dense {rows[0]['median_ms']:.1f} ms, "
+                    f"MoT {rows[1]['median_ms']:.1f} ms ({rows[1]['mot_over_dense']:.2f})",
+                    flush=True,
+                )
     torch.set_num_threads(threads[0])
     tables["attention"] = []
     for seq_len in SEQ_LENS:
         tables["attention"].append(r := bench_attention(seq_len, args.warmup, args.repeats))
-        print(f"attention T={seq_len}: mask {r['transfusion_mask_ms']:.2f} ms, documents {r['documents_ms']:.2f} ms, "
-              f"causal {r['causal_ms']:.2f} ms", flush=True)
+        print(
+            f"attention T={seq_len}: mask {r['transfusion_mask_ms']:.2f} ms, documents {r['documents_ms']:.2f} ms, "
+            f"causal {r['causal_ms']:.2f} ms",
+            flush=True,
+        )
     peak = gemm_peak_gflops(args.repeats)
-    rows = [bench_utilisation("demo recipe", "demo", [], peak["gflops"], args.warmup, args.repeats),
-            bench_utilisation(f"dim {max(DIMS)}", "debug", [f"model.dim={max(DIMS)}"], peak["gflops"], args.warmup,
-                              args.repeats)]
+    rows = [
+        bench_utilisation("demo recipe", "demo", [], peak["gflops"], args.warmup, args.repeats),
+        bench_utilisation(
+            f"dim {max(DIMS)}", "debug", [f"model.dim={max(DIMS)}"], peak["gflops"], args.warmup, args.repeats
+        ),
+    ]
     tables["utilisation"] = {"threads": threads[0], "peak": peak, "rows": rows}
     print("utilisation: " + ", ".join(f"{r['name']} {r['utilisation']:.0%}" for r in rows), flush=True)
     compile_dims = sorted({min(DIMS), max(DIMS)}) if args.compile else []

@@ -15,8 +15,14 @@ import statistics
 import sys
 from pathlib import Path
 
-COLUMNS = ("geneval_single", "geneval", "caption_accuracy", "geneval_single/color", "geneval_single/shape",
-           "geneval_single/objects")
+COLUMNS = (
+    "geneval_single",
+    "geneval",
+    "caption_accuracy",
+    "geneval_single/color",
+    "geneval_single/shape",
+    "geneval_single/objects",
+)
 
 
 def row(run: Path) -> list[str]:
@@ -36,8 +42,10 @@ def main(runs: list[str], spread: bool) -> None:
         print("| " + " | ".join(r) + " |")
     if spread and len(rows) > 1:
         cols = list(zip(*rows))
-        spread = [f"{statistics.mean(map(float, c)):.3f} ± {statistics.stdev(map(float, c)):.3f}"
-                  for c in cols[3:3 + len(COLUMNS)]]
+        spread = [
+            f"{statistics.mean(map(float, c)):.3f} ± {statistics.stdev(map(float, c)):.3f}"
+            for c in cols[3 : 3 + len(COLUMNS)]
+        ]
         print("| mean ± sd | | | " + " | ".join(spread) + " | |")
 
 

@@ -38,7 +38,9 @@ def sheet(prompts: list[str], runs: dict[str, list[list[torch.Tensor]]], path: P
     label_w = int(max(measure.textlength(p) for p in prompts)) + 12
     n = len(next(iter(runs.values()))[0])
     block = n * (size + pad) + 2 * pad
-    out = PILImage.new("RGB", (label_w + len(runs) * block, head + len(prompts) * (size + pad) + pad), "white")
+    out = PILImage.new(
+        "RGB", (label_w + len(runs) * block, head + len(prompts) * (size + pad) + pad), "white"
+    )
     draw = ImageDraw.Draw(out)
     for j, (name, rows) in enumerate(runs.items()):
         x0 = label_w + j * block

@@ -9,7 +9,9 @@ from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
 
-torch.set_num_threads(1)  # tiny models: a second thread buys little and oversubscribes when tests spawn processes
+torch.set_num_threads(
+    1
+)  # tiny models: a second thread buys little and oversubscribes when tests spawn processes
 
 
 @pytest.fixture
@@ -36,7 +38,9 @@ def random_docs(rng: random.Random, image_size: int, n_docs: int, max_segments: 
     return docs
 
 
-def random_batch(tok, seed: int = 0, rows: int = 3, seq_len: int = 160, image_size: int = 8, patch_size: int = 4):
+def random_batch(
+    tok, seed: int = 0, rows: int = 3, seq_len: int = 160, image_size: int = 8, patch_size: int = 4
+):
     """A packed batch: each row holds as many random documents as fit."""
     rng = random.Random(seed)
     torch.manual_seed(seed)

@@ -49,7 +49,9 @@ def tiny_vq():
 def tiny_speech():
     cfg = SpeechTokenizerConfig(k=3, mel=MelConfig(n_mels=2))
     g = torch.Generator().manual_seed(0)
-    return SpeechTokenizer(cfg, torch.randn(3, 2, generator=g), torch.randn(2, generator=g), torch.rand(2, generator=g) + 1)
+    return SpeechTokenizer(
+        cfg, torch.randn(3, 2, generator=g), torch.randn(2, generator=g), torch.rand(2, generator=g) + 1
+    )
 
 
 def tiny_classifier():
@@ -60,7 +62,9 @@ def tiny_classifier():
 
 def tiny_clip():
     torch.manual_seed(0)
-    return ClipModel(ClipConfig(embed_dim=8, width=4, input_size=16, text_dim=8, text_layers=1, text_heads=2)).eval()
+    return ClipModel(
+        ClipConfig(embed_dim=8, width=4, input_size=16, text_dim=8, text_layers=1, text_heads=2)
+    ).eval()
 
 
 def write_legacy(path, weights: str, config: str, tensors: dict, meta: dict):
@@ -72,6 +76,7 @@ def write_legacy(path, weights: str, config: str, tensors: dict, meta: dict):
 
 
 # ---- round trips -------------------------------------------------------------------------------
+
 
 def test_every_kind_round_trips_through_weights_and_config(tmp_path):
     vae, vae_cfg = tiny_vae()
@@ -96,10 +101,17 @@ def test_every_kind_round_trips_through_weights_and_config(tmp_path):
     clip = tiny_clip()
     save_clip(clip, tmp_path / "clip", {"metrics": {"zero_shot_accuracy": 0.25}})
     again, info = load_clip(tmp_path / "clip")
-    assert info == {"metrics": {"zero_shot_accuracy": 0.25}} and torch.equal(again.image(IMAGES), clip.image(IMAGES))
+    assert info == {"metrics": {"zero_shot_accuracy": 0.25}} and torch.equal(
+        again.image(IMAGES), clip.image(IMAGES)
+    )
 
-    for kind, name in [("vae", "vae"), ("vq", "vq"), ("speech-units", "speech"), ("classifier", "classifier"),
-                       ("clip", "clip")]:
+    for kind, name in [
+        ("vae", "vae"),
+        ("vq", "vq"),
+        ("speech-units", "speech"),
+        ("classifier", "classifier"),
+        ("clip", "clip"),
+    ]:
         meta = json.loads((tmp_path / name / "config.json").read_text())
         assert meta["kind"] == kind == kind_of(tmp_path / name) and "config" in meta
         assert {"weights.safetensors", "config.json"} <= {p.name for p in (tmp_path / name).iterdir()}
@@ -116,6 +128,7 @@ def test_artifact_keeps_config_info_and_tensors(tmp_path):
 
 # ---- the older layouts -------------------------------------------------------------------------
 
+
 def test_old_vae_directory_loads(tmp_path):
     vae, cfg = tiny_vae()
     path = write_legacy(tmp_path / "old", "model.safetensors", "config.json", vae.state_dict(), cfg.to_dict())
@@ -125,8 +138,18 @@ def test_old_vae_directory_loads(tmp_path):
 
 def test_old_vq_directory_loads(tmp_path):
     vq = tiny_vq()
-    architecture = ("codebook_size", "code_dim", "channels", "downsample", "res_blocks", "image_channels", "image_size",
-                    "beta", "decay", "dead_below")  # the old vq_config.json: no training fields
+    architecture = (
+        "codebook_size",
+        "code_dim",
+        "channels",
+        "downsample",
+        "res_blocks",
+        "image_channels",
+        "image_size",
+        "beta",
+        "decay",
+        "dead_below",
+    )  # the old vq_config.json: no training fields
     meta = {k: v for k, v in dataclasses.asdict(vq.cfg).items() if k in architecture}
     path = write_legacy(tmp_path / "old", "vq.safetensors", "vq_config.json", vq.state_dict(), meta)
     assert torch.equal(load_vq(path).encode(IMAGES), vq.encode(IMAGES))
@@ -143,11 +166,15 @@ def test_old_speech_units_directory_loads(tmp_path):
 def test_old_classifier_and_clip_directories_load(tmp_path):
     classifier, cfg = tiny_classifier()
     meta = {"config": dataclasses.asdict(cfg), "metrics": {"test_accuracy": 0.9}, "classes": ["a"]}
-    path = write_legacy(tmp_path / "cls", "classifier.safetensors", "classifier.json", classifier.state_dict(), meta)
+    path = write_legacy(
+        tmp_path / "cls", "classifier.safetensors", "classifier.json", classifier.state_dict(), meta
+    )
     assert torch.equal(load_classifier(path)(IMAGES), classifier(IMAGES))
 
     clip = tiny_clip()
-    config = {k: v for k, v in dataclasses.asdict(clip.cfg).items() if k != "dataset"}  # no dataset field then
+    config = {
+        k: v for k, v in dataclasses.asdict(clip.cfg).items() if k != "dataset"
+    }  # no dataset field then
     meta = {"config": config, "dataset": "emoji", "image_size": 16, "metrics": {"image_to_text_top1": 0.1}}
     path = write_legacy(tmp_path / "clip", "clip.safetensors", "clip.json", clip.state_dict(), meta)
     again, info = load_clip(path)
@@ -157,19 +184,29 @@ def test_old_classifier_and_clip_directories_load(tmp_path):
 
 # ---- wrong directories -------------------------------------------------------------------------
 
+
 def test_a_wrong_directory_says_what_it_holds(tmp_path):
     save_vq(tiny_vq(), tmp_path / "vq")
-    with pytest.raises(ConfigError, match=r"holds a VQ-VAE image tokenizer \(motfusion train-vq\), not a Fashion-MNIST"):
+    with pytest.raises(
+        ConfigError, match=r"holds a VQ-VAE image tokenizer \(motfusion train-vq\), not a Fashion-MNIST"
+    ):
         load_classifier(tmp_path / "vq")
     with pytest.raises(ConfigError, match="holds a VQ-VAE image tokenizer .*, not a KL-VAE"):
         load_vae(tmp_path / "vq")
     classifier, cfg = tiny_classifier()
     meta = {"config": dataclasses.asdict(cfg), "metrics": {}, "classes": []}
-    old = write_legacy(tmp_path / "cls", "classifier.safetensors", "classifier.json", classifier.state_dict(), meta)
+    old = write_legacy(
+        tmp_path / "cls", "classifier.safetensors", "classifier.json", classifier.state_dict(), meta
+    )
     with pytest.raises(ConfigError, match="holds a Fashion-MNIST classifier .*, not a CLIP model"):
         load_clip(old)
-    checkpoint = write_legacy(tmp_path / "ckpt", "model.safetensors", "config.json", {"w": torch.zeros(1)},
-                              {"model": {}, "train": {}})  # the main trainer's checkpoint: the old VAE's names
+    checkpoint = write_legacy(
+        tmp_path / "ckpt",
+        "model.safetensors",
+        "config.json",
+        {"w": torch.zeros(1)},
+        {"model": {}, "train": {}},
+    )  # the main trainer's checkpoint: the old VAE's names
     with pytest.raises(ConfigError, match="holds a motfusion training checkpoint, not a KL-VAE"):
         load_vae(checkpoint)
     with pytest.raises(FileNotFoundError, match="does not hold a speech unit codec.*train-speech-tokenizer"):
@@ -179,6 +216,7 @@ def test_a_wrong_directory_says_what_it_holds(tmp_path):
 
 # ---- the schedule and the loop -----------------------------------------------------------------
 
+
 def old_trainer_lr(step, lr, min_lr, warmup, steps):
     """training/trainer.py's lr_at before the shared schedule, verbatim in its arithmetic."""
     if step <= warmup:
@@ -187,7 +225,9 @@ def old_trainer_lr(step, lr, min_lr, warmup, steps):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
-@pytest.mark.parametrize("lr,min_lr,warmup,steps", [(3e-4, 1.5e-5, 10, 100), (1e-3, 0.0, 0, 7), (2e-3, 2e-4, 5, 5)])
+@pytest.mark.parametrize(
+    "lr,min_lr,warmup,steps", [(3e-4, 1.5e-5, 10, 100), (1e-3, 0.0, 0, 7), (2e-3, 2e-4, 5, 5)]
+)
 def test_schedule_equals_the_old_trainer_schedule(lr, min_lr, warmup, steps):
     tcfg = TrainConfig(lr=lr, min_lr=min_lr, warmup=warmup, steps=steps)
     for step in range(1, steps + 3):
@@ -202,16 +242,27 @@ def test_auxiliary_schedules_keep_their_old_numbers():
     clip_lr, clip_steps = 2e-3, 400
     clip_warmup = max(1, clip_steps // 20)
     for step in range(1, 501):
-        old_vae = vae.lr * step / vae.warmup if step <= vae.warmup else vae.lr * (
-            0.1 + 0.45 * (1 + math.cos(math.pi * (step - vae.warmup) / (vae.steps - vae.warmup))))
+        old_vae = (
+            vae.lr * step / vae.warmup
+            if step <= vae.warmup
+            else vae.lr
+            * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - vae.warmup) / (vae.steps - vae.warmup))))
+        )
         assert vae_loop_config(vae).lr_at(step) == pytest.approx(old_vae, rel=1e-12)
     for step in range(1, vq_steps + 1):
         old_vq = vq_lr * (0.55 + 0.45 * math.cos(math.pi * step / vq_steps))
-        assert cosine_lr(step, lr=vq_lr, steps=vq_steps, min_lr=vq_lr / 10) == pytest.approx(old_vq, rel=1e-12)
+        assert cosine_lr(step, lr=vq_lr, steps=vq_steps, min_lr=vq_lr / 10) == pytest.approx(
+            old_vq, rel=1e-12
+        )
     for step in range(1, clip_steps + 1):
-        old_clip = clip_lr * step / clip_warmup if step <= clip_warmup else clip_lr * 0.5 * (
-            1 + math.cos(math.pi * (step - clip_warmup) / (clip_steps - clip_warmup)))
-        assert cosine_lr(step, lr=clip_lr, steps=clip_steps, warmup=clip_warmup) == pytest.approx(old_clip, rel=1e-12, abs=1e-18)
+        old_clip = (
+            clip_lr * step / clip_warmup
+            if step <= clip_warmup
+            else clip_lr * 0.5 * (1 + math.cos(math.pi * (step - clip_warmup) / (clip_steps - clip_warmup)))
+        )
+        assert cosine_lr(step, lr=clip_lr, steps=clip_steps, warmup=clip_warmup) == pytest.approx(
+            old_clip, rel=1e-12, abs=1e-18
+        )
 
 
 def test_loop_stops_on_a_non_finite_loss_before_the_update():
@@ -227,7 +278,9 @@ def test_loop_stops_on_a_non_finite_loss_before_the_update():
 
     lines = []
     with pytest.raises(NonFiniteLossError, match="non-finite toy loss") as info:
-        train_loop(model.parameters(), step_loss, LoopConfig(name="toy", steps=10, lr=0.1, log_every=1), lines.append)
+        train_loop(
+            model.parameters(), step_loss, LoopConfig(name="toy", steps=10, lr=0.1, log_every=1), lines.append
+        )
     assert math.isnan(info.value.stats["loss"])
     assert torch.equal(model.weight, snapshots[-1])  # step 3 applied nothing
     assert len(lines) == 2 and lines[0].startswith("toy step 1/10 | loss") and "scale 1" in lines[0]
@@ -239,16 +292,21 @@ def test_loop_lowers_the_loss_and_logs_on_schedule():
     x, y = torch.randn(16, 3), torch.randn(16, 1)
     logged = []
     cfg = LoopConfig(name="toy", steps=20, lr=0.1, warmup=2, grad_clip=1.0, log_every=8)
-    history = train_loop(model.parameters(), lambda step: ((model(x) - y).square().mean(), {}), cfg, None, logged.append)
+    history = train_loop(
+        model.parameters(), lambda step: ((model(x) - y).square().mean(), {}), cfg, None, logged.append
+    )
     assert [r["step"] for r in logged] == [8, 16, 20] and len(history) == 20
     assert history[-1]["loss"] < history[0]["loss"] and history[1]["lr"] == cfg.lr_at(2) == 0.1
 
 
 # ---- one override parser -----------------------------------------------------------------------
 
+
 def test_overrides_reach_any_config_dataclass():
     cfg = apply_overrides(SpeechTokenizerConfig(), ["k=16", "dedup=true", "mel.n_mels=40"])
-    assert cfg.k == 16 and cfg.dedup is True and cfg.mel.n_mels == 40  # MelConfig is frozen: replaced, not mutated
+    assert (
+        cfg.k == 16 and cfg.dedup is True and cfg.mel.n_mels == 40
+    )  # MelConfig is frozen: replaced, not mutated
     assert apply_overrides(VAEConfig(), ["channel_mult=1,2,4"]).channel_mult == (1, 2, 4)
     with pytest.raises(ConfigError, match="codebook_sise"):
         apply_overrides(VQConfig(), ["codebook_sise=8"])
@@ -257,8 +315,23 @@ def test_overrides_reach_any_config_dataclass():
 def test_train_classifier_takes_key_value_overrides(tmp_path):
     tiny_fashion(tmp_path / "data", n_train=16, n_test=4)
     out = tmp_path / "cls"
-    assert main(["train-classifier", "--out", str(out), "--data", str(tmp_path / "data"), "--steps", "2",
-                 "batch_size=4", "width=4", "feature_dim=8"]) == 0
+    assert (
+        main(
+            [
+                "train-classifier",
+                "--out",
+                str(out),
+                "--data",
+                str(tmp_path / "data"),
+                "--steps",
+                "2",
+                "batch_size=4",
+                "width=4",
+                "feature_dim=8",
+            ]
+        )
+        == 0
+    )
     meta = json.loads((out / "config.json").read_text())
     assert meta["kind"] == "classifier" and meta["config"]["width"] == 4 and meta["config"]["steps"] == 2
     assert main(["train-classifier", "--out", str(out), "widht=4"]) == 2

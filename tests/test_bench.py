@@ -18,9 +18,16 @@ def test_bench_writes_every_table(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench.py"])
     bench.main(["--repeats", "1", "--warmup", "0", "--no-compile", "--out", str(tmp_path)])
     train = json.loads((tmp_path / "train_step.json").read_text())["results"]
-    assert {(r["modalities"], r["model"]) for r in train} == {(2, "dense"), (2, "MoT"), (3, "dense"), (3, "MoT")}
+    assert {(r["modalities"], r["model"]) for r in train} == {
+        (2, "dense"),
+        (2, "MoT"),
+        (3, "dense"),
+        (3, "MoT"),
+    }
     for m in (2, 3):
-        mot, dense = (next(r for r in train if r["modalities"] == m and r["model"] == name) for name in ("MoT", "dense"))
+        mot, dense = (
+            next(r for r in train if r["modalities"] == m and r["model"] == name) for name in ("MoT", "dense")
+        )
         assert mot["flops_per_token"] == dense["flops_per_token"]  # equal compute per token
         assert mot["memory"]["weights_mb"] > dense["memory"]["weights_mb"]
     sampling = json.loads((tmp_path / "sampling.json").read_text())["results"]

@@ -14,8 +14,15 @@ STEPS = range(10, 101, 10)
 def write_run(run, losses: dict[str, list[float]], seconds_per_step: float) -> None:
     """A metrics.jsonl with one record per step of STEPS; cumulative_flops = 1e9 per step."""
     run.mkdir()
-    rows = [{"step": s, "cumulative_flops": s * 1e9, "elapsed_s": s * seconds_per_step,
-             **{k: v[i] for k, v in losses.items()}} for i, s in enumerate(STEPS)]
+    rows = [
+        {
+            "step": s,
+            "cumulative_flops": s * 1e9,
+            "elapsed_s": s * seconds_per_step,
+            **{k: v[i] for k, v in losses.items()},
+        }
+        for i, s in enumerate(STEPS)
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -29,7 +36,11 @@ def runs(tmp_path):
     n = len(STEPS)
     dense, mot = tmp_path / "dense", tmp_path / "mot"
     write_run(dense, {"loss/text": [2.0] * n, "loss/image": [0.5] * n, "loss/speech": [1.0] * n}, 1.0)
-    write_run(mot, {"loss/text": [4.0] + [1.0] * (n - 1), "loss/image": [0.6] * n, "loss/moe_balance": [0.0] * n}, 0.5)
+    write_run(
+        mot,
+        {"loss/text": [4.0] + [1.0] * (n - 1), "loss/image": [0.6] * n, "loss/moe_balance": [0.0] * n},
+        0.5,
+    )
     return dense, mot
 
 

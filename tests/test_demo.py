@@ -7,15 +7,34 @@ from motfusion.cli import main
 
 def test_demo_writes_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    args = ["demo", "--recipe", "debug", "--out", str(out), "--steps", "6", "--sample-steps", "3",
-            "--n-eval", "4", "train.log_every=2"]
+    args = [
+        "demo",
+        "--recipe",
+        "debug",
+        "--out",
+        str(out),
+        "--steps",
+        "6",
+        "--sample-steps",
+        "3",
+        "--n-eval",
+        "4",
+        "train.log_every=2",
+    ]
     assert main(args) == 0
     report = out / "report"
     for name in ("index.html", "samples.png", "loss.png", "metrics.json"):
         assert (report / name).is_file(), name
     metrics = json.loads((report / "metrics.json").read_text())
-    for key in ("geneval", "geneval_single", "caption_accuracy", "final_loss/text", "final_loss/image",
-                "steps", "wall_clock_seconds"):
+    for key in (
+        "geneval",
+        "geneval_single",
+        "caption_accuracy",
+        "final_loss/text",
+        "final_loss/image",
+        "steps",
+        "wall_clock_seconds",
+    ):
         assert key in metrics, key
     assert metrics["steps"] == 6 and 0 <= metrics["geneval"] <= 1
     forms = [k for k in metrics if k.startswith("geneval_form/")]

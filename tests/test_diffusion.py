@@ -153,7 +153,9 @@ def test_gaussian_data_moments_euler():
 def test_respaced_betas():
     process = DDPM(T)
     full = DDPMSampler(process, T)
-    training_betas = 1 - process.alpha_bar / torch.cat([process.alpha_bar.new_ones(1), process.alpha_bar[:-1]])
+    training_betas = 1 - process.alpha_bar / torch.cat(
+        [process.alpha_bar.new_ones(1), process.alpha_bar[:-1]]
+    )
     torch.testing.assert_close(full.betas.flip(0), training_betas)
 
     strided = DDPMSampler(process, 37)

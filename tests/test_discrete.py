@@ -32,21 +32,31 @@ from motfusion.training.logging import read_metrics
 from motfusion.training.trainer import train
 
 I = IGNORE
-THREE = ["model.vocab_sizes=image:32,speech:12", "model.towers=text:text,image:image,speech:speech",
-         "data.image_repr=tokens", "model.vq=unused"]
+THREE = [
+    "model.vocab_sizes=image:32,speech:12",
+    "model.towers=text:text,image:image,speech:speech",
+    "data.image_repr=tokens",
+    "model.vq=unused",
+]
 
 
 def three_modal(cfg, **changes):
     """The debug model with images as 32 codes and speech as 12 units, one tower each."""
     torch.manual_seed(0)
-    return TransfusionModel(dataclasses.replace(cfg.override(THREE).model, **changes), ByteTokenizer().vocab_size)
+    return TransfusionModel(
+        dataclasses.replace(cfg.override(THREE).model, **changes), ByteTokenizer().vocab_size
+    )
 
 
 def mixed_docs(rng: torch.Generator) -> list[list]:
     def units(modality: str, vocab: int, n: int) -> Units:
         return Units(modality, torch.randint(vocab, (n,), generator=rng))
-    return [[Text("ab"), units("image", 32, 16), Text("c")], [units("speech", 12, 7), Text("de")],
-            [Text("f"), units("speech", 12, 5), units("image", 32, 16)]]
+
+    return [
+        [Text("ab"), units("image", 32, 16), Text("c")],
+        [units("speech", 12, 7), Text("de")],
+        [Text("f"), units("speech", 12, 5), units("image", 32, 16)],
+    ]
 
 
 def mixed_batch(tok, seed: int = 0):
@@ -68,7 +78,10 @@ def test_spans_encode_with_markers_local_ids_and_per_head_targets(tok):
     # (local id 1); the last unit predicts the end of its span (SPAN_END, speech head); <eosp> -> text.
     assert b.targets[0].tolist() == [97, tok.boi, 5, 6, I, S["<bosp>"], 1, 4, SPAN_END, 98, tok.eos, I]
     assert {m: idx.tolist() for m, idx in b.loss_index.items()} == {
-        "text": [0, 1, 5, 9, 10], "image": [2, 3], "speech": [6, 7, 8]}
+        "text": [0, 1, 5, 9, 10],
+        "image": [2, 3],
+        "speech": [6, 7, 8],
+    }
 
 
 def test_continuous_image_next_to_units_keeps_its_rules(tok):
@@ -98,16 +111,25 @@ def test_bad_units_are_clear_errors(tok, cfg):
 def test_each_modality_has_its_own_table_and_head(tok, cfg):
     model = three_modal(cfg)
     b = mixed_batch(tok)
-    assert model.image is None and model.logits(torch.zeros(2, 64), "speech").shape == (2, 13)  # 12 units + end
+    assert model.image is None and model.logits(torch.zeros(2, 64), "speech").shape == (
+        2,
+        13,
+    )  # 12 units + end
     names = ["text", "image", "speech"]
-    expected = torch.stack([model.adapter(names[m]).embed.weight[t] for m, t in zip(b.modality.flatten(), b.tokens.flatten())])
+    expected = torch.stack(
+        [model.adapter(names[m]).embed.weight[t] for m, t in zip(b.modality.flatten(), b.tokens.flatten())]
+    )
     torch.testing.assert_close(model._embed_tokens(b).flatten(0, 1), expected)
     for m in ("image", "speech"):  # a modality's loss trains its own head and no other
         model.zero_grad()
         hidden = model(b, b.images, torch.zeros(0)).hidden
         TransfusionObjective.lm_loss(model, hidden, b, m, GlobalBatch.of(b)).backward()
-        trained = {a for a in names if model.adapter(a).head.weight.grad is not None
-                   and model.adapter(a).head.weight.grad.abs().sum() > 0}
+        trained = {
+            a
+            for a in names
+            if model.adapter(a).head.weight.grad is not None
+            and model.adapter(a).head.weight.grad.abs().sum() > 0
+        }
         assert trained == {m}
 
 
@@ -120,10 +142,15 @@ def test_loss_breakdown_equals_manual(tok, cfg):
     hidden = model(b, b.images, torch.zeros(0)).hidden  # (2, T, D)
     targets = b.targets
     rows = {"text": [0, 1, 5, 9, 10], "image": [2, 3], "speech": [6, 7, 8]}  # from the layout test above
-    heads = {"text": model.text.head.weight, "image": model.discrete["image"].head.weight,
-             "speech": model.discrete["speech"].head.weight}
-    manual = {m: F.cross_entropy((hidden[:, r] @ heads[m].T).flatten(0, 1), targets[:, r].flatten())
-              for m, r in rows.items()}
+    heads = {
+        "text": model.text.head.weight,
+        "image": model.discrete["image"].head.weight,
+        "speech": model.discrete["speech"].head.weight,
+    }
+    manual = {
+        m: F.cross_entropy((hidden[:, r] @ heads[m].T).flatten(0, 1), targets[:, r].flatten())
+        for m, r in rows.items()
+    }
     assert set(parts) == {"loss/text", "loss/image", "loss/speech"}
     for m, value in manual.items():
         torch.testing.assert_close(parts[f"loss/{m}"], value)
@@ -148,10 +175,16 @@ def backbone_params(model) -> int:
 def test_tower_groupings_parameter_counts(tok, cfg):
     dense = three_modal(cfg, untie=())
     ffn = sum(p.numel() for n, p in dense.named_parameters() if ".ffn." in n)
-    for towers, n in [({"text": "a", "image": "a", "speech": "b"}, 2), ({"text": "t", "image": "i", "speech": "s"}, 3)]:
+    for towers, n in [
+        ({"text": "a", "image": "a", "speech": "b"}, 2),
+        ({"text": "t", "image": "i", "speech": "s"}, 3),
+    ]:
         full = three_modal(cfg, towers=towers)  # ffn, attn and norm untied: every backbone weight per tower
         assert backbone_params(full) == n * backbone_params(dense)
-        assert backbone_params(three_modal(cfg, towers=towers, untie=("ffn",))) == backbone_params(dense) + (n - 1) * ffn
+        assert (
+            backbone_params(three_modal(cfg, towers=towers, untie=("ffn",)))
+            == backbone_params(dense) + (n - 1) * ffn
+        )
         assert full.num_params() - backbone_params(full) == dense.num_params() - backbone_params(dense)
 
 
@@ -160,7 +193,9 @@ def tower_grads(model, b, towers_of_interest):
     TransfusionObjective(get_recipe("debug").objective)(model, b)[0].backward()
     grads = {}
     for tower in towers_of_interest:
-        named = [(n, p) for n, p in model.named_parameters() if f".{tower}." in n and n.startswith("backbone.")]
+        named = [
+            (n, p) for n, p in model.named_parameters() if f".{tower}." in n and n.startswith("backbone.")
+        ]
         grads[tower] = {n.replace(f".{tower}.", ".*."): p.grad for n, p in named}
     return grads
 
@@ -185,13 +220,24 @@ def test_shared_tower_gets_gradients_from_both_modalities_and_a_third_none(tok, 
 
 def test_tokens_mode_trains_the_debug_recipe(tok, tmp_path):
     vq_dir = make_vq_dir(tmp_path / "vq")
-    cfg = get_recipe("debug").override(["data.image_repr=tokens", f"model.vq={vq_dir}", "model.vocab_sizes=image:32",
-                                        "train.steps=4", "train.log_every=1", "train.batch_size=2", "train.device=cpu"])
+    cfg = get_recipe("debug").override(
+        [
+            "data.image_repr=tokens",
+            f"model.vq={vq_dir}",
+            "model.vocab_sizes=image:32",
+            "train.steps=4",
+            "train.log_every=1",
+            "train.batch_size=2",
+            "train.device=cpu",
+        ]
+    )
     result = train(cfg, tmp_path / "run")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert len(records) == 4 and all(r["loss/image"] > 0 and r["loss/text"] > 0 for r in records)
     assert records[0]["tokens/image"] > 0 and result.step == 4
-    bad = get_recipe("debug").override(["data.image_repr=tokens", f"model.vq={vq_dir}", "model.vocab_sizes=image:30"])
+    bad = get_recipe("debug").override(
+        ["data.image_repr=tokens", f"model.vq={vq_dir}", "model.vocab_sizes=image:30"]
+    )
     with pytest.raises(ConfigError, match="image:32"):
         train(bad, tmp_path / "bad")
 
@@ -199,9 +245,14 @@ def test_tokens_mode_trains_the_debug_recipe(tok, tmp_path):
 @pytest.fixture
 def tokens_generator(tok, tmp_path):
     vq_dir = make_vq_dir(tmp_path / "vq")
-    cfg = get_recipe("debug").override(["data.image_repr=tokens", f"model.vq={vq_dir}",
-                                        "model.vocab_sizes=image:32,speech:12",
-                                        "model.towers=text:text,image:image,speech:speech"])
+    cfg = get_recipe("debug").override(
+        [
+            "data.image_repr=tokens",
+            f"model.vq={vq_dir}",
+            "model.vocab_sizes=image:32,speech:12",
+            "model.towers=text:text,image:image,speech:speech",
+        ]
+    )
     torch.manual_seed(0)
     model = TransfusionModel(cfg.model, tok.vocab_size).eval()
 
@@ -209,6 +260,7 @@ def tokens_generator(tok, tmp_path):
         opts = dict(max_tokens=6, guidance=2.0, temperature=0.9)
         opts.update(kw)
         return Generator(model, tok, cfg.objective, 16, SampleConfig(**opts), image=image_repr(cfg))
+
     return make
 
 
@@ -218,7 +270,9 @@ def test_tokens_mode_sampling_cache_equals_recompute(tokens_generator):
     ia, ib = (g.images(prompts, torch.Generator().manual_seed(0)) for g in (a, b))
     assert ia.shape == (2, 3, 16, 16) and a.tokens_per_image == 16
     torch.testing.assert_close(ia, ib)
-    assert a.captions(ia, torch.Generator().manual_seed(1)) == b.captions(ib, torch.Generator().manual_seed(1))
+    assert a.captions(ia, torch.Generator().manual_seed(1)) == b.captions(
+        ib, torch.Generator().manual_seed(1)
+    )
     ua, ub = (g.units(prompts, "speech", torch.Generator().manual_seed(2)) for g in (a, b))
     assert ua == ub and all(0 <= u < 12 for row in ua for u in row)
     ta, tb = (g.transcribe([[1, 2, 3], [4]], "speech", torch.Generator().manual_seed(3)) for g in (a, b))
@@ -230,7 +284,7 @@ def test_tokens_mode_batched_equals_one_by_one(tokens_generator):
     prompts = ["a red circle", "two blue squares on the left"]
     batched = gen.images(prompts)
     for i, p in enumerate(prompts):
-        torch.testing.assert_close(gen.images([p]), batched[i:i + 1])
+        torch.testing.assert_close(gen.images([p]), batched[i : i + 1])
     assert gen.units(prompts, "speech") == [gen.units([p], "speech")[0] for p in prompts]
 
 
@@ -247,6 +301,7 @@ def test_span_decoding_uses_the_modality_head_and_stops_at_the_end(tokens_genera
         logits[:, plan[modality][min(calls[modality], len(plan[modality]) - 1)]] = 0
         calls[modality] += 1
         return logits
+
     gen._logits = steer
     assert gen.units(["hello"], "speech") == [[4, 5, 6]]  # local ids minus the end's slot
     calls.update(text=0, speech=0)
@@ -265,16 +320,23 @@ def test_greedy_spans_agree_with_scoring_the_encoded_sequence(tokens_generator, 
     ctx.run(ctx.prompt([gen._encode([Text(prompt)], then=[tok.boi])], tok.pad))
     codes = gen.span(ctx, None, "image", None, length=gen.tokens_per_image)[0]
     units = gen.units([prompt], "speech", max_units=4)[0]
-    for modality, ids, local in [("image", codes, codes), ("speech", units, [u + 1 for u in units] + [SPAN_END])]:
-        enc = gen._encode([Text(prompt)], then=[tok.special_ids["<boi>" if modality == "image" else "<bosp>"]])
+    for modality, ids, local in [
+        ("image", codes, codes),
+        ("speech", units, [u + 1 for u in units] + [SPAN_END]),
+    ]:
+        enc = gen._encode(
+            [Text(prompt)], then=[tok.special_ids["<boi>" if modality == "image" else "<bosp>"]]
+        )
         start = len(enc) - 1
-        enc.tokens += local[:len(ids)]
+        enc.tokens += local[: len(ids)]
         enc.modality += [IMAGE if modality == "image" else SPEECH] * len(ids)
         enc.image_slot += [-1] * len(ids)
         b = collate([[enc]], len(enc), tok.pad)
         hidden = gen.model(b, b.images, torch.zeros(0)).hidden[0]
-        n = len(ids) + (modality == "speech" and len(ids) < 4)  # an early end is the argmax after the last unit
-        assert gen.model.logits(hidden[start:start + n], modality).argmax(-1).tolist() == local[:n]
+        n = len(ids) + (
+            modality == "speech" and len(ids) < 4
+        )  # an early end is the argmax after the last unit
+        assert gen.model.logits(hidden[start : start + n], modality).argmax(-1).tolist() == local[:n]
 
 
 def test_context_tokens_carry_their_modality(tokens_generator, tok):

@@ -41,8 +41,15 @@ from motfusion.training.logging import read_metrics
 from motfusion.training.parallelize import parallel_mode, parallelize
 from motfusion.training.trainer import build_optimizer, train, train_step
 
-STEPS = ["train.steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0", "train.log_every=1",
-         "train.device=cpu", "train.tensorboard=false", "train.ema=0.9"]
+STEPS = [
+    "train.steps=4",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=0",
+    "train.log_every=1",
+    "train.device=cpu",
+    "train.tensorboard=false",
+    "train.ema=0.9",
+]
 TOL = 1e-5
 
 
@@ -61,8 +68,9 @@ def curve(run_dir: Path, extra: tuple[str, ...] = ()) -> list[list[float]]:
 
 def assert_same_curve(a: list[list[float]], b: list[list[float]]) -> None:
     assert [r[0] for r in a] == [r[0] for r in b]
-    torch.testing.assert_close(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
-                               rtol=1e-6, atol=TOL)  # rtol: float32 sums in another order (a grad norm of 28)
+    torch.testing.assert_close(
+        torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64), rtol=1e-6, atol=TOL
+    )  # rtol: float32 sums in another order (a grad norm of 28)
 
 
 def rewind(run_dir: Path, to: Path) -> Path:
@@ -76,8 +84,10 @@ def uneven_rows(cfg) -> list[list]:
     """Two rows of encoded documents: captioned images, then text only (no image on that rank)."""
     g, tok = torch.Generator().manual_seed(0), ByteTokenizer()
     red, blue = (Image(torch.rand(3, 16, 16, generator=g) * 2 - 1) for _ in range(2))
-    rows = [[[Text("a red circle"), red], [blue, Text("two blue squares")]],
-            [[Text("no image here")], [Text("nor here: only text")]]]
+    rows = [
+        [[Text("a red circle"), red], [blue, Text("two blue squares")]],
+        [[Text("no image here")], [Text("nor here: only text")]],
+    ]
     return [[encode_document(doc, tok, cfg.model.patch_size) for doc in row] for row in rows]
 
 
@@ -88,13 +98,25 @@ def step_gradients(cfg, batch, world: World) -> dict[str, torch.Tensor]:
     model = TransfusionModel(cfg.model, ByteTokenizer().vocab_size)
     parallelize(model, cfg.train, world)
     whole, _ = locate(batch, {})
-    train_step(model, TransfusionObjective(cfg.objective), build_optimizer(model, cfg.train), batch,
-               torch.Generator().manual_seed(0), 1e-3, 1.0, whole=whole, world_size=world.world_size)
-    return {name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            for name, p in model.named_parameters()}
+    train_step(
+        model,
+        TransfusionObjective(cfg.objective),
+        build_optimizer(model, cfg.train),
+        batch,
+        torch.Generator().manual_seed(0),
+        1e-3,
+        1.0,
+        whole=whole,
+        world_size=world.world_size,
+    )
+    return {
+        name: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        for name, p in model.named_parameters()
+    }
 
 
 # ---- the 2-rank runs -------------------------------------------------------------------------
+
 
 def _rank_main(rank: int, port: int, root: Path) -> None:
     """One of the 2 ranks: what torchrun would set up, then every 2-rank training of the module.
@@ -103,8 +125,9 @@ def _rank_main(rank: int, port: int, root: Path) -> None:
     os.dup2(log, 1)
     os.dup2(log, 2)
     faulthandler.enable()
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     try:
@@ -131,7 +154,9 @@ def _free_port() -> int:
 
 
 def spawn_two_ranks(root: Path, timeout_s: float = 600) -> None:
-    ctx = mp.start_processes(_rank_main, args=(_free_port(), root), nprocs=2, join=False, start_method="spawn")
+    ctx = mp.start_processes(
+        _rank_main, args=(_free_port(), root), nprocs=2, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=1):
@@ -169,7 +194,9 @@ def test_two_ranks_give_the_losses_of_one_process(runs):
 
 def test_contrastive_loss_over_two_ranks_is_that_of_one_process(runs):
     """InfoNCE over the pairs gathered from both ranks, and its gradient through the gather."""
-    assert_same_curve(curve(runs / "one_align", ("loss/contrastive",)), curve(runs / "fsdp_align", ("loss/contrastive",)))
+    assert_same_curve(
+        curve(runs / "one_align", ("loss/contrastive",)), curve(runs / "fsdp_align", ("loss/contrastive",))
+    )
 
 
 def test_fsdp_gives_the_losses_of_ddp(runs):
@@ -239,6 +266,7 @@ def test_two_rank_run_reads_the_documents_of_one_process(runs):
 
 # ---- in one process --------------------------------------------------------------------------
 
+
 def _row_docs(batch) -> list[tuple]:
     """Each row's documents as (tokens, image bytes), read back from a packed batch."""
     rows = []
@@ -247,8 +275,12 @@ def _row_docs(batch) -> list[tuple]:
         for d in range(int(batch.doc[b].max()) + 1):
             at = batch.doc[b] == d
             images = batch.image[b][at].unique()
-            docs.append((tuple(batch.tokens[b][at].tolist()),
-                         tuple(batch.images[i].numpy().tobytes() for i in images[images >= 0].tolist())))
+            docs.append(
+                (
+                    tuple(batch.tokens[b][at].tolist()),
+                    tuple(batch.images[i].numpy().tobytes() for i in images[images >= 0].tolist()),
+                )
+            )
         rows.append(tuple(docs))
     return rows
 
@@ -289,11 +321,18 @@ def test_rank_shares_add_up_to_the_global_loss(tok):
     places = [dataclasses.replace(total, image_offset=offset) for offset in (0, halves[0].images.shape[0])]
     with torch.no_grad():
         loss, parts = objective(model, whole, torch.Generator().manual_seed(7))
-        shares = [objective(model, half, torch.Generator().manual_seed(7), place)
-                  for half, place in zip(halves, places)]
+        shares = [
+            objective(model, half, torch.Generator().manual_seed(7), place)
+            for half, place in zip(halves, places)
+        ]
         t, noise = objective.draw(whole, total, torch.Generator().manual_seed(7))
-        drawn = [objective.draw(half, place, torch.Generator().manual_seed(7)) for half, place in zip(halves, places)]
-    assert torch.equal(torch.cat([d[0] for d in drawn]), t) and torch.equal(torch.cat([d[1] for d in drawn]), noise)
+        drawn = [
+            objective.draw(half, place, torch.Generator().manual_seed(7))
+            for half, place in zip(halves, places)
+        ]
+    assert torch.equal(torch.cat([d[0] for d in drawn]), t) and torch.equal(
+        torch.cat([d[1] for d in drawn]), noise
+    )
     torch.testing.assert_close(shares[0][0] + shares[1][0], loss, rtol=1e-6, atol=0)
     for key in parts:
         torch.testing.assert_close(shares[0][1][key] + shares[1][1][key], parts[key], rtol=1e-6, atol=0)
@@ -303,6 +342,7 @@ def _saving(counter: list[int]):
     def pack(t: torch.Tensor) -> torch.Tensor:
         counter[0] += t.numel()
         return t
+
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
 
@@ -336,9 +376,19 @@ def test_bf16_autocast_trains_on_cpu(tok):
     bf16 = copy.deepcopy(fp32)
     seen = []
     bf16.text.head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
-    stats = [train_step(m, TransfusionObjective(cfg.objective), build_optimizer(m, cfg.train), batch,
-                        torch.Generator().manual_seed(0), 1e-3, 1.0, precision=precision)
-             for m, precision in ((fp32, "fp32"), (bf16, "bf16"))]
+    stats = [
+        train_step(
+            m,
+            TransfusionObjective(cfg.objective),
+            build_optimizer(m, cfg.train),
+            batch,
+            torch.Generator().manual_seed(0),
+            1e-3,
+            1.0,
+            precision=precision,
+        )
+        for m, precision in ((fp32, "fp32"), (bf16, "bf16"))
+    ]
     assert seen == [torch.bfloat16]
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.parameters())
     assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-2)

@@ -28,12 +28,28 @@ from motfusion.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 # In this order: a page may use what an earlier one made (evaluation.md's runs/emoji comes from data.md,
 # api.md and the README's Python lines sample from evaluation.md's runs/demo).
-PAGES = ["docs/training.md", "docs/data.md", "docs/models.md", "docs/evaluation.md", "docs/api.md", "README.md"]
+PAGES = [
+    "docs/training.md",
+    "docs/data.md",
+    "docs/models.md",
+    "docs/evaluation.md",
+    "docs/api.md",
+    "README.md",
+]
 
-TINY_RUN = ("model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.unet_channels=4",
-            "data.tokenizer=bytes",  # a BPE is trained on 20,000 documents before step 1: seconds of shapes drawing
-            "train.batch_size=2", "train.seq_len=256", "train.warmup=1", "train.log_every=1",
-            "train.checkpoint_every=0", "train.tensorboard=false")
+TINY_RUN = (
+    "model.dim=32",
+    "model.n_layers=1",
+    "model.n_heads=2",
+    "model.unet_channels=4",
+    "data.tokenizer=bytes",  # a BPE is trained on 20,000 documents before step 1: seconds of shapes drawing
+    "train.batch_size=2",
+    "train.seq_len=256",
+    "train.warmup=1",
+    "train.log_every=1",
+    "train.checkpoint_every=0",
+    "train.tensorboard=false",
+)
 TINY_VAE = ("channels=8", "norm_groups=4", "batch_size=2", "val_images=4", "scale_images=8")
 TINY_FASHION = "fashion:fashion-tiny"  # 32 + 16 IDX images: the real files' 10k test set is scored in full
 
@@ -52,7 +68,9 @@ class Tiny:
 
 TINY = [
     Tiny("train", {"--steps": "3"}, when="--resume"),  # the saved config is already tiny; one step more
-    Tiny("train", {"--steps": "2"}, (*TINY_RUN, "model.vocab_sizes=speech:8"), when="speech-demo"),  # k = 8 below
+    Tiny(
+        "train", {"--steps": "2"}, (*TINY_RUN, "model.vocab_sizes=speech:8"), when="speech-demo"
+    ),  # k = 8 below
     Tiny("train", {"--steps": "2"}, (*TINY_RUN, f"data.dataset={TINY_FASHION}"), when="--recipe fashion"),
     Tiny("train", {"--steps": "2"}, TINY_RUN),
     Tiny("demo", {"--steps": "2", "--sample-steps": "2", "--n-eval": "2"}, TINY_RUN),
@@ -63,7 +81,11 @@ TINY = [
     Tiny("train-vae", {"--steps": "2"}, TINY_VAE),
     Tiny("train-vq", {"--steps": "2", "--batch-size": "2"}, ("val_images=4",)),
     Tiny("train-classifier", {"--steps": "2", "--batch-size": "8", "--data": "fashion-tiny"}),
-    Tiny("train-clip", {"--steps": "2", "--batch-size": "8", "--dataset": TINY_FASHION}, when="--dataset fashion"),
+    Tiny(
+        "train-clip",
+        {"--steps": "2", "--batch-size": "8", "--dataset": TINY_FASHION},
+        when="--dataset fashion",
+    ),
     Tiny("train-clip", {"--steps": "2", "--batch-size": "8"}),
     # Only the text sources whose Debian packages `make test` installs (bible-kjv, wordnet-base are optional).
     Tiny("make-speech-data", {"--n": "6", "--sources": "shapes,fortunes"}),
@@ -86,7 +108,9 @@ def command_lines(text: str, lang: str = "bash") -> list[str]:
     lines = []
     for block in re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.M | re.S):
         block = block.replace("\\\n", " ")
-        lines += [line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+        lines += [
+            line.strip() for line in block.splitlines() if line.strip() and not line.strip().startswith("#")
+        ]
     return lines
 
 
@@ -134,7 +158,9 @@ def write_user_data(root: Path) -> None:
     (root / "data" / "img").mkdir(parents=True)
     (root / "data" / "pics").mkdir()
     lines = []
-    for i, caption in enumerate(["a red circle", "two blue squares", "a green triangle", "a yellow square"] * 3):
+    for i, caption in enumerate(
+        ["a red circle", "two blue squares", "a green triangle", "a yellow square"] * 3
+    ):
         picture = PILImage.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
         picture.save(root / "data" / "img" / f"{i}.png")
         picture.save(root / "data" / "pics" / f"{i}.png")
@@ -161,7 +187,7 @@ _ran: dict[str, list[str]] = {}  # page -> its failures, once run
 
 def run_page(page: str) -> list[str]:
     """Run `page` (and, first, every page before it that has not run) in the shared working directory."""
-    for earlier in PAGES[:PAGES.index(page)]:
+    for earlier in PAGES[: PAGES.index(page)]:
         if earlier not in _ran:
             run_page(earlier)
     failures = []
@@ -176,7 +202,9 @@ def run_page(page: str) -> list[str]:
         with contextlib.redirect_stderr(stderr):
             status = main(argv)
         err = stderr.getvalue().strip().splitlines()
-        print(f"{time.perf_counter() - start:5.1f} s  exit {status}  motfusion {shlex.join(argv)}")  # pytest -s shows it
+        print(
+            f"{time.perf_counter() - start:5.1f} s  exit {status}  motfusion {shlex.join(argv)}"
+        )  # pytest -s shows it
         if status != 0:
             failures.append(f"{page}: {line!r} -> exit {status}: {err[-1] if err else ''}")
     for code in python_blocks(text):
@@ -192,12 +220,38 @@ def test_page_commands_run_at_tiny_scale(page, workdir):
 
 
 def test_tiny_rewrite():
-    assert tiny_argv('motfusion train --recipe debug --out runs/dbg --steps 200 model.untie=ffn,attn') == [
-        "train", "--recipe", "debug", "--out", "runs/dbg", "--steps", "2", "model.untie=ffn,attn", *TINY_RUN]
+    assert tiny_argv("motfusion train --recipe debug --out runs/dbg --steps 200 model.untie=ffn,attn") == [
+        "train",
+        "--recipe",
+        "debug",
+        "--out",
+        "runs/dbg",
+        "--steps",
+        "2",
+        "model.untie=ffn,attn",
+        *TINY_RUN,
+    ]
     assert tiny_argv("motfusion train --out runs/dbg --resume --steps 400  # continue") == [
-        "train", "--out", "runs/dbg", "--resume", "--steps", "3"]
+        "train",
+        "--out",
+        "runs/dbg",
+        "--resume",
+        "--steps",
+        "3",
+    ]
     assert tiny_argv('.venv/bin/motfusion generate --ckpt r --prompt "a red circle"') == [
-        "generate", "--ckpt", "r", "--prompt", "a red circle", "--n", "2", "--steps", "2", "--max-tokens", "8"]
+        "generate",
+        "--ckpt",
+        "r",
+        "--prompt",
+        "a red circle",
+        "--n",
+        "2",
+        "--steps",
+        "2",
+        "--max-tokens",
+        "8",
+    ]
 
 
 def test_every_skip_is_needed_and_every_page_has_commands():
@@ -223,7 +277,9 @@ def test_links_between_pages_resolve():
             assert file.exists(), f"{page}: link to {target} names no file"
             if fragment and file.suffix == ".md":
                 headings = re.findall(r"^#+ (.*)$", file.read_text(), flags=re.M)
-                assert fragment in {anchor(h) for h in headings}, f"{page}: no heading for #{fragment} in {path}"
+                assert fragment in {anchor(h) for h in headings}, (
+                    f"{page}: no heading for #{fragment} in {path}"
+                )
 
 
 def test_readme_is_a_front_door():

@@ -23,8 +23,14 @@ from motfusion.training.checkpoint import (
 from motfusion.training.ema import EMA, ema_decay
 from motfusion.training.trainer import build_optimizer, train, train_step
 
-SMALL = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.device=cpu",
-         "train.tensorboard=false", "train.ema=0.9"]
+SMALL = [
+    "train.batch_size=2",
+    "train.seq_len=128",
+    "train.log_every=1",
+    "train.device=cpu",
+    "train.tensorboard=false",
+    "train.ema=0.9",
+]
 
 
 def small_cfg(*overrides: str):
@@ -47,7 +53,9 @@ def test_update_matches_a_hand_computation():
     packer, objective = make_packer(cfg, tok), TransfusionObjective(cfg.objective)
     expected = {k: v.detach().clone() for k, v in model.state_dict().items()}
     for step in (1, 2, 3):
-        train_step(model, objective, optimizer, packer.next_batch(), torch.Generator().manual_seed(step), 1e-2, 1.0)
+        train_step(
+            model, objective, optimizer, packer.next_batch(), torch.Generator().manual_seed(step), 1e-2, 1.0
+        )
         ema.update(step)
         d = min(0.9, (1 + step) / (10 + step))
         for k, v in model.state_dict().items():
@@ -116,8 +124,23 @@ def test_cli_samples_the_average_unless_asked_for_raw_weights(tmp_path, capsys):
     outs = {}
     for flag in ([], ["--raw-weights"]):
         out = tmp_path / f"samples{len(flag)}"
-        assert main(["generate", "--ckpt", str(tmp_path / "run"), "--prompt", "a red circle", "--out", str(out),
-                     "--steps", "4", *flag]) == 0
+        assert (
+            main(
+                [
+                    "generate",
+                    "--ckpt",
+                    str(tmp_path / "run"),
+                    "--prompt",
+                    "a red circle",
+                    "--out",
+                    str(out),
+                    "--steps",
+                    "4",
+                    *flag,
+                ]
+            )
+            == 0
+        )
         outs[len(flag)] = sorted(out.iterdir())[0].read_bytes()
         export = tmp_path / f"export{len(flag)}" / "model.safetensors"
         assert main(["export", "--ckpt", str(tmp_path / "run"), "--out", str(export), *flag]) == 0

@@ -45,6 +45,7 @@ def assert_one_line(err: str, *phrases: str) -> None:
 @pytest.fixture
 def no_hang():
     """Fail, rather than hang, a test whose code opens something that blocks (a FIFO)."""
+
     def alarm(*_):
         raise TimeoutError("blocked: something opened a FIFO")
 
@@ -55,15 +56,22 @@ def no_hang():
     signal.signal(signal.SIGALRM, previous)
 
 
-def png(path: Path, w: int, h: int, rows: bytes, *, depth: int = 8, colour: int = 2, interlace: int = 0) -> Path:
+def png(
+    path: Path, w: int, h: int, rows: bytes, *, depth: int = 8, colour: int = 2, interlace: int = 0
+) -> Path:
     """A PNG from raw scanlines (each led by its filter byte), to make files Pillow will not write."""
+
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
     header = struct.pack(">IIBBBBB", w, h, depth, colour, 0, 0, interlace)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
     return path
 
 
@@ -73,7 +81,15 @@ def rgb_rows(w: int, h: int) -> bytes:
 
 def adam7_rows(w: int, h: int) -> bytes:
     """The scanlines of an interlaced (Adam7) 8-bit RGB image: seven passes of sub-images."""
-    passes = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    passes = (
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    )
     out = b""
     for x, y, dx, dy in passes:
         cols, rows = -(-(w - x) // dx), -(-(h - y) // dy)
@@ -95,6 +111,7 @@ def good_image(path: Path) -> Path:
 
 
 # ---- 3. pixel formats and truncated pixel data --------------------------------------------------
+
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     pic = open_image(ramp16(tmp_path / "ramp.png"), RULES)
@@ -119,12 +136,16 @@ def test_32_bit_integers_beyond_16_bits_are_refused_with_a_reason(tmp_path):
 
 
 def test_float_image_in_0_1_is_scaled(tmp_path):
-    PILImage.fromarray(np.linspace(0, 1, 32 * 32).reshape(32, 32).astype(np.float32), "F").save(tmp_path / "f.tiff")
+    PILImage.fromarray(np.linspace(0, 1, 32 * 32).reshape(32, 32).astype(np.float32), "F").save(
+        tmp_path / "f.tiff"
+    )
     pixels = to_pixels(open_image(tmp_path / "f.tiff", RULES), 16)
     assert abs(pixels.mean().item()) < 0.05 and pixels.min() < -0.9 and pixels.max() > 0.9
 
 
-@pytest.mark.parametrize("values", [np.linspace(0, 255, 32 * 32), np.full(32 * 32, np.nan)], ids=["0-255", "nan"])
+@pytest.mark.parametrize(
+    "values", [np.linspace(0, 255, 32 * 32), np.full(32 * 32, np.nan)], ids=["0-255", "nan"]
+)
 def test_float_image_outside_0_1_is_refused_with_a_reason(tmp_path, values):
     PILImage.fromarray(values.reshape(32, 32).astype(np.float32), "F").save(tmp_path / "f.tiff")
     with pytest.raises(BadSample) as info:
@@ -150,7 +171,10 @@ def test_png_whose_pixel_data_ends_early_is_caught(tmp_path):
 
 def test_interlaced_png_is_counted_pass_by_pass(tmp_path):
     rows = adam7_rows(33, 21)
-    open_image(png(tmp_path / "whole.png", 33, 21, rows, interlace=1), ImageRules(size=16, min_side=16, max_pixels=10**6))
+    open_image(
+        png(tmp_path / "whole.png", 33, 21, rows, interlace=1),
+        ImageRules(size=16, min_side=16, max_pixels=10**6),
+    )
     with pytest.raises(BadSample, match="ends early|truncated"):  # Pillow notices some cuts itself
         open_image(png(tmp_path / "short.png", 33, 21, rows[:-50], interlace=1), RULES)
 
@@ -166,9 +190,12 @@ def test_scan_turns_load_truncated_images_off(tmp_path, monkeypatch):
 
 # ---- 7. manifest lines and folders that used to crash or hang the scan ---------------------------
 
+
 def manifest(root: Path, bad: str, n_good: int = 3) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    good = [json.dumps({"segments": [{"text": f"red {i}"}, {"image": f"img/{i}.png"}]}) for i in range(n_good)]
+    good = [
+        json.dumps({"segments": [{"text": f"red {i}"}, {"image": f"img/{i}.png"}]}) for i in range(n_good)
+    ]
     for i in range(n_good):
         good_image(root / "img" / f"{i}.png")
     path = root / "m.jsonl"
@@ -181,8 +208,19 @@ def image_line(name: str) -> str:
 
 
 def train_on(capsys, tmp_path, dataset: str, *extra: str) -> tuple[int, str, str]:
-    return cli(capsys, "train", "--recipe", "debug", "--out", tmp_path / "run", "--steps", "1", *FAST,
-               f"data.dataset={dataset}", *extra)
+    return cli(
+        capsys,
+        "train",
+        "--recipe",
+        "debug",
+        "--out",
+        tmp_path / "run",
+        "--steps",
+        "1",
+        *FAST,
+        f"data.dataset={dataset}",
+        *extra,
+    )
 
 
 def skipped(caplog) -> str:
@@ -210,11 +248,16 @@ MANIFEST_CASES = {
     "fifo as image": (_fifo, image_line("img/pipe.png"), ["a FIFO", "not opened"]),
     "device as image": (None, image_line("/dev/null"), ["a device"]),
     "socket as image": (_socket, image_line("img/sock.png"), ["a socket"]),
-    "short png": (lambda r: png(r / "img" / "short.png", 32, 32, HALF_ROWS), image_line("img/short.png"),
-                  ["ends early"]),
+    "short png": (
+        lambda r: png(r / "img" / "short.png", 32, 32, HALF_ROWS),
+        image_line("img/short.png"),
+        ["ends early"],
+    ),
     "float tiff out of range": (
         lambda r: PILImage.fromarray(np.full((32, 32), 7.0, np.float32), "F").save(r / "img" / "f.tiff"),
-        image_line("img/f.tiff"), ["[0, 1]"]),
+        image_line("img/f.tiff"),
+        ["[0, 1]"],
+    ),
 }
 
 
@@ -248,10 +291,21 @@ def captioned_folder(root: Path, n: int = 3) -> Path:
 
 
 FOLDER_CASES = {
-    "dangling link": (lambda r: (r / "gone.png").symlink_to(r / "nowhere.png"), "gone.png", ["dangling symbolic link"]),
-    "link loop": (lambda r: ((r / "a.png").symlink_to(r / "b.png"), (r / "b.png").symlink_to(r / "a.png")),
-                  "a.png", ["symbolic links"]),
-    "folder loop": (lambda r: (r / "sub").symlink_to(r, target_is_directory=True), "sub", ["already searched"]),
+    "dangling link": (
+        lambda r: (r / "gone.png").symlink_to(r / "nowhere.png"),
+        "gone.png",
+        ["dangling symbolic link"],
+    ),
+    "link loop": (
+        lambda r: ((r / "a.png").symlink_to(r / "b.png"), (r / "b.png").symlink_to(r / "a.png")),
+        "a.png",
+        ["symbolic links"],
+    ),
+    "folder loop": (
+        lambda r: (r / "sub").symlink_to(r, target_is_directory=True),
+        "sub",
+        ["already searched"],
+    ),
     "fifo image": (lambda r: os.mkfifo(r / "p.png"), "p.png", ["a FIFO"]),
     "fifo caption": (lambda r: (good_image(r / "q.png"), os.mkfifo(r / "q.txt")), "q.txt", ["a FIFO"]),
 }
@@ -284,6 +338,7 @@ def test_a_linked_folder_of_images_is_searched(tmp_path, capsys, caplog):
 
 # ---- 8. smaller mistakes around data and sampling -----------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("gen") / "run"
@@ -307,11 +362,14 @@ def test_generate_image_size_limit_applies(ckpt, tmp_path, capsys, side, phrase)
     assert_one_line(err, str(bomb), phrase)
 
 
-@pytest.mark.parametrize("make, phrase", [
-    (lambda p: p.write_bytes(b"\x89PNG not really"), "not an image"),
-    (os.mkfifo, "a FIFO"),
-    (lambda p: png(p, 32, 32, HALF_ROWS), "ends early"),
-])
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (lambda p: p.write_bytes(b"\x89PNG not really"), "not an image"),
+        (os.mkfifo, "a FIFO"),
+        (lambda p: png(p, 32, 32, HALF_ROWS), "ends early"),
+    ],
+)
 def test_generate_image_that_cannot_be_read(ckpt, tmp_path, capsys, no_hang, make, phrase):
     path = tmp_path / "in.png"
     make(path)
@@ -332,11 +390,14 @@ def test_eval_n_must_be_positive(ckpt, capsys):
     assert_one_line(err, "--n=0")
 
 
-@pytest.mark.parametrize("write, phrase", [
-    (lambda p: p.write_text('{"a": 1}'), "is not a tokenizers JSON file"),
-    (lambda p: p.write_bytes(os.urandom(200)), "is not a tokenizers JSON file"),
-    (lambda p: HFTokenizer(models.BPE()).save(str(p)), "lacks the special tokens"),
-])
+@pytest.mark.parametrize(
+    "write, phrase",
+    [
+        (lambda p: p.write_text('{"a": 1}'), "is not a tokenizers JSON file"),
+        (lambda p: p.write_bytes(os.urandom(200)), "is not a tokenizers JSON file"),
+        (lambda p: HFTokenizer(models.BPE()).save(str(p)), "lacks the special tokens"),
+    ],
+)
 def test_data_tokenizer_that_is_not_a_tokenizer(tmp_path, capsys, write, phrase):
     path = tmp_path / "tok.json"
     write(path)
@@ -352,9 +413,19 @@ def test_seq_len_shorter_than_every_document(tmp_path, capsys):
     assert list_checkpoints(tmp_path / "run") == []
 
 
-@pytest.mark.parametrize("option, value", [("--guidance", "nan"), ("--temperature", "nan"), ("--top-p", "nan"),
-                                           ("--temperature", "inf"), ("--steps", "0")])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("--guidance", "nan"),
+        ("--temperature", "nan"),
+        ("--top-p", "nan"),
+        ("--temperature", "inf"),
+        ("--steps", "0"),
+    ],
+)
 def test_sampling_numbers_must_be_finite_and_in_range(ckpt, tmp_path, capsys, option, value):
-    code, _, err = cli(capsys, "generate", "--ckpt", ckpt, "--prompt", "x", option, value, "--out", tmp_path / "s")
+    code, _, err = cli(
+        capsys, "generate", "--ckpt", ckpt, "--prompt", "x", option, value, "--out", tmp_path / "s"
+    )
     assert code == 2
     assert_one_line(err, option)

@@ -23,14 +23,9 @@ import torch
 
 from motfusion.cli import main, os_error_text
 from motfusion.objectives import TransfusionObjective
-from motfusion.training import checkpoint
-from motfusion.training.checkpoint import (
-    LOCK_FILE,
-    RunLock,
-    list_checkpoints,
-    load_model,
-    load_train_state,
-)
+from motfusion.training import checkpoint, files
+from motfusion.training.checkpoint import list_checkpoints, load_model, load_train_state
+from motfusion.training.files import LOCK_FILE, RunLock
 from motfusion.training.logging import METRICS_FILE, parse_metrics, read_metrics
 
 FAST = ["train.tensorboard=false", "train.log_every=1", "train.warmup=0"]
@@ -68,8 +63,22 @@ def assert_intact(run: Path, before: dict) -> None:
 def base_run(tmp_path_factory) -> Path:
     """A 2-step run with a checkpoint at each step, shared by the cases (each works on a copy)."""
     run = tmp_path_factory.mktemp("base") / "run"
-    assert main(["train", "--recipe", "debug", "--out", str(run), "--steps", "2", *FAST,
-                 "train.checkpoint_every=1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "debug",
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                *FAST,
+                "train.checkpoint_every=1",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -118,18 +127,28 @@ def mounts(tmp_path):
 
 # Another process holding a run the way RunLock does (flock on RUN/.lock, its PID inside), without the
 # seconds of importing torch; test_a_training_process_holds_its_run_until_sigterm uses a real run.
-HOLD = ("import fcntl, os, sys; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
-        "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, f'{os.getpid()}\\n'.encode(), 0); "
-        "print('held', flush=True); sys.stdin.read()")
+HOLD = (
+    "import fcntl, os, sys; fd = os.open(os.path.join(sys.argv[1], '.lock'), os.O_RDWR | os.O_CREAT); "
+    "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, f'{os.getpid()}\\n'.encode(), 0); "
+    "print('held', flush=True); sys.stdin.read()"
+)
 
 
 def test_second_writer_is_refused_naming_the_pid_and_a_killed_holder_is_taken_over(run, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              env=ENV, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(run)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=ENV,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         before = snapshot(run)
-        for argv in (["--resume", "train.steps=3"], ["--recipe", "debug", "train.seed=7"]):  # with and without
+        for argv in (
+            ["--resume", "train.steps=3"],
+            ["--recipe", "debug", "train.seed=7"],
+        ):  # with and without
             code, out, err = cli(capsys, "train", "--out", run, *argv)
             assert code == 2
             assert_one_line(err, str(run), f"process {holder.pid}", "in use")
@@ -148,8 +167,24 @@ def test_second_writer_is_refused_naming_the_pid_and_a_killed_holder_is_taken_ov
 
 def test_a_training_process_holds_its_run_until_sigterm(tmp_path, capsys):
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "motfusion", "train", "--recipe", "debug", "--out", str(run),
-                             "--steps", "100000", *FAST], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "motfusion",
+            "train",
+            "--recipe",
+            "debug",
+            "--out",
+            str(run),
+            "--steps",
+            "100000",
+            *FAST,
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 120
         while not read_metrics(run / METRICS_FILE):
@@ -169,7 +204,9 @@ def test_a_training_process_holds_its_run_until_sigterm(tmp_path, capsys):
 
 def test_lock_is_released_when_training_fails(tmp_path, capsys):
     run = tmp_path / "run"
-    code, _, err = cli(capsys, "train", "--recipe", "debug", "--out", run, "--steps", "1", *FAST, "train.seq_len=8")
+    code, _, err = cli(
+        capsys, "train", "--recipe", "debug", "--out", run, "--steps", "1", *FAST, "train.seq_len=8"
+    )
     assert code == 2 and "train.seq_len" in err
     with RunLock(run) as lock:
         assert lock.stale is None
@@ -177,13 +214,17 @@ def test_lock_is_released_when_training_fails(tmp_path, capsys):
 
 # ---- 2. training that cannot mean anything stops, and never saves broken weights ------------------
 
-@pytest.mark.parametrize("override, key", [
-    ("train.beta1=1.5", "train.beta1"),
-    ("train.beta2=-0.5", "train.beta2"),
-    ("train.weight_decay=-0.1", "train.weight_decay"),
-    ("train.lr=nan", "train.lr"),
-    ("train.grad_clip=nan", "train.grad_clip"),
-])
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.beta1=1.5", "train.beta1"),
+        ("train.beta2=-0.5", "train.beta2"),
+        ("train.weight_decay=-0.1", "train.weight_decay"),
+        ("train.lr=nan", "train.lr"),
+        ("train.grad_clip=nan", "train.grad_clip"),
+    ],
+)
 def test_meaningless_hyper_parameters_stop_without_a_checkpoint(tmp_path, capsys, override, key):
     run = tmp_path / "run"
     code, _, err = cli(capsys, "train", "--recipe", "debug", "--out", run, "--steps", "2", *FAST, override)
@@ -192,12 +233,26 @@ def test_meaningless_hyper_parameters_stop_without_a_checkpoint(tmp_path, capsys
     assert list_checkpoints(run) == []
 
 
-@pytest.mark.parametrize("override", [
-    "train.lr=inf", "train.min_lr=nan", "train.beta1=1.0", "train.ema=nan", "train.seed=-1",
-    "train.keep_checkpoints=-2", "objective.num_timesteps=0", "objective.image_loss_weight=nan",
-    "objective.cfg_dropout=inf", "model.norm_eps=0", "model.rope_theta=-1", "data.single_object_prob=2",
-    "data.max_objects=0", "data.val_fraction=nan", "model.ffn_dim=-64",
-])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=inf",
+        "train.min_lr=nan",
+        "train.beta1=1.0",
+        "train.ema=nan",
+        "train.seed=-1",
+        "train.keep_checkpoints=-2",
+        "objective.num_timesteps=0",
+        "objective.image_loss_weight=nan",
+        "objective.cfg_dropout=inf",
+        "model.norm_eps=0",
+        "model.rope_theta=-1",
+        "data.single_object_prob=2",
+        "data.max_objects=0",
+        "data.val_fraction=nan",
+        "model.ffn_dim=-64",
+    ],
+)
 def test_every_numeric_key_is_checked_for_finiteness_and_range(capsys, override):
     code, out, err = cli(capsys, "config", "--recipe", "debug", override)
     assert code == 2 and out == ""
@@ -222,10 +277,13 @@ def _poison_weights_at(monkeypatch, bad_step: int) -> None:
 def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     _poison_weights_at(monkeypatch, 2)
-    code, _, err = cli(capsys, "train", "--recipe", "debug", "--out", run, "--steps", "3", *FAST,
-                       "train.checkpoint_every=1")
+    code, _, err = cli(
+        capsys, "train", "--recipe", "debug", "--out", run, "--steps", "3", *FAST, "train.checkpoint_every=1"
+    )
     assert code == 2
-    assert_one_line(err, "weights became non-finite", f"last good checkpoint is {run / 'checkpoints' / 'step_00000001'}")
+    assert_one_line(
+        err, "weights became non-finite", f"last good checkpoint is {run / 'checkpoints' / 'step_00000001'}"
+    )
     assert [c.name for c in list_checkpoints(run)] == ["step_00000001"]
     model, _, _ = load_model(run)
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -233,8 +291,11 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, capsys, monkeypatch
 
 def test_a_run_whose_every_step_was_skipped_exits_non_zero(tmp_path, capsys, monkeypatch):
     real = TransfusionObjective.__call__
-    monkeypatch.setattr(TransfusionObjective, "__call__",
-                        lambda self, *a, **k: (lambda loss, parts: (loss * float("nan"), parts))(*real(self, *a, **k)))
+    monkeypatch.setattr(
+        TransfusionObjective,
+        "__call__",
+        lambda self, *a, **k: (lambda loss, parts: (loss * float("nan"), parts))(*real(self, *a, **k)),
+    )
     run = tmp_path / "run"
     code, _, err = cli(capsys, "train", "--recipe", "debug", "--out", run, "--steps", "2", *FAST)
     assert code == 2
@@ -266,15 +327,18 @@ def test_damaged_checkpoint_config_is_one_line_naming_the_file(run, tmp_path, ca
     assert cli(capsys, "export", "--ckpt", run, "--out", tmp_path / "share" / "m.safetensors")[0] == 0
 
 
-@pytest.mark.parametrize("section, key, value", [
-    ("train", "lr", "fast"),
-    ("model", "dim", "64"),
-    ("train", "steps", None),
-    ("data", "image_size", [32]),
-    ("train", "seed", 1.5),
-    ("model", "untie", "ffn"),
-    ("train", "tensorboard", "yes"),
-])
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("train", "lr", "fast"),
+        ("model", "dim", "64"),
+        ("train", "steps", None),
+        ("data", "image_size", [32]),
+        ("train", "seed", 1.5),
+        ("model", "untie", "ffn"),
+        ("train", "tensorboard", "yes"),
+    ],
+)
 def test_wrong_type_in_run_config_names_file_and_key(run, capsys, section, key, value):
     path = run / "config.json"
     good = path.read_text()
@@ -294,7 +358,9 @@ def _export(run: Path, out: Path, metadata_config: str) -> Path:
     assert main(["export", "--ckpt", str(run), "--out", str(out)]) == 0
     with safetensors.safe_open(out, framework="pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    safetensors.torch.save_file(tensors, out, metadata={**metadata, checkpoint.CONFIG_METADATA: metadata_config})
+    safetensors.torch.save_file(
+        tensors, out, metadata={**metadata, checkpoint.CONFIG_METADATA: metadata_config}
+    )
     return out
 
 
@@ -302,18 +368,31 @@ def _export(run: Path, out: Path, metadata_config: str) -> Path:
 def test_export_whose_config_metadata_is_damaged(run, tmp_path, capsys, text, phrase):
     out = _export(run, tmp_path / "share" / "m.safetensors", text)
     capsys.readouterr()
-    code, _, err = cli(capsys, "generate", "--ckpt", out, "--prompt", "a red square", "--steps", "2",
-                       "--out", tmp_path / "samples")
+    code, _, err = cli(
+        capsys,
+        "generate",
+        "--ckpt",
+        out,
+        "--prompt",
+        "a red square",
+        "--steps",
+        "2",
+        "--out",
+        tmp_path / "samples",
+    )
     assert code == 2
     assert_one_line(err, str(out), checkpoint.CONFIG_METADATA, phrase)
 
 
-@pytest.mark.parametrize("damage, phrase", [
-    (lambda s: s.pop("step"), "'step' is missing"),
-    (lambda s: s.pop("packer"), "'packer' is missing"),
-    (lambda s: s.pop("optimizer"), "no optimizer state"),
-    (lambda s: s.update(step="abc"), "malformed"),
-])
+@pytest.mark.parametrize(
+    "damage, phrase",
+    [
+        (lambda s: s.pop("step"), "'step' is missing"),
+        (lambda s: s.pop("packer"), "'packer' is missing"),
+        (lambda s: s.pop("optimizer"), "no optimizer state"),
+        (lambda s: s.update(step="abc"), "malformed"),
+    ],
+)
 def test_damaged_train_state_names_file_and_key(run, capsys, damage, phrase):
     path = list_checkpoints(run)[-1] / "train_state.pt"
     good = path.read_bytes()
@@ -338,6 +417,7 @@ def test_train_state_that_is_not_a_dict(run, capsys):
 
 # ---- 5. file-system errors: found up front, one line with the path and the cause ------------------
 
+
 def test_out_is_an_existing_file(tmp_path, capsys):
     out = tmp_path / "notes.txt"
     out.write_text("mine")
@@ -349,9 +429,13 @@ def test_out_is_an_existing_file(tmp_path, capsys):
 
 def test_out_lies_under_a_file(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
-    code, out, err = cli(capsys, "train", "--recipe", "debug", "--out", tmp_path / "notes.txt" / "run", "--steps", "1")
+    code, out, err = cli(
+        capsys, "train", "--recipe", "debug", "--out", tmp_path / "notes.txt" / "run", "--steps", "1"
+    )
     assert code == 2
-    assert_one_line(err, str(tmp_path / "notes.txt" / "run"), f"lies under {tmp_path / 'notes.txt'}, which is a file")
+    assert_one_line(
+        err, str(tmp_path / "notes.txt" / "run"), f"lies under {tmp_path / 'notes.txt'}, which is a file"
+    )
 
 
 def test_read_only_out_fails_before_any_step(tmp_path, capsys, mounts):
@@ -380,8 +464,9 @@ def test_full_disk_during_a_checkpoint(base_run, tmp_path, capsys, mounts):
     size = sum(f.stat().st_size for f in (base_run / "checkpoints" / "step_00000001").iterdir())
     disk = tmpfs("disk", f"{(size * 3 // 2) // 1024}k")
     run = disk / "run"
-    code, _, err = cli(capsys, "train", "--recipe", "debug", "--out", run, "--steps", "3", *FAST,
-                       "train.checkpoint_every=1")
+    code, _, err = cli(
+        capsys, "train", "--recipe", "debug", "--out", run, "--steps", "3", *FAST, "train.checkpoint_every=1"
+    )
     assert code == 2
     assert_one_line(err, "no space left on device", "step_00000002", "step_00000001, is intact")
     assert [c.name for c in list_checkpoints(run)] == ["step_00000001"]
@@ -410,14 +495,17 @@ def test_writes_go_through_python_files_so_a_full_disk_is_an_oserror(tmp_path):
     if not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)):
         pytest.skip("needs the /dev/full device")
     with pytest.raises(OSError) as info:
-        checkpoint._write_file(Path("/dev/full"), lambda f: torch.save({"x": torch.zeros(10_000)}, f))
+        files.write_file(Path("/dev/full"), lambda f: torch.save({"x": torch.zeros(10_000)}, f))
     assert info.value.errno == errno.ENOSPC
 
 
-@pytest.mark.parametrize("make, phrase", [
-    (lambda p: p.mkdir(parents=True), "is a directory"),
-    (lambda p: p.parent.write_text("x"), "which is a file"),
-])
+@pytest.mark.parametrize(
+    "make, phrase",
+    [
+        (lambda p: p.mkdir(parents=True), "is a directory"),
+        (lambda p: p.parent.write_text("x"), "which is a file"),
+    ],
+)
 def test_export_target_that_cannot_be_a_file(run, tmp_path, capsys, make, phrase):
     out = tmp_path / "share" / "m.safetensors"
     make(out)
@@ -453,7 +541,9 @@ def test_eval_out_is_checked_before_evaluating(run, tmp_path, capsys, monkeypatc
 def test_generate_out_that_is_a_file(run, tmp_path, capsys):
     out = tmp_path / "samples"
     out.write_text("x")
-    code, _, err = cli(capsys, "generate", "--ckpt", run, "--prompt", "a red square", "--steps", "2", "--out", out)
+    code, _, err = cli(
+        capsys, "generate", "--ckpt", run, "--prompt", "a red square", "--steps", "2", "--out", out
+    )
     assert code == 2
     assert_one_line(err, str(out), "is a file")
 
@@ -489,6 +579,7 @@ def test_an_oserror_the_cli_did_not_foresee_is_one_line():
 
 
 # ---- 6. metrics.jsonl survives kills and damage --------------------------------------------------
+
 
 @pytest.mark.parametrize("tail", ['{"step": 3, "loss": 1.', '{"step": 3, "lo\n', "\x00\x00\x00\n"])
 def test_torn_last_metrics_line_is_dropped_and_said(run, capsys, tail):
@@ -540,12 +631,21 @@ def test_kill_during_the_metrics_rewrite_loses_nothing_and_resume_can_be_retried
         with open(runs[moment] / METRICS_FILE, "a") as f:
             f.write(json.dumps({**read_metrics(base_run / METRICS_FILE)[-1], "step": 3}) + "\n")
     before = {m: snapshot(r) for m, r in runs.items()}
-    procs = {m: subprocess.Popen([sys.executable, "-c", KILL_IN_REWRITE, str(r), m], env=ENV,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for m, r in runs.items()}
+    procs = {
+        m: subprocess.Popen(
+            [sys.executable, "-c", KILL_IN_REWRITE, str(r), m],
+            env=ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for m, r in runs.items()
+    }
     for moment, proc in procs.items():
         assert proc.wait(timeout=120) == -signal.SIGKILL, moment
         assert_intact(runs[moment], before[moment])  # the old history, whole
-        code, _, _ = resume(capsys, runs[moment])  # retried: the leftover temp file is cleared, the run goes on
+        code, _, _ = resume(
+            capsys, runs[moment]
+        )  # retried: the leftover temp file is cleared, the run goes on
         assert code == 0
         assert [r["step"] for r in read_metrics(runs[moment] / METRICS_FILE)] == [1, 2, 3]
         assert not list(runs[moment].glob(".tmp-*"))

@@ -105,13 +105,21 @@ class OneHotEmbedder:
 
 def test_retrieval_ranks_distinct_captions():
     from types import SimpleNamespace
+
     captions = ["a cat", "a dog", "a cat", "a fox"]
-    samples = [SimpleNamespace(image=torch.full((3, 2, 2), float(i)), caption=c) for i, c in enumerate(captions)]
+    samples = [
+        SimpleNamespace(image=torch.full((3, 2, 2), float(i)), caption=c) for i, c in enumerate(captions)
+    ]
     vocab = ["a cat", "a dog", "a fox"]
     assert retrieval_accuracy(OneHotEmbedder(vocab, captions), samples, (1, 3)) == {
-        "image_to_text_top1": 1.0, "image_to_text_top3": 1.0}
+        "image_to_text_top1": 1.0,
+        "image_to_text_top3": 1.0,
+    }
     fooled = OneHotEmbedder(vocab, ["a fox"] * 4)  # every image looks like the fox
-    assert retrieval_accuracy(fooled, samples, (1, 3)) == {"image_to_text_top1": 0.25, "image_to_text_top3": 1.0}
+    assert retrieval_accuracy(fooled, samples, (1, 3)) == {
+        "image_to_text_top1": 0.25,
+        "image_to_text_top3": 1.0,
+    }
 
 
 def halves(n: int, seed: int = 0):
@@ -149,14 +157,24 @@ class HalfPairs:
 
     def sample(self, i: int):
         from motfusion.data.fashion import FashionSample, to_model_image
+
         label = int(self.labels[i])
         return FashionSample(to_model_image(self.images[i], 16), self.names[label], label)
 
 
 def test_clip_learns_and_round_trips(tmp_path):
     data = HalfPairs(48)
-    cfg = ClipConfig(embed_dim=16, width=8, input_size=16, text_dim=16, text_layers=1, text_heads=2, steps=30,
-                     batch_size=12, lr=1e-2)
+    cfg = ClipConfig(
+        embed_dim=16,
+        width=8,
+        input_size=16,
+        text_dim=16,
+        text_layers=1,
+        text_heads=2,
+        steps=30,
+        batch_size=12,
+        lr=1e-2,
+    )
     model, losses = train_clip(cfg, data)
     assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.2
     images = torch.stack([data.sample(i).image for i in range(6)])
@@ -186,20 +204,79 @@ def test_eval_fashion_suite_end_to_end(tmp_path, capsys):
     data = tmp_path / "fmnist"
     tiny_fashion(data, n_train=20, n_test=12)
     run = tmp_path / "run"
-    assert main(["train", "--recipe", "debug", "--out", str(run), "--steps", "2", f"data.dataset=fashion:{data}"]) == 0
-    assert main(["train-classifier", "--out", str(tmp_path / "cls"), "--steps", "3", "--batch-size", "8",
-                 "--data", str(data)]) == 0
+    assert (
+        main(
+            ["train", "--recipe", "debug", "--out", str(run), "--steps", "2", f"data.dataset=fashion:{data}"]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "train-classifier",
+                "--out",
+                str(tmp_path / "cls"),
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--data",
+                str(data),
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "cls" / "config.json").read_text())["metrics"]["test_accuracy"] >= 0
-    assert main(["train-clip", "--dataset", f"fashion:{data}", "--out", str(tmp_path / "clip"), "--steps", "3",
-                 "--batch-size", "8", "--image-size", "16"]) == 0
+    assert (
+        main(
+            [
+                "train-clip",
+                "--dataset",
+                f"fashion:{data}",
+                "--out",
+                str(tmp_path / "clip"),
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--image-size",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert "zero_shot_accuracy" in json.loads((tmp_path / "clip" / "config.json").read_text())["metrics"]
-    status = main(["eval", "--ckpt", str(run), "--suite", "fashion", "--n", "4", "--steps", "2", "--max-tokens", "8",
-                   "--val-batches", "1", "--classifier", str(tmp_path / "cls"), "--clip", str(tmp_path / "clip")])
+    status = main(
+        [
+            "eval",
+            "--ckpt",
+            str(run),
+            "--suite",
+            "fashion",
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--max-tokens",
+            "8",
+            "--val-batches",
+            "1",
+            "--classifier",
+            str(tmp_path / "cls"),
+            "--clip",
+            str(tmp_path / "clip"),
+        ]
+    )
     assert status == 0
     metrics = json.loads((run / "eval_fashion.json").read_text())
-    for key in ("fid_fashion_classifier", "class_accuracy", "clip_score_motfusion", "caption_accuracy", "val_loss/image"):
+    for key in (
+        "fid_fashion_classifier",
+        "class_accuracy",
+        "clip_score_motfusion",
+        "caption_accuracy",
+        "val_loss/image",
+    ):
         assert math.isfinite(metrics[key]), key
     assert 0 <= metrics["class_accuracy"] <= 1 and metrics["fid_fashion_classifier"] >= 0
     assert main(["eval", "--ckpt", str(run), "--suite", "emoji", "--clip", str(tmp_path / "nothing")]) == 2
     assert "motfusion train-clip" in capsys.readouterr().err
-

@@ -41,7 +41,9 @@ def test_collate_groups_images_by_size(tok):
         for j in range(rows.stop - rows.start):
             i = rows.start + j
             torch.testing.assert_close(b.images[i, :, :H, :W], originals[order[i]])
-            assert b.images[i, :, H:].abs().sum() == 0 and b.images[i, :, :, W:].abs().sum() == 0  # zero padding
+            assert (
+                b.images[i, :, H:].abs().sum() == 0 and b.images[i, :, :, W:].abs().sum() == 0
+            )  # zero padding
             assert torch.equal((b.image.flatten() == i).nonzero().squeeze(1), idx[j])  # its own positions
             assert idx.shape[1] == (H // 4) * (W // 4)
             n += 1
@@ -62,10 +64,12 @@ def test_mixed_batch_equals_each_document_alone(tok, patcher):
     for i, enc in enumerate(encoded):
         alone = collate([[enc]], len(enc), tok.pad)
         k = order.index(i)  # where image i sits in the mixed batch
-        ref = model(alone, alone.images, t[k:k + 1])
+        ref = model(alone, alone.images, t[k : k + 1])
         row, start = (0, 0) if i < 2 else (1, 0)
         start = sum(len(e) for e in (encoded[:2] if i < 2 else encoded[2:])[: i % 2])
-        torch.testing.assert_close(out.hidden[row, start:start + len(enc)], ref.hidden[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out.hidden[row, start : start + len(enc)], ref.hidden[0], atol=1e-5, rtol=1e-5
+        )
         H, W = alone.images.shape[-2:]
         torch.testing.assert_close(out.image[k, :, :H, :W], ref.image[0], atol=1e-5, rtol=1e-5)
 
@@ -80,8 +84,11 @@ def test_loss_is_the_mean_over_each_image_of_its_own_pixels(tok):
     t, noise = obj.draw(b, GlobalBatch.of(b), torch.Generator().manual_seed(3))
     out = model(b, obj.process.add_noise(b.images, noise, t), t)
     target = obj.process.target(b.images, noise, t)
-    per_image = [(out.image[i] - target[i])[:, :H, :W].pow(2).mean()
-                 for rows, H, W, _ in b.groups() for i in range(rows.start, rows.stop)]
+    per_image = [
+        (out.image[i] - target[i])[:, :H, :W].pow(2).mean()
+        for rows, H, W, _ in b.groups()
+        for i in range(rows.start, rows.stop)
+    ]
     torch.testing.assert_close(parts["loss/image"], torch.stack(per_image).mean())
 
 
@@ -97,7 +104,9 @@ def test_draws_follow_documents_not_the_grouping(tok):
     offset = 0
     for rank_docs in (encoded[:2], encoded[2:]):
         half = collate([rank_docs], 160, tok.pad)
-        t_h, noise_h = obj.draw(half, dataclasses.replace(total, image_offset=offset), torch.Generator().manual_seed(5))
+        t_h, noise_h = obj.draw(
+            half, dataclasses.replace(total, image_offset=offset), torch.Generator().manual_seed(5)
+        )
         for i, d in enumerate(half.image_order.tolist()):
             H, W = half.images.shape[-2:]
             assert t_h[i] == by_doc[offset + d][0]
@@ -122,6 +131,7 @@ def test_a_mixed_batch_trains(tok):
     model = TransfusionModel(cfg.model, tok.vocab_size)
     obj, opt = TransfusionObjective(cfg.objective), build_optimizer(model, cfg.train)
     b, _ = mixed(tok)
-    losses = [train_step(model, obj, opt, b, torch.Generator().manual_seed(0), 3e-3, 1.0)["loss"]
-              for _ in range(20)]
+    losses = [
+        train_step(model, obj, opt, b, torch.Generator().manual_seed(0), 3e-3, 1.0)["loss"] for _ in range(20)
+    ]
     assert losses[-1] < 0.7 * losses[0]

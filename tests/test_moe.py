@@ -35,8 +35,12 @@ def test_tokens_go_to_their_top_k_experts_with_weights_summing_to_one(top_k):
     assert torch.equal(experts, probs.topk(top_k, dim=-1).indices)
     torch.testing.assert_close(weights.sum(-1), torch.ones(40))
     # The output is, token by token, the weighted sum of its chosen experts' outputs.
-    ref = torch.stack([sum(w * m.experts[e](x[i:i + 1])[0] for w, e in zip(weights[i], experts[i].tolist()))
-                       for i in range(40)])
+    ref = torch.stack(
+        [
+            sum(w * m.experts[e](x[i : i + 1])[0] for w, e in zip(weights[i], experts[i].tolist()))
+            for i in range(40)
+        ]
+    )
     torch.testing.assert_close(m(x), ref, atol=1e-5, rtol=1e-5)
 
 
@@ -105,18 +109,34 @@ def test_objective_adds_the_balance_loss_and_experts_learn(tok, cfg):
     b = random_batch(tok, seed=0)
     obj = TransfusionObjective(dataclasses.replace(cfg.objective, moe_balance_weight=0.1))
     loss, parts = obj(model, b, torch.Generator().manual_seed(0))
-    assert set(parts) == {"loss/text", "loss/image", "loss/moe_balance"} and 0 < parts["loss/moe_balance"] <= E
-    expected = parts["loss/text"] + cfg.objective.image_loss_weight * parts["loss/image"] + 0.1 * parts["loss/moe_balance"]
+    assert (
+        set(parts) == {"loss/text", "loss/image", "loss/moe_balance"} and 0 < parts["loss/moe_balance"] <= E
+    )
+    expected = (
+        parts["loss/text"]
+        + cfg.objective.image_loss_weight * parts["loss/image"]
+        + 0.1 * parts["loss/moe_balance"]
+    )
     torch.testing.assert_close(loss.detach(), expected)
     loss.backward()
     moe0 = model.backbone.blocks[0].ffn["text"]
     assert moe0.router.weight.grad.abs().sum() > 0
-    assert sum(any(p.grad is not None and p.grad.abs().sum() > 0 for p in e.parameters()) for e in moe0.experts) >= 2
+    assert (
+        sum(any(p.grad is not None and p.grad.abs().sum() > 0 for p in e.parameters()) for e in moe0.experts)
+        >= 2
+    )
 
 
 def test_trainer_logs_the_balance_loss(tmp_path):
-    cfg = get_recipe("debug").override(["model.text_moe_experts=4", "train.steps=2", "train.log_every=1",
-                                        "train.batch_size=2", "train.device=cpu"])
+    cfg = get_recipe("debug").override(
+        [
+            "model.text_moe_experts=4",
+            "train.steps=2",
+            "train.log_every=1",
+            "train.batch_size=2",
+            "train.device=cpu",
+        ]
+    )
     train(cfg, tmp_path / "run")
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2] and all(0 < r["loss/moe_balance"] <= E for r in records)

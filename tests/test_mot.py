@@ -71,6 +71,7 @@ def test_text_only_batch_gives_image_tower_no_gradient(tok, cfg):
 def test_image_only_batch_works(tok, cfg):
     """Documents that are just an image (caption dropped): still BOS/BOI/EOI text around it."""
     from motfusion.sequence import Image
+
     docs = [[encode_document([Image(torch.rand(3, 8, 8) * 2 - 1)], tok, 4)]]
     b = collate(docs, 16, tok.pad)
     model = model_with(cfg, tok.vocab_size)
@@ -90,7 +91,9 @@ def naive_block(block, x, towers, rope, mask):
         qkv[b, i] = block._qkv(towers[b][i], x[b, i][None])[0]
     q, k, v = qkv.view(B, T, 3, H, hd).unbind(2)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+    y = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask
+    )
     y = y.transpose(1, 2).reshape(B, T, D)
     out = torch.empty_like(x)
     for b, i in itertools.product(range(B), range(T)):
@@ -129,7 +132,9 @@ def expected_params(cfg, vocab, untie, n_towers):
     return adapters + norm + attn + ffn + (n_towers - 1) * sum(copies[c] for c in untie)
 
 
-@pytest.mark.parametrize("untie", [(), ("ffn",), ("attn",), ("norm",), ("ffn", "attn"), ("ffn", "attn", "norm")])
+@pytest.mark.parametrize(
+    "untie", [(), ("ffn",), ("attn",), ("norm",), ("ffn", "attn"), ("ffn", "attn", "norm")]
+)
 def test_param_count_formula(tok, cfg, untie):
     model = model_with(cfg, tok.vocab_size, untie=untie)
     assert model.num_params() == expected_params(model.cfg, tok.vocab_size, untie, n_towers=2)

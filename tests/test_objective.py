@@ -46,7 +46,9 @@ def test_loss_breakdown_matches_manual(model, tok, cfg):
 def test_noise_cap_applies_to_image_first_only(cfg):
     obj = TransfusionObjective(cfg.objective)
     first = torch.tensor([True, False] * 500)
-    t = obj.process.sample_timesteps(1000, torch.Generator().manual_seed(0), "cpu", max_t=obj.max_timesteps(first))
+    t = obj.process.sample_timesteps(
+        1000, torch.Generator().manual_seed(0), "cpu", max_t=obj.max_timesteps(first)
+    )
     assert t[first].max() <= 500 and t[~first].max() > 900
     off = TransfusionObjective(dataclasses.replace(cfg.objective, image_first_noise_cap=None))
     assert off.max_timesteps(first).min() == 1000
@@ -81,7 +83,7 @@ def test_information_flow(model, tok):
     im2 = im.clone()
     im2[:, -4:, -4:] = -im2[:, -4:, -4:]
     out = model(b, im2[None], t).hidden
-    assert torch.allclose(out[0, :boi + 1], base[0, :boi + 1])
+    assert torch.allclose(out[0, : boi + 1], base[0, : boi + 1])
     assert not torch.allclose(out[0, first_patch], base[0, first_patch])
     # Change a text token after the image: nothing before it changes.
     b2 = collate([[encode_document([Text("ab"), Image(im), Text("cx")], tok, 4)]], len(enc), tok.pad)
@@ -100,7 +102,7 @@ def test_causal_image_attention_ablation(tok, cfg):
     im2 = im.clone()
     im2[:, -4:, -4:] = 1.0
     out = model(b, im2[None], t).hidden
-    assert torch.allclose(out[0, :4 + 15], base[0, :4 + 15])  # patches before the changed one: unchanged
+    assert torch.allclose(out[0, : 4 + 15], base[0, : 4 + 15])  # patches before the changed one: unchanged
 
 
 def test_documents_in_a_row_are_independent(model, tok):
@@ -110,12 +112,13 @@ def test_documents_in_a_row_are_independent(model, tok):
     together = collate([[d1, d2]], 64, tok.pad)
     alone = collate([[d2]], 64, tok.pad)
     t = torch.tensor([100.0, 200.0])
-    h_together = model(together, together.images, t).hidden[0, len(d1):len(d1) + len(d2)]
-    h_alone = model(alone, alone.images, t[1:]).hidden[0, :len(d2)]
+    h_together = model(together, together.images, t).hidden[0, len(d1) : len(d1) + len(d2)]
+    h_alone = model(alone, alone.images, t[1:]).hidden[0, : len(d2)]
     torch.testing.assert_close(h_together, h_alone, atol=1e-5, rtol=1e-5)
 
 
 # ---- the optional image-text alignment loss (objective.contrastive_weight) ----------------------
+
 
 def aligned(cfg, tok, weight: float = 0.5):
     """A model with align projections and the objective that uses them."""
@@ -129,8 +132,10 @@ def pair_batch(tok):
     a text-only doc, and a second doc with row 0's first caption."""
     g = torch.Generator().manual_seed(0)
     im = [torch.rand(3, 16, 16, generator=g) * 2 - 1 for _ in range(4)]
-    rows = [[[Text("a red circle"), Image(im[0])], [Image(im[1]), Text("two blue squares")]],
-            [[Image(im[2])], [Text("only text")], [Text("a red circle"), Image(im[3])]]]
+    rows = [
+        [[Text("a red circle"), Image(im[0])], [Image(im[1]), Text("two blue squares")]],
+        [[Image(im[2])], [Text("only text")], [Text("a red circle"), Image(im[3])]],
+    ]
     return collate([[encode_document(d, tok, 4) for d in row] for row in rows], 80, tok.pad)
 
 
@@ -161,8 +166,12 @@ def test_contrastive_term_is_weighted_info_nce_with_equal_captions_as_matches(cf
     base, _ = plain(model, b, torch.Generator().manual_seed(1))
     out = model(b, *_noised(plain, b))
     image, text, keys = alignment_pairs(out.hidden, b)
-    expected = info_nce(model.align["image"](image), model.align["text"](text), model.align_scale,
-                        positives=keys[:, None] == keys[None, :])
+    expected = info_nce(
+        model.align["image"](image),
+        model.align["text"](text),
+        model.align_scale,
+        positives=keys[:, None] == keys[None, :],
+    )
     torch.testing.assert_close(parts["loss/contrastive"], expected)
     torch.testing.assert_close(loss, base + 0.5 * expected)
     loss.backward()
@@ -198,6 +207,7 @@ def test_contrastive_training_aligns_images_with_their_captions(cfg, tok):
 def test_contrastive_weight_needs_projections():
     from motfusion.errors import ConfigError
     from motfusion.recipes import get_recipe
+
     with pytest.raises(ConfigError, match="model.align_dim"):
         get_recipe("debug").override(["objective.contrastive_weight=0.1"])
     get_recipe("debug").override(["objective.contrastive_weight=0.1", "model.align_dim=32"])

@@ -46,7 +46,9 @@ def test_flops_of_the_debug_model_match_a_hand_count(tok, image_attention):
     # Keys per query, causal: 1 + its index in the document. Text at 0,1,2,3,20,21 and 0,1,18,19,20;
     # patches at 4..19 and 2..17, plus the later patches of their image when bidirectional (16 * 15 / 2).
     text_keys = (1 + 2 + 3 + 4 + 21 + 22) + (1 + 2 + 19 + 20 + 21)
-    image_keys = sum(range(5, 21)) + sum(range(3, 19)) + (2 * 120 if image_attention == "bidirectional" else 0)
+    image_keys = (
+        sum(range(5, 21)) + sum(range(3, 19)) + (2 * 120 if image_attention == "bidirectional" else 0)
+    )
     lm_targets = 4 + 3  # BOS, a, b (-> BOI), EOI (-> EOS); BOS (-> BOI), EOI (-> c), c (-> EOS)
     patcher = 2 * (L * 48 * D + 256 * D + D * D + L * D * 48)  # proj_in, timestep MLP, proj_out; forward
     attention = 12 * 2 * D  # per key, over two layers
@@ -103,7 +105,9 @@ def test_patcher_flops_agree_with_torch_flop_counter(patcher):
 
 
 def test_metrics_carry_flops_and_rates_and_resume_continues_the_sum(tmp_path, tok):
-    cfg = get_recipe("debug").override([*SMALL, "train.steps=4", "train.checkpoint_every=2", "train.tensorboard=false"])
+    cfg = get_recipe("debug").override(
+        [*SMALL, "train.steps=4", "train.checkpoint_every=2", "train.tensorboard=false"]
+    )
     run = tmp_path / "run"
     train(cfg, run)
     records = read_metrics(run / "metrics.jsonl")
@@ -111,7 +115,9 @@ def test_metrics_carry_flops_and_rates_and_resume_continues_the_sum(tmp_path, to
     for r in records:
         total += r["flops"]
         assert r["cumulative_flops"] == pytest.approx(total, rel=1e-12)
-        assert r["flops"] == pytest.approx(sum(r[f"tokens/{m}"] * r[f"flops_per_token/{m}"] for m in ("text", "image")))
+        assert r["flops"] == pytest.approx(
+            sum(r[f"tokens/{m}"] * r[f"flops_per_token/{m}"] for m in ("text", "image"))
+        )
         for m in ("text", "image"):
             assert r[f"tokens_per_s/{m}"] == pytest.approx(r[f"tokens/{m}"] / (r["dt_ms"] / 1000))
         assert "mfu" not in r  # CPU: no peak to compare with
@@ -123,8 +129,13 @@ def test_metrics_carry_flops_and_rates_and_resume_continues_the_sum(tmp_path, to
 
 def test_peak_flops_table(monkeypatch):
     assert peak_flops(torch.device("cpu")) is None
-    for name, peak in [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H200", 989.4e12),
-                       ("NVIDIA A100-SXM4-80GB", 312e12), ("Tesla T4", None)]:
+    for name, peak in [
+        ("NVIDIA H100 80GB HBM3", 989.4e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H200", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("Tesla T4", None),
+    ]:
         monkeypatch.setattr(flops_module.torch.cuda, "get_device_name", lambda device, name=name: name)
         assert peak_flops(torch.device("cuda", 0)) == peak
 
@@ -147,7 +158,9 @@ def test_tensorboard_events_mirror_metrics_and_resume_hides_redone_steps(tmp_pat
 def test_plot_draws_runs_against_steps_and_flops(tmp_path, capsys):
     runs = []
     for name, untie in (("mot", "ffn,attn,norm"), ("dense", "")):
-        cfg = get_recipe("debug").override([*SMALL, "train.steps=3", f"model.untie={untie}", "train.tensorboard=false"])
+        cfg = get_recipe("debug").override(
+            [*SMALL, "train.steps=3", f"model.untie={untie}", "train.tensorboard=false"]
+        )
         train(cfg, tmp_path / name)
         runs.append(str(tmp_path / name))
     with open(tmp_path / "mot" / "metrics.jsonl", "a") as f:  # a skipped step: NaN losses are left out
@@ -156,6 +169,9 @@ def test_plot_draws_runs_against_steps_and_flops(tmp_path, capsys):
     assert main(["plot", *runs, "--out", str(out)]) == 0
     assert "loss/text, loss/image against steps and training FLOPs" in capsys.readouterr().out
     width, height = PILImage.open(out).size
-    assert (width, height) == (2 * 5 * 110, 2 * round(3.6 * 110))  # a 2 x 2 grid: steps and FLOPs, two modalities
+    assert (width, height) == (
+        2 * 5 * 110,
+        2 * round(3.6 * 110),
+    )  # a 2 x 2 grid: steps and FLOPs, two modalities
     assert main(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "metrics.jsonl not found" in capsys.readouterr().err

@@ -55,8 +55,27 @@ def test_readme_three_lines(run):
 
 def test_images_and_captions_equal_the_cli_for_the_same_seed(run, tmp_path, capsys):
     m = load(run)
-    assert main(["generate", "--ckpt", str(run), "--prompt", "a red circle", "--prompt", "two blue squares",
-                 "--n", "2", "--seed", "5", "--out", str(tmp_path), *SAMPLE]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run),
+                "--prompt",
+                "a red circle",
+                "--prompt",
+                "two blue squares",
+                "--n",
+                "2",
+                "--seed",
+                "5",
+                "--out",
+                str(tmp_path),
+                *SAMPLE,
+            ]
+        )
+        == 0
+    )
     files = sorted(tmp_path.glob("*.png"))
     cli = [pixels(PILImage.open(f))[::4, ::4] for f in files]  # the CLI's PNGs are 4x nearest upscales
     ours = m.generate_images(["a red circle", "two blue squares"], n=2, seed=5)
@@ -73,16 +92,22 @@ def test_save_pretrained_round_trip_is_exact(run, tmp_path, monkeypatch):
     m.save_pretrained(tmp_path / "saved")
     monkeypatch.chdir(tmp_path)  # nothing resolves against the directory it was saved from
     back = load(tmp_path / "saved")
-    for (k, a), (_, b) in zip(m.generator.model.state_dict().items(), back.generator.model.state_dict().items()):
+    for (k, a), (_, b) in zip(
+        m.generator.model.state_dict().items(), back.generator.model.state_dict().items()
+    ):
         assert torch.equal(a, b), k
     assert back.cfg.to_dict() == m.cfg.to_dict()
-    assert same_images(back.generate_images("a red circle", n=2, seed=1), m.generate_images("a red circle", n=2, seed=1))
+    assert same_images(
+        back.generate_images("a red circle", n=2, seed=1), m.generate_images("a red circle", n=2, seed=1)
+    )
     assert back.interleaved("a", seed=0) == m.interleaved("a", seed=0)
 
 
 def test_exported_file_loads(run, tmp_path):
     out = export_checkpoint(run, tmp_path / "model.safetensors")
-    assert same_images(load(out).generate_images("a green star", seed=3), load(run).generate_images("a green star", seed=3))
+    assert same_images(
+        load(out).generate_images("a green star", seed=3), load(run).generate_images("a green star", seed=3)
+    )
 
 
 def test_trained_tokenizer_travels(tmp_path):
@@ -90,7 +115,8 @@ def test_trained_tokenizer_travels(tmp_path):
     load(src).save_pretrained(tmp_path / "saved")
     assert (tmp_path / "saved" / "tokenizer.json").is_file()
     assert load(tmp_path / "saved").caption(torch.zeros(1, 3, 16, 16), seed=0) == load(src).caption(
-        torch.zeros(1, 3, 16, 16), seed=0)
+        torch.zeros(1, 3, 16, 16), seed=0
+    )
 
 
 def test_vq_and_latent_models_carry_their_codecs(tmp_path):
@@ -98,10 +124,17 @@ def test_vq_and_latent_models_carry_their_codecs(tmp_path):
     cfg = tiny(image_size=16)
     torch.manual_seed(0)
     save_vae(tmp_path / "vae", build_vae(cfg), cfg)
-    runs = {"tokens": quick_run(tmp_path / "tokens", "data.image_repr=tokens", f"model.vq={vq}",
-                                "model.vocab_sizes=image:32"),
-            "latents": quick_run(tmp_path / "latents", "data.image_repr=latents", f"model.vae={tmp_path / 'vae'}",
-                                 "model.patch_size=2")}
+    runs = {
+        "tokens": quick_run(
+            tmp_path / "tokens", "data.image_repr=tokens", f"model.vq={vq}", "model.vocab_sizes=image:32"
+        ),
+        "latents": quick_run(
+            tmp_path / "latents",
+            "data.image_repr=latents",
+            f"model.vae={tmp_path / 'vae'}",
+            "model.patch_size=2",
+        ),
+    }
     before = {name: load(r).generate_images("a red circle", seed=4) for name, r in runs.items()}
     for name, r in runs.items():
         load(r).save_pretrained(tmp_path / f"saved-{name}")
@@ -114,8 +147,26 @@ def test_vq_and_latent_models_carry_their_codecs(tmp_path):
 
 def test_speech_speaks_and_transcribes_after_a_round_trip(tmp_path):
     data = tmp_path / "speech"
-    assert main(["make-speech-data", "--out", str(data), "--n", "6", "--sources", "fortunes",
-                 "--voices", "en-us", "--val-percent", "50", "--seed", "1"]) == 0
+    assert (
+        main(
+            [
+                "make-speech-data",
+                "--out",
+                str(data),
+                "--n",
+                "6",
+                "--sources",
+                "fortunes",
+                "--voices",
+                "en-us",
+                "--val-percent",
+                "50",
+                "--seed",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert main(["train-speech-tokenizer", "--data", str(data), "--k", "8"]) == 0
     run = quick_run(tmp_path / "run", *tiny_overrides(data), recipe="speech-demo")
     m = load(run)

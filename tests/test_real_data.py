@@ -31,11 +31,20 @@ from motfusion.data.pipeline import EpochOrder, build_dataset, make_packer
 from motfusion.recipes import get_recipe
 from motfusion.tokenizer import ByteTokenizer
 
-IDX_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}
+IDX_CODES = {
+    np.uint8: 0x08,
+    np.int8: 0x09,
+    np.int16: 0x0B,
+    np.int32: 0x0C,
+    np.float32: 0x0D,
+    np.float64: 0x0E,
+}
 
 
 def write_idx(path, array: np.ndarray, gz: bool) -> None:
-    header = bytes([0, 0, IDX_CODES[array.dtype.type], array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    header = bytes([0, 0, IDX_CODES[array.dtype.type], array.ndim]) + struct.pack(
+        f">{array.ndim}i", *array.shape
+    )
     raw = header + array.astype(array.dtype.newbyteorder(">")).tobytes()
     path.write_bytes(gzip.compress(raw) if gz else raw)
 
@@ -120,7 +129,9 @@ def test_finite_dataset_is_read_epoch_by_epoch(tmp_path):
     assert all(sorted(e) == list(range(12)) for e in epochs)  # each epoch sees every item once
     assert epochs[0] != epochs[1]  # in a new order
     fresh = EpochOrder(dataset, seed=3)
-    assert [fresh(i) for i in reversed(range(36))] == [x for e in epochs for x in e][::-1]  # pure function of the index
+    assert [fresh(i) for i in reversed(range(36))] == [x for e in epochs for x in e][
+        ::-1
+    ]  # pure function of the index
     assert [EpochOrder(dataset, seed=4)(i) for i in range(12)] != epochs[0]
 
 
@@ -129,13 +140,17 @@ def test_packer_wraps_around_a_finite_dataset(tmp_path):
     cfg = get_recipe("debug").override([f"data.dataset=fashion:{tmp_path}", "train.batch_size=2"])
     packer = make_packer(cfg, ByteTokenizer())
     images = sum(packer.next_batch().images.shape[0] for _ in range(8))
-    assert packer.next_doc > 2 * 12 and images == packer.next_doc  # well past two epochs, every document placed
+    assert (
+        packer.next_doc > 2 * 12 and images == packer.next_doc
+    )  # well past two epochs, every document placed
 
 
 def test_missing_fashion_files_name_the_fix(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte.*dataset-fashion-mnist"):
         FashionDataset(root=tmp_path / "nowhere", split="train")
-    status = main(["train", "--recipe", "debug", "--out", str(tmp_path / "run"), f"data.dataset=fashion:{tmp_path}"])
+    status = main(
+        ["train", "--recipe", "debug", "--out", str(tmp_path / "run"), f"data.dataset=fashion:{tmp_path}"]
+    )
     assert status == 2
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
@@ -151,7 +166,9 @@ def test_fashion_package_files():
     train, val = build_dataset(cfg, "train"), build_dataset(cfg, "val")
     assert train.root == FASHION_DIR
     assert train.images.shape == (60000, 28, 28) and val.images.shape == (10000, 28, 28)
-    assert np.bincount(train.labels).tolist() == [6000] * 10 and np.bincount(val.labels).tolist() == [1000] * 10
+    assert (
+        np.bincount(train.labels).tolist() == [6000] * 10 and np.bincount(val.labels).tolist() == [1000] * 10
+    )
 
 
 def test_emoji_codepoints_and_split():

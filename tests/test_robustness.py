@@ -32,8 +32,16 @@ from motfusion.training.logging import TrainLogger, read_metrics
 from motfusion.training.trainer import build_optimizer, train, train_step
 
 # A constant LR, so that a run started for more steps follows the same schedule as a shorter one.
-SMALL = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.device=cpu",
-         "train.warmup=0", "train.lr=1e-3", "train.min_lr=1e-3", "train.tensorboard=false"]
+SMALL = [
+    "train.batch_size=2",
+    "train.seq_len=128",
+    "train.log_every=1",
+    "train.device=cpu",
+    "train.warmup=0",
+    "train.lr=1e-3",
+    "train.min_lr=1e-3",
+    "train.tensorboard=false",
+]
 COMPARED = ("step", "loss", "loss/text", "loss/image", "grad_norm", "flops", "cumulative_flops")
 
 
@@ -52,14 +60,31 @@ def logged_step(run_dir) -> int:
 
 # ---- signals -----------------------------------------------------------------------------------
 
+
 def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path):
     """Kill -9 a real training process at whatever it is doing; resuming continues exactly."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     overrides = [*SMALL, "train.checkpoint_every=3"]
     train(small_cfg("train.steps=12", "train.checkpoint_every=3"), straight)
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same kernels as this process
-    proc = subprocess.Popen([sys.executable, "-m", "motfusion", "train", "--recipe", "debug", "--out", str(killed),
-                             "--steps", "1000", *overrides], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "motfusion",
+            "train",
+            "--recipe",
+            "debug",
+            "--out",
+            str(killed),
+            "--steps",
+            "1000",
+            *overrides,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 120
     while logged_step(killed) < 7 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -94,7 +119,9 @@ def test_signal_checkpoints_the_step_then_resume_matches(tmp_path, monkeypatch, 
     assert main(args) == status
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == handlers  # restored
     out = capsys.readouterr().out
-    assert f"{sig.name}: stopped after step 3/6, checkpoint {stopped / 'checkpoints' / 'step_00000003'}" in out
+    assert (
+        f"{sig.name}: stopped after step 3/6, checkpoint {stopped / 'checkpoints' / 'step_00000003'}" in out
+    )
     assert latest_checkpoint(stopped).name == "step_00000003" and logged_step(stopped) == 3
     monkeypatch.undo()
     assert main(["train", "--out", str(stopped), "--resume"]) == 0
@@ -123,10 +150,11 @@ def test_logger_drops_records_after_the_resume_step_and_a_torn_last_line(tmp_pat
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == list(range(1, 9))
     TrainLogger(tmp_path, total_steps=10, start_step=4).close()
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert (tmp_path / "metrics.jsonl").read_text() == lines[:lines.index('{"step": 5')]
+    assert (tmp_path / "metrics.jsonl").read_text() == lines[: lines.index('{"step": 5')]
 
 
 # ---- non-finite steps --------------------------------------------------------------------------
+
 
 def _nan_objective(monkeypatch, bad_calls: set[int] | None, seen: list[list[torch.Tensor]]):
     """The objective returns a NaN loss on the given calls (1-based; None: from the 2nd on), after
@@ -153,9 +181,15 @@ def test_non_finite_step_is_skipped_and_logged(tmp_path, monkeypatch, capsys):
     assert not all(torch.equal(a, b) for a, b in zip(seen[1], seen[2]))  # step 2 did
     records = {r["step"]: r for r in read_metrics(run / "metrics.jsonl")}
     assert sorted(records) == [3, 4, 5]  # the skipped step is logged whatever train.log_every says
-    assert records[3]["skipped"] == 1 and records[3]["bad_steps"] == 1 and records[3]["loss"] != records[3]["loss"]
+    assert (
+        records[3]["skipped"] == 1
+        and records[3]["bad_steps"] == 1
+        and records[3]["loss"] != records[3]["loss"]
+    )
     assert records[4]["skipped"] == 0 and records[4]["bad_steps"] == 0
-    assert "step 3: skipped, 1 in a row (train.max_bad_steps=5): non-finite loss nan" in capsys.readouterr().out
+    assert (
+        "step 3: skipped, 1 in a row (train.max_bad_steps=5): non-finite loss nan" in capsys.readouterr().out
+    )
     adam = load_train_state(latest_checkpoint(run))["optimizer"]["state"]
     assert {int(s["step"]) for s in adam.values()} == {4}  # 5 steps, one of them not applied
 
@@ -167,8 +201,15 @@ def test_skipped_step_zeroes_the_gradients(tok):
     with torch.no_grad():
         model.text.head.weight[0, 0] = float("inf")
     with pytest.raises(NonFiniteLossError) as info:
-        train_step(model, TransfusionObjective(cfg.objective), optimizer, make_packer(cfg, tok).next_batch(),
-                   torch.Generator().manual_seed(0), 1e-3, 1.0)
+        train_step(
+            model,
+            TransfusionObjective(cfg.objective),
+            optimizer,
+            make_packer(cfg, tok).next_batch(),
+            torch.Generator().manual_seed(0),
+            1e-3,
+            1.0,
+        )
     assert all(p.grad is None for p in model.parameters())
     assert set(info.value.stats) == {"loss", "loss/text", "loss/image", "grad_norm"}
 
@@ -176,17 +217,42 @@ def test_skipped_step_zeroes_the_gradients(tok):
 def test_max_bad_steps_in_a_row_stop_the_cli_with_one_line(tmp_path, monkeypatch, capsys):
     _nan_objective(monkeypatch, None, [])
     run = tmp_path / "run"
-    assert main(["train", "--recipe", "debug", "--out", str(run), "--steps", "10", *SMALL,
-                 "train.max_bad_steps=3", "train.checkpoint_every=1"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "debug",
+                "--out",
+                str(run),
+                "--steps",
+                "10",
+                *SMALL,
+                "train.max_bad_steps=3",
+                "train.checkpoint_every=1",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert err.startswith("motfusion: error: stopped at step 4: 3 steps in a row had a non-finite loss or gradient "
-                          "(train.max_bad_steps)")
-    assert f"--resume from {run / 'checkpoints' / 'step_00000003'}" in err  # the last checkpoint, before the streak ended
-    assert [(r["step"], r["bad_steps"]) for r in read_metrics(run / "metrics.jsonl")] == [(1, 0), (2, 1), (3, 2), (4, 3)]
+    assert err.startswith(
+        "motfusion: error: stopped at step 4: 3 steps in a row had a non-finite loss or gradient "
+        "(train.max_bad_steps)"
+    )
+    assert (
+        f"--resume from {run / 'checkpoints' / 'step_00000003'}" in err
+    )  # the last checkpoint, before the streak ended
+    assert [(r["step"], r["bad_steps"]) for r in read_metrics(run / "metrics.jsonl")] == [
+        (1, 0),
+        (2, 1),
+        (3, 2),
+        (4, 3),
+    ]
 
 
 # ---- checkpoints -------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def trained(tmp_path):
@@ -201,7 +267,11 @@ def test_export_is_one_file_that_loads_like_the_checkpoint(trained, tmp_path, ca
     assert sorted(p.name for p in out.parent.iterdir()) == ["config.json", out.name]
     with safetensors.safe_open(out, framework="pt") as f:
         config = json.loads(f.metadata()["motfusion_config"])
-    assert config == json.loads((out.parent / "config.json").read_text()) == json.loads((trained / "config.json").read_text())
+    assert (
+        config
+        == json.loads((out.parent / "config.json").read_text())
+        == json.loads((trained / "config.json").read_text())
+    )
     a, cfg, _ = load_model(trained)
     b, cfg_b, _ = load_model(out)
     assert cfg_b.to_dict() == cfg.to_dict()
@@ -230,7 +300,10 @@ def test_weights_of_another_config_list_tensors_and_config_keys(trained, tok):
         load_weights(model, ckpt)
     message = str(info.value)
     assert "\n" not in message and f"{len(problems)} tensor(s) differ: {problems[0]}; " in message
-    assert "model.dim 64 in the file, 32 in the model" in message and "model.n_heads 4 in the file, 2 in the model" in message
+    assert (
+        "model.dim 64 in the file, 32 in the model" in message
+        and "model.n_heads 4 in the file, 2 in the model" in message
+    )
     assert "model.untie ('ffn', 'attn', 'norm') in the file, ('ffn',) in the model" in message
 
 

@@ -47,8 +47,12 @@ def test_text_cache_equals_recompute_logits(model, tok, cfg):
 
 def test_captions_cache_equals_recompute(model, tok, cfg):
     images = torch.rand(3, 3, 16, 16) * 2 - 1
-    a = make(model, tok, cfg, use_cache=True, temperature=0.8).captions(images, torch.Generator().manual_seed(1))
-    b = make(model, tok, cfg, use_cache=False, temperature=0.8).captions(images, torch.Generator().manual_seed(1))
+    a = make(model, tok, cfg, use_cache=True, temperature=0.8).captions(
+        images, torch.Generator().manual_seed(1)
+    )
+    b = make(model, tok, cfg, use_cache=False, temperature=0.8).captions(
+        images, torch.Generator().manual_seed(1)
+    )
     assert a == b
 
 
@@ -57,9 +61,11 @@ def test_batched_equals_one_by_one(model, tok, cfg):
     x_T = torch.randn((3, 3, 16, 16), generator=torch.Generator().manual_seed(0))
     batched = gen.images(PROMPTS, noise=x_T)
     for i, p in enumerate(PROMPTS):  # prompts of different lengths: left padding must not matter
-        torch.testing.assert_close(gen.images([p], noise=x_T[i:i + 1]), batched[i:i + 1], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            gen.images([p], noise=x_T[i : i + 1]), batched[i : i + 1], atol=1e-4, rtol=1e-4
+        )
     images = torch.rand(3, 3, 16, 16) * 2 - 1
-    assert gen.captions(images) == [gen.captions(images[i:i + 1])[0] for i in range(3)]
+    assert gen.captions(images) == [gen.captions(images[i : i + 1])[0] for i in range(3)]
 
 
 def test_same_seed_same_output(model, tok, cfg):
@@ -69,7 +75,9 @@ def test_same_seed_same_output(model, tok, cfg):
     c = gen.images(PROMPTS[:2], torch.Generator().manual_seed(8))
     assert torch.equal(a, b) and not torch.equal(a, c)
     images = torch.rand(2, 3, 16, 16) * 2 - 1
-    assert gen.captions(images, torch.Generator().manual_seed(3)) == gen.captions(images, torch.Generator().manual_seed(3))
+    assert gen.captions(images, torch.Generator().manual_seed(3)) == gen.captions(
+        images, torch.Generator().manual_seed(3)
+    )
 
 
 def test_interleaved_switches_to_diffusion_on_boi(model, tok, cfg):
@@ -82,6 +90,7 @@ def test_interleaved_switches_to_diffusion_on_boi(model, tok, cfg):
         out = torch.full_like(logits, -1e9)
         out[:, tok.boi if calls["n"] == 1 else ord("z") if calls["n"] < 3 else tok.eos] = 0
         return out
+
     gen._logits = lambda o, f=gen._logits: steer(f(o))
     segments = gen.interleaved("draw:", torch.Generator().manual_seed(0))
     kinds = [type(s).__name__ for s in segments]

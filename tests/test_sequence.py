@@ -47,8 +47,8 @@ def test_collate_indices(tok):
     B, T = b.shape
     assert (B, T) == (2, 40) and b.images.shape == (3, 3, 8, 8)
     n0 = len(docs[0])
-    assert b.doc[0, :n0].eq(0).all() and b.doc[0, n0:n0 + len(docs[1])].eq(1).all()
-    assert b.doc[0, n0 + len(docs[1]):].eq(-1).all()  # padding
+    assert b.doc[0, :n0].eq(0).all() and b.doc[0, n0 : n0 + len(docs[1])].eq(1).all()
+    assert b.doc[0, n0 + len(docs[1]) :].eq(-1).all()  # padding
     assert b.pos[0, n0] == 0 and b.pos[0, n0 - 1] == n0 - 1  # positions restart per document
     flat_mod, flat_img = b.modality.flatten(), b.image.flatten()
     for i in range(3):  # every image's patch positions are image positions carrying its id, in order

@@ -101,7 +101,12 @@ def test_example_captions():
     assert spec.parts == (Relation(Mention("triangle", "green"), "above", Mention("circle", "yellow")),)
     top = ShapeObject("triangle", "green", "small", 0.5, 0.2)
     bottom = ShapeObject("circle", "yellow", "large", 0.5, 0.8)
-    assert check(spec, Scene((top, bottom), 32)) == {"shape": True, "color": True, "position": True, "objects": True}
+    assert check(spec, Scene((top, bottom), 32)) == {
+        "shape": True,
+        "color": True,
+        "position": True,
+        "objects": True,
+    }
     top, bottom = replace(top, y=0.8), replace(bottom, y=0.2)
     assert check(spec, Scene((top, bottom), 32))["position"] is False
     two = parse_caption("two purple squares")
@@ -196,9 +201,13 @@ def test_extra_objects_fail_the_objects_clause():
     """A prompt is not satisfied by an image that also holds objects the prompt does not mention
     (e.g. patch noise that happens to contain a red fragment)."""
     from motfusion.data.shapes import Scene, ShapeObject, render
+
     red = ShapeObject(shape="square", color="red", size="large", x=0.3, y=0.3)
     blue = ShapeObject(shape="circle", color="blue", size="small", x=0.75, y=0.75)
-    alone, crowded = render(Scene(objects=(red,), image_size=32)), render(Scene(objects=(red, blue), image_size=32))
+    alone, crowded = (
+        render(Scene(objects=(red,), image_size=32)),
+        render(Scene(objects=(red, blue), image_size=32)),
+    )
     assert geneval(["a red square"], [alone])["geneval"] == 1.0
     scores = geneval(["a red square"], [crowded])
     assert scores["geneval"] == 0.0 and scores["geneval/color"] == 1.0 and scores["geneval/objects"] == 0.0

@@ -48,13 +48,32 @@ def sine(freq: float, seconds: float = 1.0, rate: int = 16000) -> torch.Tensor:
 def speech_data(tmp_path_factory):
     """Eight utterances spoken by espeak-ng, with a k=8 tokenizer and its cached units."""
     root = tmp_path_factory.mktemp("speech")
-    assert main(["make-speech-data", "--out", str(root), "--n", "8", "--sources", "fortunes",
-                 "--voices", "en-us,en+f3", "--val-percent", "50", "--seed", "3"]) == 0
+    assert (
+        main(
+            [
+                "make-speech-data",
+                "--out",
+                str(root),
+                "--n",
+                "8",
+                "--sources",
+                "fortunes",
+                "--voices",
+                "en-us,en+f3",
+                "--val-percent",
+                "50",
+                "--seed",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert main(["train-speech-tokenizer", "--data", str(root), "--k", "8"]) == 0
     return root
 
 
 # ---- features --------------------------------------------------------------------------------
+
 
 def test_filterbank_is_triangles_that_sum_to_one():
     fb = mel_filterbank(MEL)  # (n_mels, F)
@@ -62,7 +81,9 @@ def test_filterbank_is_triangles_that_sum_to_one():
     assert fb.min() >= 0 and fb.max() <= 1
     assert (fb.sum(1) > 0).all()  # no empty filter
     freqs = torch.linspace(0, MEL.sample_rate / 2, MEL.n_freqs)
-    centers = mel_to_hz(torch.linspace(float(hz_to_mel(MEL.f_min)), float(hz_to_mel(MEL.f_max)), MEL.n_mels + 2))[1:-1]
+    centers = mel_to_hz(
+        torch.linspace(float(hz_to_mel(MEL.f_min)), float(hz_to_mel(MEL.f_max)), MEL.n_mels + 2)
+    )[1:-1]
     inside = (freqs >= centers[0]) & (freqs <= centers[-1])
     torch.testing.assert_close(fb[:, inside].sum(0), torch.ones(int(inside.sum())), atol=1e-5, rtol=0)
     for m in (0, 40, 79):  # one rise, one fall: nonzero bins are contiguous, peak inside
@@ -75,7 +96,9 @@ def test_filterbank_is_triangles_that_sum_to_one():
 def test_log_mel_of_a_sine_peaks_at_its_mel_bin(freq):
     log_mel = LogMel(MEL)(sine(freq))  # (n_mels, T)
     assert log_mel.shape == (MEL.n_mels, 1 + 16000 // MEL.hop)
-    centers = mel_to_hz(torch.linspace(float(hz_to_mel(MEL.f_min)), float(hz_to_mel(MEL.f_max)), MEL.n_mels + 2))[1:-1]
+    centers = mel_to_hz(
+        torch.linspace(float(hz_to_mel(MEL.f_min)), float(hz_to_mel(MEL.f_max)), MEL.n_mels + 2)
+    )[1:-1]
     expected = int((centers - freq).abs().argmin())
     peak = log_mel[:, 5:-5].mean(1).argmax()
     assert abs(int(peak) - expected) <= 1
@@ -91,6 +114,7 @@ def test_resample_matches_the_signal_sampled_at_the_new_rate():
 
 
 # ---- k-means and units -----------------------------------------------------------------------
+
 
 def test_kmeans_recovers_separated_clusters():
     g = torch.Generator().manual_seed(0)
@@ -116,7 +140,9 @@ def test_units_round_trip_and_save_load(speech_data, tmp_path):
     assert recorded_dir == data_dir and len(cached) == len(utterances)
     assert torch.equal(cached[0], units)
     assert tok.decode_mel(units).shape == (MEL.n_mels, len(units))
-    assert torch.equal(tok.encode_frames(tok.decode_mel(units).T), units)  # a centroid's nearest unit is itself
+    assert torch.equal(
+        tok.encode_frames(tok.decode_mel(units).T), units
+    )  # a centroid's nearest unit is itself
     audio = tok.decode(units, VocoderConfig(n_iter=8))
     assert abs(len(audio) - len(wave)) <= MEL.hop and audio.abs().max() > 0.1
     tok.save(tmp_path)
@@ -136,12 +162,15 @@ def test_reconstruction_error_decreases_with_k(speech_data):
 
 def test_dedup_collapses_runs():
     cfg = SpeechTokenizerConfig(k=3, mel=MelConfig(n_mels=2, f_max=8000.0), dedup=True)
-    tok = SpeechTokenizer(cfg, torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]]), torch.zeros(2), torch.ones(2))
+    tok = SpeechTokenizer(
+        cfg, torch.tensor([[0.0, 0.0], [5.0, 5.0], [-5.0, 5.0]]), torch.zeros(2), torch.ones(2)
+    )
     frames = torch.tensor([[0.1, 0.0], [0.0, 0.2], [5.0, 4.0], [5.1, 5.0], [0.0, 0.0], [-5.0, 5.0]])
     assert tok.encode_frames(frames).tolist() == [0, 1, 0, 2]
 
 
 # ---- vocoder ---------------------------------------------------------------------------------
+
 
 def test_griffin_lim_recovers_a_sine_spectrogram():
     target = stft_magnitude(sine(440.0, seconds=0.5), 1024, 160)  # (F, T)
@@ -155,6 +184,7 @@ def test_griffin_lim_recovers_a_sine_spectrogram():
 
 
 # ---- metrics ---------------------------------------------------------------------------------
+
 
 def test_levenshtein_and_cer_on_hand_examples():
     assert levenshtein("kitten", "sitting") == 3
@@ -174,12 +204,13 @@ def test_unit_error_rate_ignores_durations():
 
 # ---- espeak-ng and the dataset ---------------------------------------------------------------
 
+
 def test_espeak_speaks_a_sentence_at_16_khz(tmp_path):
     wave = speak("a red circle", voice="en-us", speed=170)
     assert 0.5 < len(wave) / 16000 < 3.0
     assert np.sqrt(np.mean(wave**2)) > 0.02  # not silence
     active = np.abs(wave) > 0.01
-    assert active[: len(wave) // 2].any() and active[len(wave) // 2:].any()
+    assert active[: len(wave) // 2].any() and active[len(wave) // 2 :].any()
 
 
 def test_make_speech_data_writes_a_manifest_of_16_khz_wavs(speech_data, tmp_path):
@@ -192,8 +223,15 @@ def test_make_speech_data_writes_a_manifest_of_16_khz_wavs(speech_data, tmp_path
         meta = sf.info(str(speech_data / audio["audio"]))
         assert meta.samplerate == 16000 and meta.channels == 1
         assert abs(meta.duration - item["seconds"]) < 1e-3
-    again = make_speech_data(tmp_path, n=8, sources=("fortunes",), voices=("en-us", "en+f3"), seed=3, val_percent=50,
-                             log=lambda s: None)
+    again = make_speech_data(
+        tmp_path,
+        n=8,
+        sources=("fortunes",),
+        voices=("en-us", "en+f3"),
+        seed=3,
+        val_percent=50,
+        log=lambda s: None,
+    )
     assert again.read_text() == (speech_data / "manifest.jsonl").read_text()  # same seed, same dataset
     assert (tmp_path / "wav/000005.wav").read_bytes() == (speech_data / "wav/000005.wav").read_bytes()
 
@@ -209,11 +247,24 @@ def test_speech_cli_errors_name_the_fix(tmp_path, capsys):
 
 # ---- speech in documents, in the model ------------------------------------------------------
 
+
 def tiny_overrides(data_dir, *more) -> list[str]:
     """speech-demo shrunk to seconds: the fixture's k=8 units, 16 px shapes images."""
-    return ["model.dim=32", "model.n_layers=1", "model.n_heads=2", "model.vocab_sizes=speech:8",
-            f"data.dataset=speech:{data_dir}", "data.image_size=16", "train.batch_size=2", "train.seq_len=256",
-            "train.warmup=1", "train.lr=3e-3", "train.log_every=1", "train.tensorboard=false", *more]
+    return [
+        "model.dim=32",
+        "model.n_layers=1",
+        "model.n_heads=2",
+        "model.vocab_sizes=speech:8",
+        f"data.dataset=speech:{data_dir}",
+        "data.image_size=16",
+        "train.batch_size=2",
+        "train.seq_len=256",
+        "train.warmup=1",
+        "train.lr=3e-3",
+        "train.log_every=1",
+        "train.tensorboard=false",
+        *more,
+    ]
 
 
 def tiny_speech_config(data_dir, *more):
@@ -232,7 +283,9 @@ def test_speech_dataset_documents(speech_data):
         assert isinstance(speech, Speech) and (text.text, list(speech.ids)) in [(t, u) for t, u in train]
     assert 5 < sum(isinstance(d[0], Text) for d in docs) < 35  # both orders, about half each
     mixed = build_dataset(tiny_speech_config(speech_data, "data.speech_shapes_share=0.5"), "train")
-    shapes_docs = sum(any(isinstance(seg, Image) for seg in mixed.document(0, np.random.default_rng(i))) for i in range(40))
+    shapes_docs = sum(
+        any(isinstance(seg, Image) for seg in mixed.document(0, np.random.default_rng(i))) for i in range(40)
+    )
     assert 5 < shapes_docs < 35  # shapes text-image documents mixed in
 
 
@@ -240,7 +293,16 @@ def test_speech_span_encodes_between_markers_and_predicts_its_end():
     tok = ByteTokenizer()
     enc = encode_document([Text("hi"), Speech([4, 0, 7])], tok, patch_size=4)
     spec = SPECS["speech"]
-    assert enc.tokens == [tok.bos, *b"hi", tok.special_ids["<bosp>"], 5, 1, 8, tok.special_ids["<eosp>"], tok.eos]
+    assert enc.tokens == [
+        tok.bos,
+        *b"hi",
+        tok.special_ids["<bosp>"],
+        5,
+        1,
+        8,
+        tok.special_ids["<eosp>"],
+        tok.eos,
+    ]
     assert enc.modality == [TEXT] * 4 + [spec.index] * 3 + [TEXT] * 2
     batch = collate([[enc]], seq_len=16, pad_id=tok.pad)
     speech_targets = batch.targets.flatten()[batch.loss_index["speech"]].tolist()
@@ -254,18 +316,67 @@ def test_speech_vocab_must_match_the_tokenizer(speech_data):
 
 def test_speech_demo_trains_speaks_transcribes_and_evaluates(speech_data, tmp_path):
     run = tmp_path / "run"
-    assert main(["train", "--recipe", "speech-demo", "--out", str(run), "--steps", "8", *tiny_overrides(speech_data)]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "speech-demo",
+                "--out",
+                str(run),
+                "--steps",
+                "8",
+                *tiny_overrides(speech_data),
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert records[0]["loss/speech"] == pytest.approx(math.log(9), abs=0.3)  # 8 units + SPAN_END, near uniform
+    assert records[0]["loss/speech"] == pytest.approx(
+        math.log(9), abs=0.3
+    )  # 8 units + SPAN_END, near uniform
     assert records[-1]["loss/speech"] < records[0]["loss/speech"]
     assert all(math.isfinite(r["loss/text"]) and math.isfinite(r["loss/image"]) for r in records)
 
     wav = tmp_path / "say.wav"
-    assert main(["generate", "--ckpt", str(run), "--speak", "a red circle", "--out", str(wav), "--temperature", "1"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run),
+                "--speak",
+                "a red circle",
+                "--out",
+                str(wav),
+                "--temperature",
+                "1",
+            ]
+        )
+        == 0
+    )
     assert sf.info(str(wav)).samplerate == 16000
     assert main(["generate", "--ckpt", str(run), "--transcribe", str(wav), "--max-tokens", "4"]) == 0
-    assert main(["eval", "--ckpt", str(run), "--suite", "speech", "--n", "2", "--val-batches", "1",
-                 "--max-tokens", "4", "--temperature", "1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--ckpt",
+                str(run),
+                "--suite",
+                "speech",
+                "--n",
+                "2",
+                "--val-batches",
+                "1",
+                "--max-tokens",
+                "4",
+                "--temperature",
+                "1",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((run / "eval_speech.json").read_text())
     assert metrics["speech_cer"] >= 0 and 0 <= metrics["speech_unit_accuracy"] <= 1
     assert math.isfinite(metrics["val_loss/speech"])

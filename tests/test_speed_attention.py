@@ -47,7 +47,10 @@ def qkv(n: int, seed: int = 0):
 
 def many_short_documents(tok, rows=2, docs=6):
     """Rows of short text+image documents (and some padding): the case buckets exist for."""
-    enc = [encode_document([Text("ab" * (i % 3)), Image(torch.rand(3, 8, 8)), Text("c")], tok, 4) for i in range(docs)]
+    enc = [
+        encode_document([Text("ab" * (i % 3)), Image(torch.rand(3, 8, 8)), Text("c")], tok, 4)
+        for i in range(docs)
+    ]
     return collate([enc] * rows, sum(map(len, enc)) + 5, tok.pad)
 
 
@@ -77,7 +80,9 @@ def test_reordered_buckets_read_positions_in_the_new_order(tok):
     inverse = torch.empty_like(order).scatter_(0, order, torch.arange(N))
     q, k, v = qkv(N)
     ref, ref_grads = grads_of(lambda *t: dense_reference(*t, meta, True), q, k, v)
-    out, out_grads = grads_of(buckets.reorder(order, inverse).attend, q[order], k[order], v[order], order=order)
+    out, out_grads = grads_of(
+        buckets.reorder(order, inverse).attend, q[order], k[order], v[order], order=order
+    )
     torch.testing.assert_close(out, ref[order], atol=1e-5, rtol=1e-5)
     for g, r in zip(out_grads, ref_grads):
         torch.testing.assert_close(g, r[order], atol=1e-5, rtol=1e-5)
@@ -90,7 +95,9 @@ def test_every_position_has_one_slot_and_padding_slots_see_padding_only(tok):
     assert torch.equal(buckets.src[buckets.dst], torch.arange(N))  # each position reads itself back
     assert sum(n * L for n, L in buckets.sizes) == buckets.src.numel()
     for (n, L), mask in zip(buckets.sizes, buckets.masks):
-        assert mask.shape == (n, 1, L, L) and (mask == 0).any(dim=-1).all()  # no empty row: softmax stays finite
+        assert (
+            mask.shape == (n, 1, L, L) and (mask == 0).any(dim=-1).all()
+        )  # no empty row: softmax stays finite
 
 
 def test_one_document_per_row_keeps_the_dense_mask(tok):
@@ -112,7 +119,15 @@ def test_bucket_lengths_round_up_by_at_most_a_quarter():
     L = bucket_length(n)
     assert (L >= n).all() and (L % 4 == 0).all()
     assert (4 * L[n >= 16] <= 5 * n[n >= 16]).all()
-    assert bucket_length(torch.tensor([8, 9, 64, 65, 159, 256, 257])).tolist() == [8, 12, 64, 80, 160, 256, 320]
+    assert bucket_length(torch.tensor([8, 9, 64, 65, 159, 256, 257])).tolist() == [
+        8,
+        12,
+        64,
+        80,
+        160,
+        256,
+        320,
+    ]
 
 
 def test_documents_of_one_bucket_length_attend_in_place():

@@ -32,5 +32,7 @@ def test_compiled_training_equals_eager(tok, monkeypatch):
         model = parallelize(TransfusionModel(cfg.model, tok.vocab_size), cfg.train, World())
         objective, optimizer = TransfusionObjective(cfg.objective), build_optimizer(model, cfg.train)
         generator = torch.Generator().manual_seed(0)
-        losses[compiled] = [train_step(model, objective, optimizer, b, generator, 1e-3, 1.0)["loss"] for b in batches]
+        losses[compiled] = [
+            train_step(model, objective, optimizer, b, generator, 1e-3, 1.0)["loss"] for b in batches
+        ]
     torch.testing.assert_close(losses[True], losses[False], atol=1e-5, rtol=1e-5)

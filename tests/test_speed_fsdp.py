@@ -47,17 +47,30 @@ def gradients(rank: int, fast: bool) -> dict[str, torch.Tensor]:
     parallelize(model, cfg.train, World(rank=rank, world_size=2, local_rank=rank))
     batch = random_batch(ByteTokenizer(), seed=rank, rows=2, seq_len=160)  # each rank its own rows
     whole, _ = locate(batch, {})
-    train_step(model, TransfusionObjective(cfg.objective), build_optimizer(model, cfg.train), batch,
-               torch.Generator().manual_seed(0), 1e-3, 1.0, whole=whole, world_size=2)
-    return {n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad for n, p in model.named_parameters()}
+    train_step(
+        model,
+        TransfusionObjective(cfg.objective),
+        build_optimizer(model, cfg.train),
+        batch,
+        torch.Generator().manual_seed(0),
+        1e-3,
+        1.0,
+        whole=whole,
+        world_size=2,
+    )
+    return {
+        n: p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        for n, p in model.named_parameters()
+    }
 
 
 def _rank_main(rank: int, port: int, root: Path) -> None:
     log = os.open(root / f"rank{rank}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     try:

@@ -126,8 +126,12 @@ def test_image_only_documents_equal_reference(tok, cfg):
 
 
 def test_three_towers_equal_reference(tok, cfg):
-    docs = [[Text("abc"), image(0)], [Units("speech", list(range(1, 9))), Text("de")], [image(1), Text("f")],
-            [Text("gh"), Units("speech", [3, 4, 5])]]
+    docs = [
+        [Text("abc"), image(0)],
+        [Units("speech", list(range(1, 9))), Text("de")],
+        [image(1), Text("f")],
+        [Text("gh"), Units("speech", [3, 4, 5])],
+    ]
     b = docs_batch(tok, docs)
     assert uses_buckets(b)
     assert_fast_equals_reference(cfg, tok, b, **THREE)
@@ -153,8 +157,10 @@ def test_kv_cache_equals_recompute_with_tower_order(tok, cfg, changes):
     """Cached chunks (row order for attention, image-only chunks: one tower) give the logits and
     images of re-running the whole sequence each time (tower order)."""
     model = model_with(cfg, tok.vocab_size, **changes).eval()
-    prompts = [encode_document([Text("ab"), image(0), Text("c")], tok, 4, close=False),
-               encode_document([Text("d")] + ([Units("speech", [1, 2])] if changes else []), tok, 4, close=False)]
+    prompts = [
+        encode_document([Text("ab"), image(0), Text("c")], tok, 4, close=False),
+        encode_document([Text("d")] + ([Units("speech", [1, 2])] if changes else []), tok, 4, close=False),
+    ]
     x, t = torch.rand(2, 3, 8, 8) * 2 - 1, torch.full((2,), 500.0)
     outs = []
     for use_cache in (True, False):

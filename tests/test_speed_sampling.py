@@ -38,8 +38,9 @@ def separate_contexts(gen, prompts, noise):
 def test_batched_guidance_equals_two_contexts(model, tok, cfg, use_cache):
     gen = generator(model, tok, cfg, use_cache=use_cache)
     noise = torch.randn(len(PROMPTS), *gen.image_shape, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(gen.images(PROMPTS, noise=noise), separate_contexts(gen, PROMPTS, noise),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        gen.images(PROMPTS, noise=noise), separate_contexts(gen, PROMPTS, noise), atol=1e-5, rtol=1e-5
+    )
 
 
 @torch.no_grad()
@@ -66,11 +67,14 @@ def test_no_guidance_runs_no_unconditional_rows(model, tok, cfg):
 def test_batched_guidance_equals_two_contexts_for_vq_codes(tok, tmp_path):
     """Images as VQ codes: guided logits from one batch equal those of two contexts (greedy codes)."""
     vq_dir = make_vq_dir(tmp_path / "vq")
-    cfg = get_recipe("debug").override(["data.image_repr=tokens", f"model.vq={vq_dir}", "model.vocab_sizes=image:32"])
+    cfg = get_recipe("debug").override(
+        ["data.image_repr=tokens", f"model.vq={vq_dir}", "model.vocab_sizes=image:32"]
+    )
     torch.manual_seed(0)
     model = TransfusionModel(cfg.model, tok.vocab_size).eval()
-    gen = Generator(model, tok, cfg.objective, 16, SampleConfig(guidance=2.0, temperature=0.0),
-                    image=image_repr(cfg))
+    gen = Generator(
+        model, tok, cfg.objective, 16, SampleConfig(guidance=2.0, temperature=0.0), image=image_repr(cfg)
+    )
     ctx = Context(model, True)
     ctx.run(ctx.prompt([gen._encode([Text(p)], then=[tok.boi]) for p in PROMPTS], tok.pad))
     reference = gen.span(ctx, gen._unconditional(len(PROMPTS)), "image", None, length=gen.tokens_per_image)

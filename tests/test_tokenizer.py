@@ -16,8 +16,14 @@ from motfusion.tokenizer import (
 from motfusion.training.checkpoint import export_checkpoint, load_model, step_dir
 from motfusion.training.trainer import train
 
-RUN = ["train.steps=2", "train.batch_size=2", "train.seq_len=128", "train.device=cpu", "train.tensorboard=false",
-       "data.tokenizer=bpe:400"]
+RUN = [
+    "train.steps=2",
+    "train.batch_size=2",
+    "train.seq_len=128",
+    "train.device=cpu",
+    "train.tensorboard=false",
+    "data.tokenizer=bpe:400",
+]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +53,10 @@ def test_checkpoint_and_export_carry_the_tokenizer(run, tmp_path):
     prompt = "a small red circle on the left"
     assert tok.encode(prompt) == tok2.encode(prompt)
     g = [torch.Generator().manual_seed(0) for _ in range(2)]
-    images = [Generator(m, t, cfg.objective, cfg.data.image_size).images([prompt], gen)
-              for m, t, gen in ((model, tok, g[0]), (model2, tok2, g[1]))]
+    images = [
+        Generator(m, t, cfg.objective, cfg.data.image_size).images([prompt], gen)
+        for m, t, gen in ((model, tok, g[0]), (model2, tok2, g[1]))
+    ]
     torch.testing.assert_close(images[0], images[1], rtol=0, atol=0)
 
 

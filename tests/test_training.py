@@ -40,7 +40,10 @@ def small_cfg(*overrides: str):
 
 
 def losses(run_dir) -> list[tuple[int, float, float, float]]:
-    return [(r["step"], r["loss"], r["loss/text"], r["grad_norm"]) for r in read_metrics(run_dir / "metrics.jsonl")]
+    return [
+        (r["step"], r["loss"], r["loss/text"], r["grad_norm"])
+        for r in read_metrics(run_dir / "metrics.jsonl")
+    ]
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():
@@ -68,8 +71,10 @@ def test_overfits_a_fixed_batch(tok):
     optimizer, objective = build_optimizer(model, cfg.train), TransfusionObjective(cfg.objective)
     batch = make_packer(cfg, tok).next_batch()
     # Same noise and timesteps every step: the objective is a fixed function of the weights.
-    history = [train_step(model, objective, optimizer, batch, torch.Generator().manual_seed(0), 3e-3, 1.0)
-               for _ in range(25)]
+    history = [
+        train_step(model, objective, optimizer, batch, torch.Generator().manual_seed(0), 3e-3, 1.0)
+        for _ in range(25)
+    ]
     assert history[-1]["loss"] < 0.6 * history[0]["loss"]
     assert history[-1]["loss/text"] < 0.6 * history[0]["loss/text"]
     assert history[-1]["loss/image"] < history[0]["loss/image"]
@@ -83,8 +88,15 @@ def test_non_finite_loss_raises_without_stepping(tok):
         model.text.embed.weight[:] = float("nan")
     before = [p.detach().clone() for p in model.parameters()]
     with pytest.raises(NonFiniteLossError, match="train.lr"):
-        train_step(model, TransfusionObjective(cfg.objective), optimizer, make_packer(cfg, tok).next_batch(),
-                   torch.Generator().manual_seed(0), 1e-3, 1.0)
+        train_step(
+            model,
+            TransfusionObjective(cfg.objective),
+            optimizer,
+            make_packer(cfg, tok).next_batch(),
+            torch.Generator().manual_seed(0),
+            1e-3,
+            1.0,
+        )
     for a, b in zip(before, model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
 
@@ -167,8 +179,10 @@ def test_document_mix_follows_the_config():
     cfg = small_cfg()
     sample = FakeSample(torch.zeros(3, 16, 16), "a red circle")
     n = 4000
-    layouts = [tuple(type(s) for s in document_for(sample, document_rng(0, "train", i), cfg.data, cfg.objective))
-               for i in range(n)]
+    layouts = [
+        tuple(type(s) for s in document_for(sample, document_rng(0, "train", i), cfg.data, cfg.objective))
+        for i in range(n)
+    ]
     kept, dropped, image_first = (layouts.count(k) for k in ((Text, Image), (Image,), (Image, Text)))
     assert kept + dropped + image_first == n
     assert (kept + dropped) / n == pytest.approx(cfg.data.caption_first_prob, abs=0.03)
@@ -195,12 +209,16 @@ def test_cli_train_end_to_end(tmp_path, capsys):
     assert ckpt.name == "step_00000003"
     assert {p.name for p in ckpt.iterdir()} == {"model.safetensors", "train_state.pt", "config.json"}
     assert "step 3/3 | loss" in capsys.readouterr().out
-    assert main(["train", "--out", str(out), "--resume", "--steps", "4"]) == 0  # the run's own config, extended
+    assert (
+        main(["train", "--out", str(out), "--resume", "--steps", "4"]) == 0
+    )  # the run's own config, extended
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
     assert json.loads((out / "config.json").read_text())["train"]["steps"] == 4
 
 
-@pytest.mark.parametrize("override, key", [("model.untie=bogus", "model.untie"), ("train.nope=1", "train.nope")])
+@pytest.mark.parametrize(
+    "override, key", [("model.untie=bogus", "model.untie"), ("train.nope=1", "train.nope")]
+)
 def test_cli_bad_override_is_one_clear_line(tmp_path, capsys, override, key):
     assert main(["train", "--recipe", "debug", "--out", str(tmp_path / "run"), override]) == 2
     err = capsys.readouterr().err
@@ -215,7 +233,10 @@ def test_cli_refuses_to_overwrite_or_resume_nothing(tmp_path, capsys):
     assert main(["train", "--recipe", "debug", "--out", str(out), "--steps", "1", *SMALL]) == 0
     assert main(["train", "--recipe", "debug", "--out", str(out), "--steps", "1", *SMALL]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert main(["train", "--recipe", "debug", "--out", str(out), "--resume", "model.dim=32", "model.n_heads=2"]) == 2
+    assert (
+        main(["train", "--recipe", "debug", "--out", str(out), "--resume", "model.dim=32", "model.n_heads=2"])
+        == 2
+    )
     assert "model.dim: 64 -> 32" in capsys.readouterr().err
 
 

@@ -29,12 +29,16 @@ def run(u: UNetPatcher, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return u.predict(tokens, x.shape[2], x.shape[3], skips)
 
 
-@pytest.mark.parametrize("H, W, k", [(16, 16, 2), (32, 32, 4), (64, 64, 8), (32, 16, 8), (16, 32, 4), (8, 8, 1)])
+@pytest.mark.parametrize(
+    "H, W, k", [(16, 16, 2), (32, 32, 4), (64, 64, 8), (32, 16, 8), (16, 32, 4), (8, 8, 1)]
+)
 def test_shapes_and_tokens_per_image(H, W, k):
     u = patcher(k, blocks=2)
     x, t = torch.randn(2, 3, H, W), torch.tensor([10.0, 900.0])
     tokens, skips = u.embed(x, t)
-    assert tokens.shape == (2, u.tokens_per_image(H, W), 16) and u.tokens_per_image(H, W) == (H // k) * (W // k)
+    assert tokens.shape == (2, u.tokens_per_image(H, W), 16) and u.tokens_per_image(H, W) == (H // k) * (
+        W // k
+    )
     assert [f.shape[-2:] for f in skips.features] == [(H >> i, W >> i) for i in range(u.levels)]
     assert u.predict(tokens, H, W, skips).shape == x.shape
 
@@ -76,8 +80,9 @@ def test_pooled_conditioning_is_an_added_path():
         tokens, skips = plain.embed(x, t)
         torch.nn.init.zeros_(pooled.pooled.weight)
         torch.nn.init.zeros_(pooled.pooled.bias)
-        torch.testing.assert_close(pooled.predict(tokens, 32, 32, skips), plain.predict(tokens, 32, 32, skips),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            pooled.predict(tokens, 32, 32, skips), plain.predict(tokens, 32, 32, skips), rtol=0, atol=0
+        )
         torch.nn.init.normal_(pooled.pooled.weight, std=0.1)
         moved = pooled.predict(tokens, 32, 32, skips) - plain.predict(tokens, 32, 32, skips)
         assert (moved.abs().flatten(1).max(dim=1).values > 1e-3).all()
@@ -98,11 +103,15 @@ def test_batched_equals_one_by_one():
     with torch.no_grad():
         batched = run(u, x, t)
         for i in range(3):
-            torch.testing.assert_close(run(u, x[i:i + 1], t[i:i + 1]), batched[i:i + 1], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                run(u, x[i : i + 1], t[i : i + 1]), batched[i : i + 1], atol=1e-5, rtol=1e-5
+            )
 
 
 def test_model_starts_at_zero_and_trains(tok):
-    cfg = get_recipe("debug").override([*UNET, "train.batch_size=2", "train.seq_len=128", "train.weight_decay=0"])
+    cfg = get_recipe("debug").override(
+        [*UNET, "train.batch_size=2", "train.seq_len=128", "train.weight_decay=0"]
+    )
     torch.manual_seed(0)
     model = TransfusionModel(cfg.model, tok.vocab_size)
     assert isinstance(model.image, UNetPatcher)
@@ -111,8 +120,10 @@ def test_model_starts_at_zero_and_trains(tok):
     with torch.no_grad():
         assert model(batch, batch.images, torch.zeros(len(batch.images))).image.abs().max() == 0
     optimizer = build_optimizer(model, cfg.train)
-    history = [train_step(model, objective, optimizer, batch, torch.Generator().manual_seed(0), 3e-3, 1.0)
-               for _ in range(8)]
+    history = [
+        train_step(model, objective, optimizer, batch, torch.Generator().manual_seed(0), 3e-3, 1.0)
+        for _ in range(8)
+    ]
     assert history[-1]["loss/image"] < 0.85 * history[0]["loss/image"]
 
 
@@ -122,17 +133,24 @@ def test_cached_sampling_equals_recompute(tok):
     model = TransfusionModel(cfg.model, tok.vocab_size).eval()
     torch.nn.init.normal_(model.image.proj_out.weight, std=0.05)
     prompts = ["a red circle", "two blue squares on the left"]
-    images = [Generator(model, tok, cfg.objective, 16, SampleConfig(steps=2, guidance=2.0, use_cache=c))
-              .images(prompts, torch.Generator().manual_seed(0)) for c in (True, False)]
+    images = [
+        Generator(model, tok, cfg.objective, 16, SampleConfig(steps=2, guidance=2.0, use_cache=c)).images(
+            prompts, torch.Generator().manual_seed(0)
+        )
+        for c in (True, False)
+    ]
     torch.testing.assert_close(images[0], images[1], atol=1e-4, rtol=1e-4)
     assert images[0].std() > 0.05
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.patcher=conv", "model.patcher"),
-    ("model.patch_size=12", "power of 2"),
-    ("model.unet_blocks=0", "model.unet_blocks"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.patcher=conv", "model.patcher"),
+        ("model.patch_size=12", "power of 2"),
+        ("model.unet_blocks=0", "model.unet_blocks"),
+    ],
+)
 def test_bad_unet_config_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         get_recipe("debug").override(["model.patcher=unet", "data.image_size=48", override])

@@ -19,7 +19,13 @@ from motfusion.sequence import Image, Text
 from motfusion.tokenizer import ByteTokenizer
 from motfusion.training.logging import read_metrics
 
-FAST = ["train.batch_size=2", "train.seq_len=128", "train.log_every=1", "train.device=cpu", "data.val_fraction=0"]
+FAST = [
+    "train.batch_size=2",
+    "train.seq_len=128",
+    "train.log_every=1",
+    "train.device=cpu",
+    "data.val_fraction=0",
+]
 
 
 def write_bytes(path, data):
@@ -66,11 +72,24 @@ def cfg_for(dataset, *overrides):
 
 
 def train_cli(tmp_path, dataset, *overrides, steps=2):
-    return main(["train", "--recipe", "debug", "--out", str(tmp_path / "run"), "--steps", str(steps),
-                 *FAST, f"data.dataset={dataset}", *overrides])
+    return main(
+        [
+            "train",
+            "--recipe",
+            "debug",
+            "--out",
+            str(tmp_path / "run"),
+            "--steps",
+            str(steps),
+            *FAST,
+            f"data.dataset={dataset}",
+            *overrides,
+        ]
+    )
 
 
 # ---- valid data trains ----------------------------------------------------------------------------
+
 
 def test_manifest_trains_end_to_end(tmp_path):
     manifest = write_manifest(tmp_path / "data")
@@ -88,6 +107,7 @@ def test_folder_trains_end_to_end(tmp_path):
 
 # ---- bad data: one clear line naming file and line -------------------------------------------------
 
+
 def _truncated_png(root):
     data = write_png(root / "img" / "cut.png", seed=9).read_bytes()
     (root / "img" / "cut.png").write_bytes(data[: len(data) // 2])
@@ -99,24 +119,55 @@ def _image_doc(name):
 
 # name -> (setup(root) before writing the manifest, the bad 5th line, extra overrides, expected phrases)
 BAD_MANIFEST_LINES = {
-    "corrupt png": (lambda r: write_bytes(r / "img" / "bad.png", b"\x89PNG junk" * 9), _image_doc("img/bad.png"), [],
-                    ["img/bad.png", "not an image"]),
+    "corrupt png": (
+        lambda r: write_bytes(r / "img" / "bad.png", b"\x89PNG junk" * 9),
+        _image_doc("img/bad.png"),
+        [],
+        ["img/bad.png", "not an image"],
+    ),
     "truncated png": (_truncated_png, _image_doc("img/cut.png"), [], ["img/cut.png", "truncated or corrupt"]),
     "missing file": (None, _image_doc("img/nope.png"), [], ["img/nope.png", "does not exist"]),
-    "directory as image": (lambda r: (r / "img" / "dir.png").mkdir(parents=True), _image_doc("img/dir.png"), [],
-                           ["img/dir.png", "is a directory, not a regular file"]),
+    "directory as image": (
+        lambda r: (r / "img" / "dir.png").mkdir(parents=True),
+        _image_doc("img/dir.png"),
+        [],
+        ["img/dir.png", "is a directory, not a regular file"],
+    ),
     "invalid json": (None, '{"segments": [{"text": "x"}', [], ["invalid JSON"]),
     "not a document": (None, "[1, 2]", [], ['{"segments"']),
-    "unknown segment type": (None, json.dumps({"segments": [{"video": "a.mp4"}]}), [], ["unknown segment type 'video'"]),
+    "unknown segment type": (
+        None,
+        json.dumps({"segments": [{"video": "a.mp4"}]}),
+        [],
+        ["unknown segment type 'video'"],
+    ),
     "empty document": (None, '{"segments": []}', [], ["empty document"]),
     "blank text only": (None, '{"segments": [{"text": ""}]}', [], ["empty document"]),
-    "non-utf8 line": (None, b'{"segments": [{"text": "caf\xe9"}]}', [], ["byte 0xe9 at column 28 is not UTF-8"]),
+    "non-utf8 line": (
+        None,
+        b'{"segments": [{"text": "caf\xe9"}]}',
+        [],
+        ["byte 0xe9 at column 28 is not UTF-8"],
+    ),
     "lone surrogate": (None, '{"segments": [{"text": "a\\udc80"}]}', [], ["not valid Unicode"]),
-    "too small image": (lambda r: write_png(r / "img" / "tiny.png", 4, 4), _image_doc("img/tiny.png"), [],
-                        ["img/tiny.png", "4x4", "below 16 pixels (data.min_image_size"]),
-    "too large image": (lambda r: write_png(r / "img" / "big.png", 40, 40), _image_doc("img/big.png"),
-                        ["data.max_image_pixels=1000"], ["img/big.png", "1600 pixels", "data.max_image_pixels=1000"]),
-    "longer than seq_len": (None, json.dumps({"segments": [{"text": "x" * 300}]}), [], ["302 positions", "train.seq_len=128"]),
+    "too small image": (
+        lambda r: write_png(r / "img" / "tiny.png", 4, 4),
+        _image_doc("img/tiny.png"),
+        [],
+        ["img/tiny.png", "4x4", "below 16 pixels (data.min_image_size"],
+    ),
+    "too large image": (
+        lambda r: write_png(r / "img" / "big.png", 40, 40),
+        _image_doc("img/big.png"),
+        ["data.max_image_pixels=1000"],
+        ["img/big.png", "1600 pixels", "data.max_image_pixels=1000"],
+    ),
+    "longer than seq_len": (
+        None,
+        json.dumps({"segments": [{"text": "x" * 300}]}),
+        [],
+        ["302 positions", "train.seq_len=128"],
+    ),
 }
 
 
@@ -135,10 +186,13 @@ def test_bad_manifest_line_is_one_clear_error(case, tmp_path, capsys):
         assert phrase in err
 
 
-@pytest.mark.parametrize("modalities, phrase", [
-    ({"text": 0, "image": 1}, "speech is not available yet (no speech modality is registered)"),
-    ({"text": 0, "image": 1, "speech": 2}, "speech is not available in manifests yet"),
-])
+@pytest.mark.parametrize(
+    "modalities, phrase",
+    [
+        ({"text": 0, "image": 1}, "speech is not available yet (no speech modality is registered)"),
+        ({"text": 0, "image": 1, "speech": 2}, "speech is not available in manifests yet"),
+    ],
+)
 def test_audio_segments_say_why_speech_is_unavailable(tmp_path, monkeypatch, modalities, phrase):
     monkeypatch.setattr(user, "MODALITIES", modalities)
     manifest = write_manifest(tmp_path / "data", [json.dumps({"segments": [{"audio": "a.wav"}]})])
@@ -154,14 +208,21 @@ def test_bad_folder_samples_name_the_file(tmp_path, capsys):
     (folder / "03.png").write_bytes(b"not a png at all")
     assert train_cli(tmp_path, f"folder:{folder}") == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"motfusion: error: {folder / '01.txt'}: byte 0xe9 at line 2, column 4 is not UTF-8")
+    assert err.startswith(
+        f"motfusion: error: {folder / '01.txt'}: byte 0xe9 at line 2, column 4 is not UTF-8"
+    )
     assert "2 more bad sample(s): 1 missing caption, 1 corrupt image" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("dataset, phrase", [("manifest:{root}/none.jsonl", "is not an existing file"),
-                                             ("folder:{root}/none", "is not an existing folder"),
-                                             ("folder:{root}", "no images found"),
-                                             ("manifest", "needs a path")])
+@pytest.mark.parametrize(
+    "dataset, phrase",
+    [
+        ("manifest:{root}/none.jsonl", "is not an existing file"),
+        ("folder:{root}/none", "is not an existing folder"),
+        ("folder:{root}", "no images found"),
+        ("manifest", "needs a path"),
+    ],
+)
 def test_missing_dataset_paths_are_one_clear_error(tmp_path, capsys, dataset, phrase):
     assert train_cli(tmp_path, dataset.format(root=tmp_path)) == 2
     err = capsys.readouterr().err
@@ -170,20 +231,33 @@ def test_missing_dataset_paths_are_one_clear_error(tmp_path, capsys, dataset, ph
 
 # ---- skipping ----------------------------------------------------------------------------------------
 
+
 def test_skip_trains_on_the_rest_and_counts_by_reason(tmp_path, caplog):
     root = tmp_path / "data"
     write_bytes(root / "img" / "bad.png", b"junk")
-    bad = [_image_doc("img/bad.png"), "{oops", _image_doc("img/gone.png"), _image_doc("img/gone2.png"), '{"segments": []}']
+    bad = [
+        _image_doc("img/bad.png"),
+        "{oops",
+        _image_doc("img/gone.png"),
+        _image_doc("img/gone2.png"),
+        '{"segments": []}',
+    ]
     manifest = write_manifest(root, bad)
     with caplog.at_level(logging.WARNING, logger="motfusion.data"):
         assert train_cli(tmp_path, f"manifest:{manifest}", "data.on_bad_sample=skip") == 0
     assert [r.getMessage() for r in caplog.records if r.name == "motfusion.data"] == [
         f"data: manifest {manifest}: skipped 5 of 9 samples (2 missing file, 1 corrupt image, 1 invalid JSON, "
         f"1 empty document); first: {manifest}:5: {root / 'img' / 'bad.png'}: not an image Pillow can read "
-        "(corrupt, or an unsupported format)"]
+        "(corrupt, or an unsupported format)"
+    ]
     dataset = build_dataset(cfg_for(f"manifest:{manifest}", "data.on_bad_sample=skip"), "train")
     assert len(dataset) == 4 and dataset.report.kept == 4
-    assert dataset.report.counts() == {"missing file": 2, "corrupt image": 1, "invalid JSON": 1, "empty document": 1}
+    assert dataset.report.counts() == {
+        "missing file": 2,
+        "corrupt image": 1,
+        "invalid JSON": 1,
+        "empty document": 1,
+    }
 
 
 def test_skip_with_nothing_left_is_an_error(tmp_path, capsys):
@@ -192,7 +266,9 @@ def test_skip_with_nothing_left_is_an_error(tmp_path, capsys):
     (root / "m.jsonl").write_text("{oops\n" + _image_doc("gone.png") + "\n")
     assert train_cli(tmp_path, f"manifest:{root / 'm.jsonl'}", "data.on_bad_sample=skip") == 2
     err = capsys.readouterr().err
-    assert "no usable samples: all 2 are bad (1 invalid JSON, 1 missing file)" in err and "Traceback" not in err
+    assert (
+        "no usable samples: all 2 are bad (1 invalid JSON, 1 missing file)" in err and "Traceback" not in err
+    )
 
 
 def test_image_changed_after_the_scan_is_a_data_error(tmp_path):
@@ -205,6 +281,7 @@ def test_image_changed_after_the_scan_is_a_data_error(tmp_path):
 
 # ---- splits, determinism, pixels ----------------------------------------------------------------------
 
+
 def test_val_split_is_a_stable_hash_of_each_line(tmp_path):
     manifest = write_manifest(tmp_path / "a", n=40)
     lines = manifest.read_text().splitlines()
@@ -215,7 +292,9 @@ def test_val_split_is_a_stable_hash_of_each_line(tmp_path):
         cfg = cfg_for(f"manifest:{path}", "data.val_fraction=0.3")
         splits[path] = train, val = [set(build_dataset(cfg, s).docs) for s in ("train", "val")]
         assert train and val and not train & val
-        assert train | val == set(build_dataset(cfg_for(f"manifest:{path}"), "train").docs)  # val_fraction=0: all
+        assert train | val == set(
+            build_dataset(cfg_for(f"manifest:{path}"), "train").docs
+        )  # val_fraction=0: all
     assert splits[manifest] == splits[shuffled]
 
 
@@ -260,7 +339,7 @@ def test_images_are_center_cropped_then_resized(tmp_path, scale):
     """Three equal stripes, red | blue | green, along the long side: only blue survives the crop."""
     s = 16 * scale
     stripes = np.zeros((s, 3 * s, 3), np.uint8)
-    stripes[:, :s, 0] = stripes[:, s:2 * s, 2] = stripes[:, 2 * s:, 1] = 255
+    stripes[:, :s, 0] = stripes[:, s : 2 * s, 2] = stripes[:, 2 * s :, 1] = 255
     PILImage.fromarray(stripes).save(tmp_path / "wide.png")
     PILImage.fromarray(np.ascontiguousarray(stripes.transpose(1, 0, 2))).save(tmp_path / "tall.png")
     blue = torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1).expand(3, 16, 16)
@@ -268,4 +347,6 @@ def test_images_are_center_cropped_then_resized(tmp_path, scale):
     for name in ("wide.png", "tall.png"):
         x = load_pixels(tmp_path / name, rules)  # (3, 16, 16)
         assert x.shape == (3, 16, 16)
-        assert torch.allclose(x[:, 1:-1, 1:-1], blue[:, 1:-1, 1:-1], atol=0.02)  # a resize may blend the border
+        assert torch.allclose(
+            x[:, 1:-1, 1:-1], blue[:, 1:-1, 1:-1], atol=0.02
+        )  # a resize may blend the border

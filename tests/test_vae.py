@@ -44,6 +44,7 @@ def tiny(**overrides) -> VAEConfig:
 
 # ---- the KL-VAE --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("downsample,latent_channels", [(4, 4), (8, 8)])
 def test_round_trip_shapes(downsample, latent_channels):
     cfg = tiny(downsample=downsample, latent_channels=latent_channels, attention=True, image_size=32)
@@ -57,7 +58,9 @@ def test_round_trip_shapes(downsample, latent_channels):
 
 
 def test_config_overrides_parse_and_name_bad_keys():
-    cfg = VAEConfig().override(["channels=32", "channel_mult=1,2,4", "attention=true", "kl_weight=1e-6", "loss=l1"])
+    cfg = VAEConfig().override(
+        ["channels=32", "channel_mult=1,2,4", "attention=true", "kl_weight=1e-6", "loss=l1"]
+    )
     assert cfg.widths == (32, 64, 128) and cfg.attention and cfg.kl_weight == 1e-6 and cfg.loss == "l1"
     with pytest.raises(ConfigError, match="latent_chanels"):
         VAEConfig().override(["latent_chanels=8"])
@@ -71,7 +74,9 @@ def _fit(cfg: VAEConfig, x: torch.Tensor, steps: int) -> list[dict[str, float]]:
     torch.manual_seed(0)
     model = build_vae(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
-    return [train_step(model, optimizer, x, cfg, torch.Generator().manual_seed(0), cfg.lr) for _ in range(steps)]
+    return [
+        train_step(model, optimizer, x, cfg, torch.Generator().manual_seed(0), cfg.lr) for _ in range(steps)
+    ]
 
 
 def test_training_lowers_reconstruction_and_kl():
@@ -117,7 +122,9 @@ def test_latent_scale_factor_gives_unit_std():
     model = build_vae(cfg).eval()
     dataset = image_dataset(cfg.dataset, cfg.image_size, "train")
     scale = latent_scale(model, dataset, cfg, torch.device("cpu"))
-    latents = LatentCodec(model, scale).encode(image_batch(dataset, list(range(cfg.scale_images)), cfg.image_size))
+    latents = LatentCodec(model, scale).encode(
+        image_batch(dataset, list(range(cfg.scale_images)), cfg.image_size)
+    )
     assert latents.std().item() == pytest.approx(1.0, abs=1e-5)
     assert scale != pytest.approx(1.0, abs=1e-2)  # the raw latents were not already unit-scale
 
@@ -125,10 +132,20 @@ def test_latent_scale_factor_gives_unit_std():
 # ---- the diffusers format ----------------------------------------------------------------------
 
 DIFFUSERS_CONFIG = {  # the layout of Stable Diffusion's vae/config.json, at a tiny size
-    "_class_name": "AutoencoderKL", "_diffusers_version": "0.30.0", "act_fn": "silu",
-    "block_out_channels": [8, 16], "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2, "in_channels": 3, "out_channels": 3, "latent_channels": 4,
-    "layers_per_block": 1, "norm_num_groups": 4, "sample_size": 16, "scaling_factor": 0.5, "force_upcast": True,
+    "_class_name": "AutoencoderKL",
+    "_diffusers_version": "0.30.0",
+    "act_fn": "silu",
+    "block_out_channels": [8, 16],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "sample_size": 16,
+    "scaling_factor": 0.5,
+    "force_upcast": True,
 }
 
 
@@ -191,8 +208,10 @@ def diffusers_dir(tmp_path):
     """A randomly initialised diffusers-format VAE directory: config.json + diffusion_pytorch_model.safetensors."""
     g = torch.Generator().manual_seed(0)
     shapes = diffusers_tensor_shapes(DIFFUSERS_CONFIG["block_out_channels"], 1, 4)
-    tensors = {k: 0.3 * torch.randn(s, generator=g) + (1.0 if k.endswith(("norm1.weight", "norm2.weight")) else 0.0)
-               for k, s in shapes.items()}
+    tensors = {
+        k: 0.3 * torch.randn(s, generator=g) + (1.0 if k.endswith(("norm1.weight", "norm2.weight")) else 0.0)
+        for k, s in shapes.items()
+    }
     (tmp_path / "config.json").write_text(json.dumps(DIFFUSERS_CONFIG))
     safetensors.torch.save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors")
     return tmp_path, tensors
@@ -215,7 +234,9 @@ def test_diffusers_checkpoint_with_a_wrong_key_is_refused(diffusers_dir):
     path, tensors = diffusers_dir
     tensors["encoder.conv_in.extra"] = tensors.pop("encoder.conv_in.bias")
     safetensors.torch.save_file(tensors, path / "diffusion_pytorch_model.safetensors")
-    with pytest.raises(ValueError, match=r"missing \['encoder.conv_in.bias'\].*unexpected \['encoder.conv_in.extra'\]"):
+    with pytest.raises(
+        ValueError, match=r"missing \['encoder.conv_in.bias'\].*unexpected \['encoder.conv_in.extra'\]"
+    ):
         load_diffusers_vae(path)
 
 
@@ -236,7 +257,10 @@ def test_legacy_attention_names_load_to_the_same_model(diffusers_dir):
 def test_encoder_downsampling_pads_right_and_bottom_only(diffusers_dir):
     path, tensors = diffusers_dir
     down = load_diffusers_vae(path).encoder.down_blocks[0].downsamplers[0]
-    w, b = tensors["encoder.down_blocks.0.downsamplers.0.conv.weight"], tensors["encoder.down_blocks.0.downsamplers.0.conv.bias"]
+    w, b = (
+        tensors["encoder.down_blocks.0.downsamplers.0.conv.weight"],
+        tensors["encoder.down_blocks.0.downsamplers.0.conv.bias"],
+    )
     x = torch.randn(2, 8, 8, 8)
     padded = torch.zeros(2, 8, 9, 9)
     padded[:, :, :8, :8] = x  # one zero row at the bottom, one zero column on the right
@@ -245,7 +269,9 @@ def test_encoder_downsampling_pads_right_and_bottom_only(diffusers_dir):
         out = down(x)
     assert out.shape == (2, 8, 4, 4)
     torch.testing.assert_close(out, expected)
-    assert not torch.allclose(out, F.conv2d(x, w, b, stride=2, padding=1), atol=1e-3)  # symmetric padding differs
+    assert not torch.allclose(
+        out, F.conv2d(x, w, b, stride=2, padding=1), atol=1e-3
+    )  # symmetric padding differs
 
 
 def test_mid_block_attention_matches_a_reference_written_out(diffusers_dir):
@@ -257,8 +283,12 @@ def test_mid_block_attention_matches_a_reference_written_out(diffusers_dir):
     expected = torch.empty_like(x)
     for i in range(B):
         groups = x[i].reshape(4, -1)  # 4 groups of C/4 channels x H*W pixels
-        normed = (groups - groups.mean(1, keepdim=True)) / torch.sqrt(groups.var(1, unbiased=False, keepdim=True) + 1e-6)
-        h = (normed.reshape(C, H * W) * t[p + "group_norm.weight"][:, None] + t[p + "group_norm.bias"][:, None]).T  # (HW, C)
+        normed = (groups - groups.mean(1, keepdim=True)) / torch.sqrt(
+            groups.var(1, unbiased=False, keepdim=True) + 1e-6
+        )
+        h = (
+            normed.reshape(C, H * W) * t[p + "group_norm.weight"][:, None] + t[p + "group_norm.bias"][:, None]
+        ).T  # (HW, C)
         q, k, v = (h @ t[p + f"{n}.weight"].T + t[p + f"{n}.bias"] for n in ("to_q", "to_k", "to_v"))
         mixed = torch.softmax(q @ k.T / math.sqrt(C), dim=-1) @ v  # (HW, C)
         out = mixed @ t[p + "to_out.0.weight"].T + t[p + "to_out.0.bias"]
@@ -268,6 +298,7 @@ def test_mid_block_attention_matches_a_reference_written_out(diffusers_dir):
 
 
 # ---- latents as the image representation -------------------------------------------------------
+
 
 @pytest.fixture
 def vae_dir(tmp_path):
@@ -282,15 +313,20 @@ def test_latents_need_a_vae_and_a_divisible_grid(vae_dir):
         get_recipe("debug").override(["data.image_repr=latents"])
     with pytest.raises(ConfigError, match="image_repr='voxels'"):
         get_recipe("debug").override(["data.image_repr=voxels"])
-    cfg = get_recipe("debug").override(["data.image_repr=latents", f"model.vae={vae_dir}"])  # 16px -> 4x4 latents
+    cfg = get_recipe("debug").override(
+        ["data.image_repr=latents", f"model.vae={vae_dir}"]
+    )  # 16px -> 4x4 latents
     with pytest.raises(ConfigError, match="latent grid 4x4.*model.patch_size=8"):
         apply_image_repr(cfg.override(["model.patch_size=8", "data.image_size=16"]))
     assert apply_image_repr(cfg.override(["model.patch_size=2"])).model.image_channels == 4
 
 
 def test_documents_carry_cached_scaled_posterior_means(vae_dir, tok):
-    cfg = apply_image_repr(get_recipe("debug").override(
-        ["data.image_repr=latents", f"model.vae={vae_dir}", "data.image_size=32", "model.patch_size=2"]))
+    cfg = apply_image_repr(
+        get_recipe("debug").override(
+            ["data.image_repr=latents", f"model.vae={vae_dir}", "data.image_size=32", "model.patch_size=2"]
+        )
+    )
     stream = DocumentStream(build_dataset(cfg, "train"), tok, cfg, "train")
     codec = load_vae(vae_dir)
     pixels = [s.pixels for s in stream.document(0) if isinstance(s, Image)][0]
@@ -305,20 +341,73 @@ def test_documents_carry_cached_scaled_posterior_means(vae_dir, tok):
 
 def test_debug_recipe_on_latents_trains_and_generates_pixel_images(tmp_path, capsys):
     vae, run, samples = tmp_path / "vae", tmp_path / "run", tmp_path / "samples"
-    assert main(["train-vae", "--dataset", "shapes", "--out", str(vae), "--steps", "2", "channels=8", "norm_groups=4",
-                 "batch_size=4", "val_images=4", "scale_images=8", "log_every=1"]) == 0
+    assert (
+        main(
+            [
+                "train-vae",
+                "--dataset",
+                "shapes",
+                "--out",
+                str(vae),
+                "--steps",
+                "2",
+                "channels=8",
+                "norm_groups=4",
+                "batch_size=4",
+                "val_images=4",
+                "scale_images=8",
+                "log_every=1",
+            ]
+        )
+        == 0
+    )
     records = [json.loads(line) for line in (vae / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2] and records[-1]["val_images"] == 4
-    assert json.loads((vae / "config.json").read_text())["config"]["scale_factor"] == pytest.approx(records[-1]["scale_factor"])
+    assert json.loads((vae / "config.json").read_text())["config"]["scale_factor"] == pytest.approx(
+        records[-1]["scale_factor"]
+    )
     assert (vae / "weights.safetensors").is_file()
 
-    assert main(["train", "--recipe", "debug", "--out", str(run), "--steps", "3", "data.image_repr=latents",
-                 f"model.vae={vae}", "data.image_size=32", "model.patch_size=2", "train.device=cpu",
-                 "train.tensorboard=false"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "debug",
+                "--out",
+                str(run),
+                "--steps",
+                "3",
+                "data.image_repr=latents",
+                f"model.vae={vae}",
+                "data.image_size=32",
+                "model.patch_size=2",
+                "train.device=cpu",
+                "train.tensorboard=false",
+            ]
+        )
+        == 0
+    )
     assert load_config(run).model.image_channels == 4
     capsys.readouterr()
-    assert main(["generate", "--ckpt", str(run), "--prompt", "a red circle", "--n", "2", "--steps", "2",
-                 "--out", str(samples)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--ckpt",
+                str(run),
+                "--prompt",
+                "a red circle",
+                "--n",
+                "2",
+                "--steps",
+                "2",
+                "--out",
+                str(samples),
+            ]
+        )
+        == 0
+    )
     pngs = sorted(samples.glob("*.png"))
     assert len(pngs) == 2 and PILImage.open(pngs[0]).size == (4 * 32, 4 * 32)  # pixels, shown 4x
     # Captioning takes pixels and encodes them; the latent model would reject 3-channel patches.
@@ -329,12 +418,22 @@ def test_debug_recipe_on_latents_trains_and_generates_pixel_images(tmp_path, cap
 def test_generator_decodes_latents_to_pixels(vae_dir):
     from motfusion.models.transfusion import TransfusionModel
     from motfusion.sampling import Generator, SampleConfig
-    cfg = apply_image_repr(get_recipe("debug").override(
-        ["data.image_repr=latents", f"model.vae={vae_dir}", "data.image_size=32", "model.patch_size=2"]))
+
+    cfg = apply_image_repr(
+        get_recipe("debug").override(
+            ["data.image_repr=latents", f"model.vae={vae_dir}", "data.image_size=32", "model.patch_size=2"]
+        )
+    )
     tok = ByteTokenizer()
     codec = load_vae(vae_dir)
-    gen = Generator(TransfusionModel(cfg.model, tok.vocab_size), tok, cfg.objective, 32,
-                    SampleConfig(steps=2, guidance=1.0), image=Latents(codec))
+    gen = Generator(
+        TransfusionModel(cfg.model, tok.vocab_size),
+        tok,
+        cfg.objective,
+        32,
+        SampleConfig(steps=2, guidance=1.0),
+        image=Latents(codec),
+    )
     latents = gen.images(["a red circle"], torch.Generator().manual_seed(0))
     assert latents.shape == (1, 4, 8, 8) and gen.image_shape == (4, 8, 8)
     assert torch.equal(gen.decode_images(latents), codec.decode(latents))
@@ -348,7 +447,9 @@ def test_vae_loss_weights_kl_per_pixel_value(loss):
     model = build_vae(cfg)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     total, parts = vae_loss(model, x, cfg, torch.Generator().manual_seed(0))
-    assert total.item() == pytest.approx((parts["recon"] + 0.5 * parts["kl"] / (3 * 16 * 16)).item(), rel=1e-6)
+    assert total.item() == pytest.approx(
+        (parts["recon"] + 0.5 * parts["kl"] / (3 * 16 * 16)).item(), rel=1e-6
+    )
     recon, posterior = model(x, torch.Generator().manual_seed(0))
     error = (recon - x).abs() if loss == "l1" else (recon - x).square()
     assert parts["recon"].item() == pytest.approx(error.mean().item(), rel=1e-6)

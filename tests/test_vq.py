@@ -76,14 +76,18 @@ def test_unused_entries_are_restarted_on_encoder_outputs():
     for _ in range(10):
         book.update(z, book.assign(z))
     rows = {tuple(r) for r in z.tolist()}
-    assert all(tuple(e) in rows or e[0] > 90 for e in book.embed.tolist())  # the stale entries moved onto data
+    assert all(
+        tuple(e) in rows or e[0] > 90 for e in book.embed.tolist()
+    )  # the stale entries moved onto data
     assert len(book.assign(z).unique()) > 1
 
 
 def test_metrics():
     x = torch.rand(2, 3, 8, 8) * 2 - 1
     noisy = x + 0.1
-    torch.testing.assert_close(psnr(noisy, x), torch.full((2,), 10 * torch.log10(torch.tensor(4 / 0.01)).item()))
+    torch.testing.assert_close(
+        psnr(noisy, x), torch.full((2,), 10 * torch.log10(torch.tensor(4 / 0.01)).item())
+    )
     assert perplexity(torch.arange(16), 16) == pytest.approx(16.0)
     assert perplexity(torch.zeros(16, dtype=torch.long), 16) == pytest.approx(1.0)
 
@@ -122,15 +126,37 @@ def test_config_checks(tmp_path):
     with pytest.raises(FileNotFoundError, match="train-vq"):
         load_vq(tmp_path / "nothing")
     path = make_vq_dir(tmp_path / "vq")
-    cfg = get_recipe("debug").override(["data.image_repr=tokens", f"model.vq={path}", "model.vocab_sizes=image:64"])
+    cfg = get_recipe("debug").override(
+        ["data.image_repr=tokens", f"model.vq={path}", "model.vocab_sizes=image:64"]
+    )
     with pytest.raises(ConfigError, match="model.vocab_sizes=image:32"):
         load_image_tokenizer(cfg.model, 16)
 
 
 def test_cli_train_vq(tmp_path, capsys):
     out = tmp_path / "vq"
-    assert main(["train-vq", "--dataset", "shapes", "--out", str(out), "--steps", "4", "--image-size", "16",
-                 "--batch-size", "4", "--codebook-size", "16", "--channels", "8"]) == 0
+    assert (
+        main(
+            [
+                "train-vq",
+                "--dataset",
+                "shapes",
+                "--out",
+                str(out),
+                "--steps",
+                "4",
+                "--image-size",
+                "16",
+                "--batch-size",
+                "4",
+                "--codebook-size",
+                "16",
+                "--channels",
+                "8",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["codes_per_image"] == 16 and 1 <= metrics["perplexity"] <= 16 and metrics["psnr"] > 0
     assert load_vq(out).vocab_size == 16 and "val: psnr" in capsys.readouterr().out

@@ -51,8 +51,13 @@ class Artifact:
     info: dict[str, Any]  # the rest of config.json: metrics, provenance
 
 
-def save_artifact(out: Path | str, kind: str, tensors: dict[str, torch.Tensor], config: dict[str, Any],
-                  info: dict[str, Any] | None = None) -> Path:
+def save_artifact(
+    out: Path | str,
+    kind: str,
+    tensors: dict[str, torch.Tensor],
+    config: dict[str, Any],
+    info: dict[str, Any] | None = None,
+) -> Path:
     """Write DIR/weights.safetensors and DIR/config.json; returns DIR."""
     if kind not in KINDS:
         raise ValueError(f"unknown artifact kind {kind!r}; known: {sorted(KINDS)}")
@@ -72,8 +77,10 @@ def load_artifact(path: Path | str, kind: str, hint: str = "") -> Artifact:
     path = Path(path)
     found = kind_of(path)
     if found is None:
-        raise FileNotFoundError(f"{path} does not hold {KINDS[kind]}: expected {WEIGHTS} + {CONFIG}"
-                                + (f"; {hint}" if hint else ""))
+        raise FileNotFoundError(
+            f"{path} does not hold {KINDS[kind]}: expected {WEIGHTS} + {CONFIG}"
+            + (f"; {hint}" if hint else "")
+        )
     if found != kind:
         raise ConfigError(f"{path} holds {KINDS.get(found, found)}, not {KINDS[kind]}")
     if (path / WEIGHTS).is_file():
@@ -81,7 +88,7 @@ def load_artifact(path: Path | str, kind: str, hint: str = "") -> Artifact:
         weights, config = path / WEIGHTS, meta.pop("config", None)
         meta.pop("kind")
         if not isinstance(config, dict):
-            raise ConfigError(f"{path / CONFIG} has no \"config\" object: write it again with save_artifact")
+            raise ConfigError(f'{path / CONFIG} has no "config" object: write it again with save_artifact')
     else:  # the legacy layout
         weights, meta = path / LEGACY[kind][0], _read_json(path / LEGACY[kind][1])
         config, meta = (meta.pop("config"), meta) if isinstance(meta.get("config"), dict) else (meta, {})

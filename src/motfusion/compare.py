@@ -57,8 +57,12 @@ class Match:
 def curve(records: list[dict], key: str) -> Curve:
     """The finite points of `key` (skipped steps log non-finite losses), in step order."""
     rows = sorted((r for r in records if key in r and math.isfinite(r[key])), key=lambda r: r["step"])
-    return Curve(steps=[r["step"] for r in rows], flops=[r.get("cumulative_flops") for r in rows],
-                 seconds=[r.get("elapsed_s") for r in rows], smoothed=smooth([r[key] for r in rows]))
+    return Curve(
+        steps=[r["step"] for r in rows],
+        flops=[r.get("cumulative_flops") for r in rows],
+        seconds=[r.get("elapsed_s") for r in rows],
+        smoothed=smooth([r[key] for r in rows]),
+    )
 
 
 def _fraction(part: float | None, whole: float | None) -> float | None:
@@ -70,16 +74,26 @@ def match(modality: str, dense: Curve, mot: Curve) -> Match:
     target = dense.smoothed[-1]
     i = next((i for i, v in enumerate(mot.smoothed) if v <= target), None)
     step, flops, seconds = (None, None, None) if i is None else (mot.steps[i], mot.flops[i], mot.seconds[i])
-    return Match(modality=modality, dense_final_loss=target, dense_steps=dense.steps[-1],
-                 dense_flops=dense.flops[-1], dense_seconds=dense.seconds[-1],
-                 mot_step=step, mot_flops=flops, mot_seconds=seconds,
-                 step_fraction=_fraction(step, dense.steps[-1]), flops_fraction=_fraction(flops, dense.flops[-1]),
-                 time_fraction=_fraction(seconds, dense.seconds[-1]))
+    return Match(
+        modality=modality,
+        dense_final_loss=target,
+        dense_steps=dense.steps[-1],
+        dense_flops=dense.flops[-1],
+        dense_seconds=dense.seconds[-1],
+        mot_step=step,
+        mot_flops=flops,
+        mot_seconds=seconds,
+        step_fraction=_fraction(step, dense.steps[-1]),
+        flops_fraction=_fraction(flops, dense.flops[-1]),
+        time_fraction=_fraction(seconds, dense.seconds[-1]),
+    )
 
 
 def modalities(dense: list[dict], mot: list[dict]) -> list[str]:
     """The per-modality loss keys logged by both runs, in the dense run's order."""
-    keys = lambda rows: dict.fromkeys(k for r in rows for k in r if k.startswith("loss/") and k not in EXCLUDED)
+    keys = lambda rows: dict.fromkeys(
+        k for r in rows for k in r if k.startswith("loss/") and k not in EXCLUDED
+    )
     theirs = keys(mot)
     return [k for k in keys(dense) if k in theirs]
 
@@ -107,7 +121,9 @@ def compare(dense_run: Path, mot_run: Path, out: Path) -> list[Match]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = {"dense": str(dense_run), "mot": str(mot_run)}
-    (out / "compare.json").write_text(json.dumps({"runs": runs, "matches": [asdict(m) for m in matches]}, indent=2))
+    (out / "compare.json").write_text(
+        json.dumps({"runs": runs, "matches": [asdict(m) for m in matches]}, indent=2)
+    )
     (out / "compare.md").write_text(markdown(matches, runs))
     plot(curves, matches, out / "compare.png")
     return matches
@@ -118,13 +134,18 @@ def _pct(x: float | None) -> str:
 
 
 def markdown(matches: list[Match], runs: dict[str, str]) -> str:
-    lines = [f"Step matching: MoT run `{runs['mot']}` against dense run `{runs['dense']}`.", "",
-             "| modality | dense final loss | dense steps | MoT step to match | steps | FLOPs | wall-clock |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Step matching: MoT run `{runs['mot']}` against dense run `{runs['dense']}`.",
+        "",
+        "| modality | dense final loss | dense steps | MoT step to match | steps | FLOPs | wall-clock |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in matches:
         step = str(m.mot_step) if m.reached else "not reached"
-        lines.append(f"| {m.modality} | {m.dense_final_loss:.4f} | {m.dense_steps} | {step} | "
-                     f"{_pct(m.step_fraction)} | {_pct(m.flops_fraction)} | {_pct(m.time_fraction)} |")
+        lines.append(
+            f"| {m.modality} | {m.dense_final_loss:.4f} | {m.dense_steps} | {step} | "
+            f"{_pct(m.step_fraction)} | {_pct(m.flops_fraction)} | {_pct(m.time_fraction)} |"
+        )
     lines += ["", "Fractions are of the dense run's total; losses are EMA-smoothed (weight 0.9)."]
     return "\n".join(lines) + "\n"
 
@@ -137,7 +158,12 @@ def plot(curves: dict[str, tuple[Curve, Curve]], matches: list[Match], path: Pat
         ax.plot(mot.steps, mot.smoothed, label="MoT")
         ax.axhline(m.dense_final_loss, color="gray", linestyle=":", linewidth=0.8)
         if m.reached:
-            ax.plot([m.mot_step], [m.dense_final_loss], "k*", markersize=10,
-                    label=f"match: step {m.mot_step} ({_pct(m.step_fraction)})")
+            ax.plot(
+                [m.mot_step],
+                [m.dense_final_loss],
+                "k*",
+                markersize=10,
+                label=f"match: step {m.mot_step} ({_pct(m.step_fraction)})",
+            )
         style_axes(ax, key, "step")
     save_figure(fig, path)

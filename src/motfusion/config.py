@@ -7,17 +7,21 @@ A run is fully described by `Config`; `Config.to_dict()` is what gets written to
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 from motfusion.errors import ConfigError
 
 UNTIE_CHOICES = ("ffn", "attn", "norm")
-TRAINED_TOKENIZER = re.compile(r"bpe:(\d+)")  # data.tokenizer=bpe:N: a BPE trained with the run (tokenizer.py)
+TRAINED_TOKENIZER = re.compile(
+    r"bpe:(\d+)"
+)  # data.tokenizer=bpe:N: a BPE trained with the run (tokenizer.py)
 
 
 @dataclass(kw_only=True)
@@ -31,14 +35,16 @@ class ModelConfig:
     # Modality -> tower name. Modalities that share a name share weights (the MoT leave-one-out study).
     towers: dict[str, str] = field(default_factory=lambda: {"text": "text", "image": "image"})
     image_attention: str = "bidirectional"  # or "causal" (Transfusion's ablation)
-    attention_backend: str = "auto"  # auto: flex on CUDA, sdpa elsewhere
+    attention_backend: str = "auto"  # auto: flex on CUDA, documents elsewhere; sdpa: the dense-mask reference
     patch_size: int = 4
     patcher: str = "linear"  # or "unet": Transfusion's U-Net down/up blocks around the backbone
     unet_channels: int = 32  # the U-Net's width at full resolution (doubles per level, up to 4x)
     unet_blocks: int = 1  # residual blocks per resolution, in each of the down and up paths
     unet_pooled: bool = False  # the image's mean hidden state conditions every up block (with the timestep)
     image_channels: int = 3
-    vae: str = ""  # with data.image_repr=latents: a motfusion train-vae directory or a diffusers AutoencoderKL one
+    vae: str = (
+        ""  # with data.image_repr=latents: a motfusion train-vae directory or a diffusers AutoencoderKL one
+    )
     vq: str = ""  # with data.image_repr=tokens: a motfusion train-vq directory (the image tokenizer)
     # Vocabulary size of each discrete modality besides text (text's is the tokenizer's), e.g. image:512
     # (VQ codes: the Chameleon setting) or speech:500. Each gets its own embedding table and head.
@@ -60,30 +66,62 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_types(self, "model")
-        _check(self.ffn_dim >= 0 and self.image_channels > 0 and self.align_dim >= 0,
-               "model.ffn_dim and model.align_dim must be >= 0 and model.image_channels positive")
-        _check(self.rope_theta > 0 and self.norm_eps > 0, "model.rope_theta and model.norm_eps must be positive")
-        _check(self.dim > 0 and self.n_layers > 0 and self.n_heads > 0, "model.dim, model.n_layers and model.n_heads must be positive")
-        _check(self.dim % self.n_heads == 0, f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}")
+        _check(
+            self.ffn_dim >= 0 and self.image_channels > 0 and self.align_dim >= 0,
+            "model.ffn_dim and model.align_dim must be >= 0 and model.image_channels positive",
+        )
+        _check(
+            self.rope_theta > 0 and self.norm_eps > 0, "model.rope_theta and model.norm_eps must be positive"
+        )
+        _check(
+            self.dim > 0 and self.n_layers > 0 and self.n_heads > 0,
+            "model.dim, model.n_layers and model.n_heads must be positive",
+        )
+        _check(
+            self.dim % self.n_heads == 0,
+            f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}",
+        )
         _check(self.head_dim % 2 == 0, f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
         bad = sorted(set(self.untie) - set(UNTIE_CHOICES))
-        _check(not bad, f"model.untie: unknown component(s) {bad}; choose any subset of {list(UNTIE_CHOICES)}")
-        _check(self.image_attention in ("bidirectional", "causal"), f"model.image_attention={self.image_attention!r}: choose 'bidirectional' or 'causal'")
-        _check(self.attention_backend in ("auto", "sdpa", "flex"), f"model.attention_backend={self.attention_backend!r}: choose 'auto', 'sdpa' or 'flex'")
+        _check(
+            not bad, f"model.untie: unknown component(s) {bad}; choose any subset of {list(UNTIE_CHOICES)}"
+        )
+        _check(
+            self.image_attention in ("bidirectional", "causal"),
+            f"model.image_attention={self.image_attention!r}: choose 'bidirectional' or 'causal'",
+        )
+        _check(
+            self.attention_backend in ("auto", "sdpa", "flex", "documents"),
+            f"model.attention_backend={self.attention_backend!r}: choose 'auto', 'sdpa', 'flex' or 'documents'",
+        )
         _check(self.patch_size > 0, "model.patch_size must be positive")
-        _check(self.patcher in ("linear", "unet"), f"model.patcher={self.patcher!r}: choose 'linear' or 'unet'")
+        _check(
+            self.patcher in ("linear", "unet"), f"model.patcher={self.patcher!r}: choose 'linear' or 'unet'"
+        )
         if self.patcher == "unet":
-            _check(self.patch_size & (self.patch_size - 1) == 0,
-                   f"model.patch_size={self.patch_size} must be a power of 2 with model.patcher=unet")
-            _check(self.unet_channels > 0 and self.unet_blocks > 0, "model.unet_channels and model.unet_blocks must be positive")
+            _check(
+                self.patch_size & (self.patch_size - 1) == 0,
+                f"model.patch_size={self.patch_size} must be a power of 2 with model.patcher=unet",
+            )
+            _check(
+                self.unet_channels > 0 and self.unet_blocks > 0,
+                "model.unet_channels and model.unet_blocks must be positive",
+            )
         _check("text" in self.towers, "model.towers must map the 'text' modality to a tower")
-        _check("text" not in self.vocab_sizes and all(n > 0 for n in self.vocab_sizes.values()),
-               "model.vocab_sizes: positive sizes for the discrete modalities other than text (text's is the tokenizer's)")
+        _check(
+            "text" not in self.vocab_sizes and all(n > 0 for n in self.vocab_sizes.values()),
+            "model.vocab_sizes: positive sizes for the discrete modalities other than text (text's is the tokenizer's)",
+        )
         untowered = sorted(set(self.vocab_sizes) - set(self.towers))
-        _check(not untowered, f"model.towers must map {untowered} to a tower, e.g. model.towers=text:text,image:image,speech:speech")
+        _check(
+            not untowered,
+            f"model.towers must map {untowered} to a tower, e.g. model.towers=text:text,image:image,speech:speech",
+        )
         _check(self.text_moe_experts >= 0, "model.text_moe_experts must be >= 0 (0: no mixture of experts)")
-        _check(not self.text_moe_experts or 1 <= self.moe_top_k <= self.text_moe_experts,
-               f"model.moe_top_k={self.moe_top_k} must be between 1 and model.text_moe_experts={self.text_moe_experts}")
+        _check(
+            not self.text_moe_experts or 1 <= self.moe_top_k <= self.text_moe_experts,
+            f"model.moe_top_k={self.moe_top_k} must be between 1 and model.text_moe_experts={self.text_moe_experts}",
+        )
 
 
 @dataclass(kw_only=True)
@@ -101,24 +139,38 @@ class ObjectiveConfig:
     def validate(self) -> None:
         _check_types(self, "objective")
         _check(self.num_timesteps > 0, "objective.num_timesteps must be positive")
-        _check(self.diffusion in ("ddpm", "flow"), f"objective.diffusion={self.diffusion!r}: choose 'ddpm' or 'flow'")
-        _check(self.flow_timesteps in ("uniform", "logit_normal"),
-               f"objective.flow_timesteps={self.flow_timesteps!r}: choose 'uniform' or 'logit_normal'")
+        _check(
+            self.diffusion in ("ddpm", "flow"),
+            f"objective.diffusion={self.diffusion!r}: choose 'ddpm' or 'flow'",
+        )
+        _check(
+            self.flow_timesteps in ("uniform", "logit_normal"),
+            f"objective.flow_timesteps={self.flow_timesteps!r}: choose 'uniform' or 'logit_normal'",
+        )
         _check(0.0 <= self.cfg_dropout < 1.0, "objective.cfg_dropout must be in [0, 1)")
         _check(self.image_loss_weight >= 0, "objective.image_loss_weight must be >= 0")
-        _check(all(w >= 0 for w in self.loss_weights.values()) and self.moe_balance_weight >= 0,
-               "objective.loss_weights and objective.moe_balance_weight must be >= 0")
+        _check(
+            all(w >= 0 for w in self.loss_weights.values()) and self.moe_balance_weight >= 0,
+            "objective.loss_weights and objective.moe_balance_weight must be >= 0",
+        )
         _check(self.contrastive_weight >= 0, "objective.contrastive_weight must be >= 0")
         cap = self.image_first_noise_cap
-        _check(cap is None or 0 < cap <= self.num_timesteps, f"objective.image_first_noise_cap must be in (0, {self.num_timesteps}] or none")
+        _check(
+            cap is None or 0 < cap <= self.num_timesteps,
+            f"objective.image_first_noise_cap must be in (0, {self.num_timesteps}] or none",
+        )
 
 
 @dataclass(kw_only=True)
 class DataConfig:
     dataset: str = "shapes"
     image_size: int = 32
-    image_repr: str = "pixels"  # or "latents": images encoded by the frozen VAE in model.vae; or "tokens": VQ codes
-    tokenizer: str = "bytes"  # bytes; bpe:N (trained with the run on its text, see tokenizer.py); or a BPE json path
+    image_repr: str = (
+        "pixels"  # or "latents": images encoded by the frozen VAE in model.vae; or "tokens": VQ codes
+    )
+    tokenizer: str = (
+        "bytes"  # bytes; bpe:N (trained with the run on its text, see tokenizer.py); or a BPE json path
+    )
     caption_first_prob: float = 0.8  # else the image comes first (captioning)
     max_objects: int = 3
     single_object_prob: float = 0.5
@@ -135,24 +187,56 @@ class DataConfig:
         _check_types(self, "data")
         _check(self.max_objects > 0, "data.max_objects must be positive")
         _check(0.0 <= self.single_object_prob <= 1.0, "data.single_object_prob must be in [0, 1]")
-        _check(bool(self.dataset), "data.dataset must name a dataset, e.g. shapes")  # resolved in data.pipeline
+        _check(
+            bool(self.dataset), "data.dataset must name a dataset, e.g. shapes"
+        )  # resolved in data.pipeline
         bpe = TRAINED_TOKENIZER.fullmatch(self.tokenizer)
-        _check(not self.tokenizer.startswith("bpe:") or (bpe is not None and int(bpe.group(1)) > 272),
-               f"data.tokenizer={self.tokenizer!r}: bpe:N needs N > 272 (256 bytes and 16 specials), e.g. bpe:512")
+        _check(
+            not self.tokenizer.startswith("bpe:") or (bpe is not None and int(bpe.group(1)) > 272),
+            f"data.tokenizer={self.tokenizer!r}: bpe:N needs N > 272 (256 bytes and 16 specials), e.g. bpe:512",
+        )
         _check(self.image_size >= 8, "data.image_size must be >= 8")
-        _check(self.image_repr in ("pixels", "latents", "tokens"),
-               f"data.image_repr={self.image_repr!r}: choose 'pixels', 'latents' or 'tokens'")
+        _check(
+            self.image_repr in ("pixels", "latents", "tokens"),
+            f"data.image_repr={self.image_repr!r}: choose 'pixels', 'latents' or 'tokens'",
+        )
         _check(0.0 <= self.caption_first_prob <= 1.0, "data.caption_first_prob must be in [0, 1]")
-        _check(self.on_bad_sample in ("error", "skip"), f"data.on_bad_sample={self.on_bad_sample!r}: choose 'error' or 'skip'")
+        _check(
+            self.on_bad_sample in ("error", "skip"),
+            f"data.on_bad_sample={self.on_bad_sample!r}: choose 'error' or 'skip'",
+        )
         _check(0.0 <= self.val_fraction < 1.0, "data.val_fraction must be in [0, 1)")
-        _check(self.min_image_size >= 0 and self.max_image_pixels > 0,
-               "data.min_image_size must be >= 0 and data.max_image_pixels positive")
-        _check(0.0 <= self.speech_text_first_prob <= 1.0 and 0.0 <= self.speech_shapes_share < 1.0,
-               "data.speech_text_first_prob must be in [0, 1] and data.speech_shapes_share in [0, 1)")
+        _check(
+            self.min_image_size >= 0 and self.max_image_pixels > 0,
+            "data.min_image_size must be >= 0 and data.max_image_pixels positive",
+        )
+        _check(
+            0.0 <= self.speech_text_first_prob <= 1.0 and 0.0 <= self.speech_shapes_share < 1.0,
+            "data.speech_text_first_prob must be in [0, 1] and data.speech_shapes_share in [0, 1)",
+        )
 
 
 @dataclass(kw_only=True)
-class TrainConfig:
+class TrackingConfig:
+    """Where a training run's numbers go besides RUN/metrics.jsonl: the keys every trainer shares (the
+    main one as train.KEY, each auxiliary model's config as KEY), read by training/logging.py."""
+
+    tensorboard: bool = False  # event files in the run (or artifact) directory
+    wandb: bool = False  # a Weights & Biases run; WANDB_MODE=offline keeps it on disk (`wandb sync` later)
+    wandb_project: str = "motfusion"
+    wandb_run: str = ""  # the run's display name; empty: the name of the run directory
+    key_prefix: ClassVar[str] = ""  # how messages name the keys: "train." for TrainConfig
+
+    def check_tracking(self) -> None:
+        _check(
+            bool(self.wandb_project.strip()) and "/" not in self.wandb_project,
+            f"{self.key_prefix}wandb_project={self.wandb_project!r} must be a project name without '/', e.g. motfusion",
+        )
+
+
+@dataclass(kw_only=True)
+class TrainConfig(TrackingConfig):
+    key_prefix: ClassVar[str] = "train."
     steps: int = 100
     batch_size: int = 4
     seq_len: int = 256
@@ -170,7 +254,7 @@ class TrainConfig:
     log_every: int = 10
     device: str = "auto"  # auto: cuda if available, else cpu
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient
-    tensorboard: bool = True  # event files beside metrics.jsonl
+    tensorboard: bool = True  # event files beside metrics.jsonl (the other tracking keys: TrackingConfig)
     # Several processes (torchrun): batch_size is the GLOBAL batch, split evenly over the ranks.
     parallel: str = "auto"  # auto: ddp with several processes, none with one; or ddp, fsdp (FSDP2)
     precision: str = "fp32"  # or bf16: forward and loss under bfloat16 autocast (CUDA and CPU)
@@ -179,19 +263,36 @@ class TrainConfig:
 
     def validate(self) -> None:
         _check_types(self, "train")
-        _check(self.weight_decay >= 0,
-               f"train.weight_decay={self.weight_decay} must be >= 0 (a negative one grows the weights)")
-        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
-               f"train.beta1={self.beta1} and train.beta2={self.beta2} must be in [0, 1)")
+        _check(
+            self.weight_decay >= 0,
+            f"train.weight_decay={self.weight_decay} must be >= 0 (a negative one grows the weights)",
+        )
+        _check(
+            0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
+            f"train.beta1={self.beta1} and train.beta2={self.beta2} must be in [0, 1)",
+        )
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0: no clipping)")
-        _check(self.keep_checkpoints >= 0 and self.seed >= 0, "train.keep_checkpoints and train.seed must be >= 0")
+        _check(
+            self.keep_checkpoints >= 0 and self.seed >= 0,
+            "train.keep_checkpoints and train.seed must be >= 0",
+        )
         for name in ("steps", "batch_size", "seq_len", "log_every", "max_bad_steps"):
             _check(getattr(self, name) > 0, f"train.{name} must be positive")
         _check(self.lr > 0 and self.min_lr >= 0, "train.lr must be > 0 and train.min_lr >= 0")
-        _check(self.warmup >= 0 and self.checkpoint_every >= 0, "train.warmup and train.checkpoint_every must be >= 0")
-        _check(0.0 <= self.ema < 1.0, f"train.ema={self.ema} must be in [0, 1) (0: no moving average), e.g. 0.999")
-        _check(self.parallel in ("auto", "none", "ddp", "fsdp"), f"train.parallel={self.parallel!r}: choose auto, none, ddp or fsdp")
+        _check(
+            self.warmup >= 0 and self.checkpoint_every >= 0,
+            "train.warmup and train.checkpoint_every must be >= 0",
+        )
+        _check(
+            0.0 <= self.ema < 1.0,
+            f"train.ema={self.ema} must be in [0, 1) (0: no moving average), e.g. 0.999",
+        )
+        _check(
+            self.parallel in ("auto", "none", "ddp", "fsdp"),
+            f"train.parallel={self.parallel!r}: choose auto, none, ddp or fsdp",
+        )
         _check(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r}: choose fp32 or bf16")
+        self.check_tracking()
 
 
 @dataclass(kw_only=True)
@@ -202,41 +303,95 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe: str = "debug"
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         for section in (self.model, self.objective, self.data, self.train):
             section.validate()
-        _check(self.data.image_repr != "latents" or bool(self.model.vae),
-               "data.image_repr=latents needs model.vae=DIR (a VAE from motfusion train-vae, or a diffusers AutoencoderKL)")
+        _check(
+            self.data.image_repr != "latents" or bool(self.model.vae),
+            "data.image_repr=latents needs model.vae=DIR (a VAE from motfusion train-vae, or a diffusers AutoencoderKL)",
+        )
         self._validate_image_tokens()
         if self.objective.contrastive_weight:
-            _check(self.model.align_dim > 0, "objective.contrastive_weight needs model.align_dim > 0 (e.g. 64): "
-                   "the size of the image and text projections the loss compares")
-            _check(self.data.image_repr != "tokens", "objective.contrastive_weight needs continuous images "
-                   "(data.image_repr=pixels or latents), not VQ tokens")
-        _check(self.data.image_size % self.model.patch_size == 0,
-               f"data.image_size={self.data.image_size} must be divisible by model.patch_size={self.model.patch_size}")
+            _check(
+                self.model.align_dim > 0,
+                "objective.contrastive_weight needs model.align_dim > 0 (e.g. 64): "
+                "the size of the image and text projections the loss compares",
+            )
+            _check(
+                self.data.image_repr != "tokens",
+                "objective.contrastive_weight needs continuous images "
+                "(data.image_repr=pixels or latents), not VQ tokens",
+            )
+        _check(
+            self.data.image_size % self.model.patch_size == 0,
+            f"data.image_size={self.data.image_size} must be divisible by model.patch_size={self.model.patch_size}",
+        )
         return self
 
     def _validate_image_tokens(self) -> None:
         """Images are discrete exactly when they have a vocabulary: the VQ codebook."""
         tokens, vocab = self.data.image_repr == "tokens", "image" in self.model.vocab_sizes
-        _check(not tokens or vocab, "data.image_repr=tokens needs model.vocab_sizes=image:N, N the codebook size of model.vq")
-        _check(tokens or not vocab, "model.vocab_sizes has image, which makes images discrete: set data.image_repr=tokens")
-        _check(not tokens or bool(self.model.vq), "data.image_repr=tokens needs model.vq=DIR (a VQ-VAE from motfusion train-vq)")
+        _check(
+            not tokens or vocab,
+            "data.image_repr=tokens needs model.vocab_sizes=image:N, N the codebook size of model.vq",
+        )
+        _check(
+            tokens or not vocab,
+            "model.vocab_sizes has image, which makes images discrete: set data.image_repr=tokens",
+        )
+        _check(
+            not tokens or bool(self.model.vq),
+            "data.image_repr=tokens needs model.vq=DIR (a VQ-VAE from motfusion train-vq)",
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Config":
-        cfg = cls()
-        for key, value in _flatten(d):
-            _set(cfg, key, value)
-        return cfg.validate()
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        return cls().merge(d).validate()
 
-    def override(self, overrides: list[str]) -> "Config":
+    def merge(self, d: dict[str, Any]) -> Config:
+        """Set the values of a nested dict in place ({"train": {"lr": 1e-3}}, as a config.json or a
+        --config file holds them; any subset of keys). No validation."""
+        for key, value in _flatten(d):
+            _set(self, key, value)
+        return self
+
+    def override(self, overrides: list[str]) -> Config:
         """Apply `section.key=value` strings in place; values are parsed by the field's type."""
         return apply_overrides(self, overrides, "section.key=value").validate()
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """A --config file, .json or .yaml/.yml, as a nested dict of config values (any subset of keys)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path}: {e.strerror or e}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml  # only for YAML files
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:  # one line: where, and what the parser expected
+            mark, problem = (
+                getattr(e, "problem_mark", None),
+                getattr(e, "problem", None) or str(e).splitlines()[0],
+            )
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            raise ConfigError(f"{where} is not valid YAML: {problem}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    else:
+        raise ConfigError(f"{path}: a config file is .json, .yaml or .yml")
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, e.g. {{train: {{lr: 0.001}}}}")
+    return values
 
 
 def _check(ok: bool, message: str) -> None:
@@ -272,14 +427,22 @@ def _is_type(value: Any, hint: Any) -> bool:
     if origin is tuple:
         return isinstance(value, tuple) and all(_is_type(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(isinstance(k, str) and _is_type(v, args[1]) for k, v in value.items())
+        return isinstance(value, dict) and all(
+            isinstance(k, str) and _is_type(v, args[1]) for k, v in value.items()
+        )
     return True  # nested dataclasses validate themselves
 
 
 def _type_name(hint: Any) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
-    names = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false", type(None): "none"}
+    names = {
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        bool: "true or false",
+        type(None): "none",
+    }
     if hint in names:
         return names[hint]
     return {tuple: "a list", dict: "an object of key: value"}.get(typing.get_origin(hint), str(hint))
@@ -387,5 +550,7 @@ def _parse(key: str, text: str, hint: Any) -> Any:
         pass
     else:
         raise ConfigError(f"{key}: unsupported type {hint}")
-    raise ConfigError(f"{key}={text!r} is not a valid {getattr(hint, '__name__', hint)}"
-                      + (" (write key:value pairs, e.g. text:text,image:image)" if typing.get_origin(hint) is dict else ""))
+    raise ConfigError(
+        f"{key}={text!r} is not a valid {getattr(hint, '__name__', hint)}"
+        + (" (write key:value pairs, e.g. text:text,image:image)" if typing.get_origin(hint) is dict else "")
+    )

@@ -32,8 +32,16 @@ GRID_PROMPTS = 12
 GRID_SAMPLES = 6
 
 
-def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int = 48, n_prompts: int = 60,
-             n_captions: int = 64, seed: int = 0) -> dict:
+def run_demo(
+    cfg: Config,
+    out: Path,
+    sample_cfg: SampleConfig,
+    *,
+    n_single: int = 48,
+    n_prompts: int = 60,
+    n_captions: int = 64,
+    seed: int = 0,
+) -> dict:
     start = time.perf_counter()
     out = Path(out)
     ckpt = latest_checkpoint(out)
@@ -57,18 +65,27 @@ def run_demo(cfg: Config, out: Path, sample_cfg: SampleConfig, *, n_single: int 
         "train_seconds": train_s,
         "wall_clock_seconds": time.perf_counter() - start,
         "params": gen.model.num_params(),
-        "n_single": n_single, "n_prompts": n_prompts, "n_captions": n_captions,
+        "n_single": n_single,
+        "n_prompts": n_prompts,
+        "n_captions": n_captions,
         "untie": ",".join(cfg.model.untie) or "none",
         "weights": f"moving average (train.ema={cfg.train.ema})" if cfg.train.ema else "raw",
         "sampling": f"{gen.sampler_name} {sample_cfg.steps} steps, guidance {sample_cfg.guidance}",
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    forms = {f"mixed prompts, form {k.split('/', 1)[1]}": v for k, v in ev.metrics.items()
-             if k.startswith("geneval_form/")}
+    forms = {
+        f"mixed prompts, form {k.split('/', 1)[1]}": v
+        for k, v in ev.metrics.items()
+        if k.startswith("geneval_form/")
+    }
     forms = {"single-object prompts (geneval_single)": ev.metrics["geneval_single"], **forms}
-    write_html(report, f"motfusion demo: {out}", metrics, *_html_rows(report, ev, cfg.data.image_size), forms=forms)
-    print(f"geneval (single object) {metrics['geneval_single']:.3f} | geneval (all forms) {metrics['geneval']:.3f} | "
-          f"caption_accuracy {metrics['caption_accuracy']:.3f} | {metrics['wall_clock_seconds']:.0f} s")
+    write_html(
+        report, f"motfusion demo: {out}", metrics, *_html_rows(report, ev, cfg.data.image_size), forms=forms
+    )
+    print(
+        f"geneval (single object) {metrics['geneval_single']:.3f} | geneval (all forms) {metrics['geneval']:.3f} | "
+        f"caption_accuracy {metrics['caption_accuracy']:.3f} | {metrics['wall_clock_seconds']:.0f} s"
+    )
     print(f"report: {report / 'index.html'}")
     return metrics
 
@@ -77,7 +94,9 @@ def write_report(out: Path, cfg: Config, gen: Generator, ev, seed: int) -> Path:
     report = out / "report"
     (report / "images").mkdir(parents=True, exist_ok=True)
     plot_losses({out.name: read_metrics(out / "metrics.jsonl")}, report / "loss.png")
-    prompts = ev.prompts[:GRID_PROMPTS // 2] + ev.prompts[-GRID_PROMPTS // 2:]  # single-object and harder forms
+    prompts = (
+        ev.prompts[: GRID_PROMPTS // 2] + ev.prompts[-GRID_PROMPTS // 2 :]
+    )  # single-object and harder forms
     g = torch.Generator(device=gen.device).manual_seed(seed + 100)
     grid = [list(gen.decode_images(gen.images([p] * GRID_SAMPLES, g)).cpu()) for p in prompts]
     sample_grid(prompts, grid, report / "samples.png", scale=display_scale(cfg.data.image_size))
@@ -92,7 +111,9 @@ def _html_rows(report: Path, ev, image_size: int) -> tuple[list[dict], list[dict
         to_pil(image, scale).save(report / name)
         t2i.append({"prompt": prompt, "files": [name], "ok": ok})
     i2t = []
-    for i, (image, truth, caption, ok) in enumerate(zip(ev.caption_images, ev.truths, ev.captions, ev.caption_ok)):
+    for i, (image, truth, caption, ok) in enumerate(
+        zip(ev.caption_images, ev.truths, ev.captions, ev.caption_ok)
+    ):
         name = f"images/i2t_{i:03d}.png"
         to_pil(image, scale).save(report / name)
         i2t.append({"file": name, "truth": truth, "caption": caption, "ok": ok})

@@ -36,18 +36,24 @@ class GlobalBatch:
     image_offset: int = 0  # global index of this rank's first image
     unit_targets: dict[str, int] = field(default_factory=dict)  # the other discrete heads' LM targets
     ranks: int = 1  # processes that share the global batch
-    image_shape: tuple[int, ...] = ()  # (C, H, W): the largest image of the global batch (noise is drawn at it)
+    image_shape: tuple[
+        int, ...
+    ] = ()  # (C, H, W): the largest image of the global batch (noise is drawn at it)
 
     def lm_targets(self, modality: str) -> int:
         """The denominator of `modality`'s LM loss."""
         return self.text_targets if modality == "text" else self.unit_targets[modality]
 
     @classmethod
-    def of(cls, batch: Batch) -> "GlobalBatch":
+    def of(cls, batch: Batch) -> GlobalBatch:
         """`batch` is the whole batch: one process."""
         counts = {m: idx.numel() for m, idx in batch.loss_index.items()}
-        return cls(text_targets=counts.pop("text"), images=batch.images.shape[0], unit_targets=counts,
-                   image_shape=tuple(batch.images.shape[1:]))
+        return cls(
+            text_targets=counts.pop("text"),
+            images=batch.images.shape[0],
+            unit_targets=counts,
+            image_shape=tuple(batch.images.shape[1:]),
+        )
 
 
 class TransfusionObjective:
@@ -61,8 +67,9 @@ class TransfusionObjective:
         cap = T if self.cfg.image_first_noise_cap is None else float(self.cfg.image_first_noise_cap)
         return torch.where(image_first, cap, T)
 
-    def draw(self, batch: Batch, whole: GlobalBatch,
-             generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def draw(
+        self, batch: Batch, whole: GlobalBatch, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Timesteps (N,) and noise (N, C, H, W) for this rank's images.
 
         They are drawn for every image of the global batch, in document order, and the rank keeps its
@@ -71,14 +78,21 @@ class TransfusionObjective:
         x0 = batch.images  # (N, C, H, W)
         mine = whole.image_offset + batch.image_order
         caps = torch.full((whole.images,), float(self.cfg.num_timesteps), device=x0.device)
-        caps[mine] = self.max_timesteps(batch.image_first)  # other ranks' caps do not change this rank's draws
+        caps[mine] = self.max_timesteps(
+            batch.image_first
+        )  # other ranks' caps do not change this rank's draws
         t = self.process.sample_timesteps(whole.images, generator, x0.device, max_t=caps)  # (N_global,)
         shape = whole.image_shape or x0.shape[1:]
         noise = torch.randn((whole.images, *shape), generator=generator, device=x0.device, dtype=x0.dtype)
-        return t[mine], noise[mine, :, :x0.shape[2], :x0.shape[3]]  # images of other sizes: their top-left
+        return t[mine], noise[mine, :, : x0.shape[2], : x0.shape[3]]  # images of other sizes: their top-left
 
-    def __call__(self, model: TransfusionModel, batch: Batch, generator: torch.Generator | None = None,
-                 whole: GlobalBatch | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self,
+        model: TransfusionModel,
+        batch: Batch,
+        generator: torch.Generator | None = None,
+        whole: GlobalBatch | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns the total loss and a breakdown (detached): "loss/M" for each discrete modality M of
         the model, "loss/image" for diffusion, "loss/moe_balance" with a text mixture of experts.
 
@@ -102,8 +116,12 @@ class TransfusionObjective:
             if N:
                 target = self.process.target(x0, noise, t)
                 error = (out.image.float() - target).pow(2)
-                per_image = torch.cat([error[rows, :, :H, :W].mean(dim=(1, 2, 3))  # (N,) mean over each image
-                                       for rows, H, W, _ in batch.groups()])
+                per_image = torch.cat(
+                    [
+                        error[rows, :, :H, :W].mean(dim=(1, 2, 3))  # (N,) mean over each image
+                        for rows, H, W, _ in batch.groups()
+                    ]
+                )
                 parts["image"] = per_image.sum() / whole.images
             else:
                 parts["image"] = zero
@@ -119,18 +137,22 @@ class TransfusionObjective:
         return loss, {f"loss/{m}": value.detach() for m, value in parts.items()}
 
     @staticmethod
-    def lm_loss(model: TransfusionModel, hidden: torch.Tensor, batch: Batch, modality: str,
-                whole: GlobalBatch) -> torch.Tensor:
+    def lm_loss(
+        model: TransfusionModel, hidden: torch.Tensor, batch: Batch, modality: str, whole: GlobalBatch
+    ) -> torch.Tensor:
         """Next-token cross-entropy of the positions whose target `modality`'s head predicts."""
         idx = batch.loss_index[modality]
         if not idx.numel():
             return hidden.sum() * 0
         logits = model.logits(hidden.flatten(0, 1)[idx], modality).float()  # (n, V_modality)
-        return F.cross_entropy(logits, batch.targets.flatten()[idx], reduction="sum") / whole.lm_targets(modality)
+        return F.cross_entropy(logits, batch.targets.flatten()[idx], reduction="sum") / whole.lm_targets(
+            modality
+        )
 
     @staticmethod
-    def contrastive_loss(model: TransfusionModel, hidden: torch.Tensor, batch: Batch,
-                         whole: GlobalBatch) -> torch.Tensor:
+    def contrastive_loss(
+        model: TransfusionModel, hidden: torch.Tensor, batch: Batch, whole: GlobalBatch
+    ) -> torch.Tensor:
         """InfoNCE between each image and the text of its document, over the pairs of the GLOBAL batch
         (gathered from every rank), images with equal captions counting as matches. Returns this
         rank's share: the global loss divided by the number of ranks."""
@@ -153,7 +175,9 @@ def alignment_pairs(hidden: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, t
     B, T, D = hidden.shape
     flat = hidden.reshape(B * T, D)
     image = torch.cat([flat[idx].mean(dim=1) for _, _, _, idx in batch.groups()])  # (N, D)
-    doc = (torch.arange(B, device=hidden.device)[:, None] * T + batch.doc).flatten()  # a key per (row, document)
+    doc = (
+        torch.arange(B, device=hidden.device)[:, None] * T + batch.doc
+    ).flatten()  # a key per (row, document)
     text_idx = batch.modality_index["text"]
     text_idx = text_idx[batch.doc.flatten()[text_idx] >= 0]  # not padding
     sums = flat.new_zeros(B * T, D).index_add(0, doc[text_idx], flat[text_idx])
@@ -186,7 +210,7 @@ class _GatherRows(torch.autograd.Function):
         grad = grad.contiguous()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.counts[: ctx.rank])
-        return grad[start: start + ctx.counts[ctx.rank]]
+        return grad[start : start + ctx.counts[ctx.rank]]
 
 
 def gather_rows(x: torch.Tensor) -> torch.Tensor:
@@ -199,8 +223,9 @@ def gather_rows(x: torch.Tensor) -> torch.Tensor:
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's cap on the learned temperature
 
 
-def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float,
-             positives: torch.Tensor | None = None) -> torch.Tensor:
+def info_nce(
+    a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float, positives: torch.Tensor | None = None
+) -> torch.Tensor:
     """Symmetric InfoNCE over N pairs (a_i, b_i): a (N, D), b (N, D), normalized here.
 
     logits = exp(logit_scale) * cos(a_i, b_j); the loss is the mean of the a->b and b->a cross
@@ -209,10 +234,15 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor | float
     With uninformative embeddings and logit_scale = 0 the loss is about log(N).
     """
     a, b = F.normalize(a.float(), dim=-1), F.normalize(b.float(), dim=-1)
-    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=a.device).clamp(max=MAX_LOGIT_SCALE).exp()
+    scale = (
+        torch.as_tensor(logit_scale, dtype=torch.float32, device=a.device).clamp(max=MAX_LOGIT_SCALE).exp()
+    )
     logits = scale * a @ b.T  # (N, N)
     if positives is None:
         target = torch.arange(a.shape[0], device=a.device)
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     p = positives.float()
-    return (F.cross_entropy(logits, p / p.sum(1, keepdim=True)) + F.cross_entropy(logits.T, p.T / p.T.sum(1, keepdim=True))) / 2
+    return (
+        F.cross_entropy(logits, p / p.sum(1, keepdim=True))
+        + F.cross_entropy(logits.T, p.T / p.T.sum(1, keepdim=True))
+    ) / 2

@@ -30,6 +30,7 @@ from motfusion.codecs.speech import SpeechTokenizer, resolve_speech_dirs, speech
 from motfusion.config import Config
 from motfusion.data.images import to_pil
 from motfusion.data.scan import ImageRules, read_image, to_pixels
+from motfusion.sampling.batches import captions_in_batches, images_in_batches
 from motfusion.sampling.generate import Generator, SampleConfig
 from motfusion.sampling.load import BUNDLED_SPEECH, BUNDLED_VAE, BUNDLED_VQ, default_device, load_generator
 from motfusion.sampling.speech import speech_to_text, text_to_units
@@ -53,29 +54,58 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
     # ---- loading and saving -----------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None, ema: bool = True,
-             sample: SampleConfig | None = None) -> MotFusion:
+    def load(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        ema: bool = True,
+        sample: SampleConfig | None = None,
+    ) -> MotFusion:
         """A local run directory, checkpoint, exported .safetensors file or save_pretrained directory."""
         gen, cfg = load_generator(Path(path), device or default_device(), sample, ema=ema)
         return cls(gen, cfg)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *, device: str | torch.device | None = None,
-                        ema: bool = True, sample: SampleConfig | None = None, **hub_kwargs: Any) -> MotFusion:
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        ema: bool = True,
+        sample: SampleConfig | None = None,
+        **hub_kwargs: Any,
+    ) -> MotFusion:
         """A local path (see `load`), or a Hugging Face hub id, downloaded first (`hub_kwargs`:
         revision, token, cache_dir, ... as huggingface_hub takes them)."""
         if Path(pretrained_model_name_or_path).exists():
             return cls.load(pretrained_model_name_or_path, device, ema, sample)
-        return super().from_pretrained(pretrained_model_name_or_path, device=device, ema=ema, sample=sample,
-                                       **hub_kwargs)
+        return super().from_pretrained(
+            pretrained_model_name_or_path, device=device, ema=ema, sample=sample, **hub_kwargs
+        )
 
     @classmethod
-    def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir: str | Path | None,
-                         force_download: bool, local_files_only: bool, token: str | bool | None,
-                         device: str | torch.device | None = None, ema: bool = True,
-                         sample: SampleConfig | None = None, **_: Any) -> MotFusion:
-        path = snapshot_download(model_id, revision=revision, cache_dir=cache_dir, token=token,
-                                 force_download=force_download, local_files_only=local_files_only)
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        device: str | torch.device | None = None,
+        ema: bool = True,
+        sample: SampleConfig | None = None,
+        **_: Any,
+    ) -> MotFusion:
+        path = snapshot_download(
+            model_id,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            force_download=force_download,
+            local_files_only=local_files_only,
+        )
         return cls.load(path, device, ema, sample)
 
     def _save_pretrained(self, save_directory: Path) -> None:
@@ -92,7 +122,9 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
         if cfg.data.image_repr == "tokens":
             _copy_dir(cfg.model.vq, save_directory / BUNDLED_VQ)
         if cfg.data.dataset.startswith("speech:"):
-            _copy_dir(resolve_speech_dirs(cfg.data.dataset.partition(":")[2])[1], save_directory / BUNDLED_SPEECH)
+            _copy_dir(
+                resolve_speech_dirs(cfg.data.dataset.partition(":")[2])[1], save_directory / BUNDLED_SPEECH
+            )
 
     # ---- the verbs --------------------------------------------------------------------------
 
@@ -105,29 +137,46 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
         if not changed:
             return self.generator
         gen = self.generator
-        return Generator(gen.model, gen.tok, self.cfg.objective, gen.image_size,
-                         dataclasses.replace(gen.cfg, **changed), image=gen.repr)
+        return Generator(
+            gen.model,
+            gen.tok,
+            self.cfg.objective,
+            gen.image_size,
+            dataclasses.replace(gen.cfg, **changed),
+            image=gen.repr,
+        )
 
     @torch.no_grad()
-    def generate_images(self, prompts: list[str] | str, n: int = 1, seed: int = 0, steps: int | None = None,
-                        guidance: float | None = None) -> list[PILImage.Image]:
-        """Text to image: `n` pictures per prompt, prompt by prompt."""
+    def generate_images(
+        self,
+        prompts: list[str] | str,
+        n: int = 1,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        batch_size: int = 32,
+    ) -> list[PILImage.Image]:
+        """Text to image: `n` pictures per prompt, prompt by prompt, `batch_size` at a time."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if n < 1:
             raise ValueError(f"n={n}: ask for at least one image per prompt")
-        gen = self._sampler(steps=steps, guidance=guidance)
         batch = [p for p in prompts for _ in range(n)]
-        return [to_pil(x, scale=1) for x in gen.decode_images(gen.images(batch, self._rng(seed)))]
+        pixels = images_in_batches(
+            self._sampler(steps=steps, guidance=guidance), batch, self._rng(seed), batch_size
+        )
+        return [to_pil(x, scale=1) for x in pixels]
 
     @torch.no_grad()
-    def caption(self, images: list[ImageInput] | ImageInput, seed: int = 0) -> list[str]:
+    def caption(
+        self, images: list[ImageInput] | ImageInput, seed: int = 0, batch_size: int = 32
+    ) -> list[str]:
         """Image to text: one caption per picture (resized to the model's image size); a tensor is one
         (3, H, W) or a batch (B, 3, H, W) in [-1, 1]."""
         if isinstance(images, torch.Tensor):
             images = list(images) if images.ndim == 4 else [images]
         images = images if isinstance(images, list) else [images]
-        pixels = torch.stack([self._pixels(x) for x in images]).to(self.device)  # (B, 3, S, S)
-        return self.generator.captions(pixels, self._rng(seed))
+        pixels = torch.stack([self._pixels(x) for x in images])  # (B, 3, S, S)
+        return captions_in_batches(self.generator, pixels, self._rng(seed), batch_size)
 
     @torch.no_grad()
     def interleaved(self, prompt: str, seed: int = 0) -> list[str | PILImage.Image | Units]:
@@ -149,8 +198,12 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
         return stok.decode(units), stok.sample_rate
 
     @torch.no_grad()
-    def transcribe(self, audio: list[str | Path | torch.Tensor] | str | Path | torch.Tensor,
-                   seed: int = 0, sample_rate: int | None = None) -> list[str]:
+    def transcribe(
+        self,
+        audio: list[str | Path | torch.Tensor] | str | Path | torch.Tensor,
+        seed: int = 0,
+        sample_rate: int | None = None,
+    ) -> list[str]:
         """Speech to text: WAV files, or waveforms at `sample_rate` (default the codec's)."""
         stok = speech_tokenizer_of(self.cfg)
         audio = audio if isinstance(audio, list) else [audio]

@@ -36,11 +36,17 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def plot_losses(runs: dict[str, list[dict]], path: Path, keys: tuple[str, ...] = ("loss/text", "loss/image"),
-                x_axes: tuple[str, ...] = ("step",)) -> None:
+def plot_losses(
+    runs: dict[str, list[dict]],
+    path: Path,
+    keys: tuple[str, ...] = ("loss/text", "loss/image"),
+    x_axes: tuple[str, ...] = ("step",),
+) -> None:
     """One panel per modality loss (columns) and x axis (rows: "step", "cumulative_flops"); one line
     per run (raw, faint, and smoothed). Skipped steps' non-finite losses are left out."""
-    fig, axes = plt.subplots(len(x_axes), len(keys), figsize=(5 * len(keys), 3.6 * len(x_axes)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(x_axes), len(keys), figsize=(5 * len(keys), 3.6 * len(x_axes)), squeeze=False
+    )
     for row, x in zip(axes, x_axes):
         for ax, key in zip(row, keys):
             for name, rows in runs.items():
@@ -48,7 +54,7 @@ def plot_losses(runs: dict[str, list[dict]], path: Path, keys: tuple[str, ...] =
                 if not pts:
                     continue
                 xs, vals = zip(*pts)
-                line, = ax.plot(xs, smooth(list(vals)), label=name)
+                (line,) = ax.plot(xs, smooth(list(vals)), label=name)
                 ax.plot(xs, vals, color=line.get_color(), alpha=0.25, linewidth=0.8)
             style_axes(ax, key, X_LABELS.get(x, x), "linear" if x == "step" else "log")
     save_figure(fig, path)
@@ -76,7 +82,9 @@ def compare_runs(run_dirs: list[Path], path: Path) -> tuple[str, ...]:
     runs = {str(d): read_metrics(Path(d) / METRICS_FILE) for d in run_dirs}
     keys = tuple(dict.fromkeys(k for rows in runs.values() for r in rows for k in r if k.startswith("loss/")))
     if not keys:
-        raise FileNotFoundError(f"no per-modality losses (loss/...) found in the metrics of {', '.join(runs)}")
+        raise FileNotFoundError(
+            f"no per-modality losses (loss/...) found in the metrics of {', '.join(runs)}"
+        )
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     plot_losses(runs, path, keys, x_axes=("step", "cumulative_flops"))
     return keys
@@ -90,6 +98,7 @@ def display_scale(image_size: int, target: int = 128) -> int:
 def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path, scale: int = 3) -> None:
     """Rows of samples, one row per prompt, the prompt written on the left."""
     from PIL import ImageDraw
+
     tiles = [[to_pil(im, scale) for im in row] for row in images]
     tile = tiles[0][0].size[0]
     measure = ImageDraw.Draw(PILImage.new("RGB", (1, 1)))
@@ -105,21 +114,35 @@ def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path
     sheet.save(path)
 
 
-def write_html(out: Path, title: str, metrics: dict, t2i: list[dict], i2t: list[dict],
-               forms: dict[str, float] | None = None) -> Path:
+def write_html(
+    out: Path,
+    title: str,
+    metrics: dict,
+    t2i: list[dict],
+    i2t: list[dict],
+    forms: dict[str, float] | None = None,
+) -> Path:
     """index.html beside loss.png and samples.png; t2i rows: {prompt, files, ok}; i2t: {file, truth, caption, ok};
     `forms`: geneval per caption form."""
     esc = html.escape
     mark = lambda ok: "&#10003;" if ok else "&#10007;"
-    summary = "".join(f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>" if isinstance(v, float) else
-                      f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>" for k, v in metrics.items())
+    summary = "".join(
+        f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>"
+        if isinstance(v, float)
+        else f"<tr><td>{esc(k)}</td><td>{esc(str(v))}</td></tr>"
+        for k, v in metrics.items()
+    )
     gen = "".join(
         f"<tr><td>{mark(r['ok'])} {esc(r['prompt'])}</td><td>"
-        + "".join(f"<img src='{esc(f)}'>" for f in r["files"]) + "</td></tr>" for r in t2i)
+        + "".join(f"<img src='{esc(f)}'>" for f in r["files"])
+        + "</td></tr>"
+        for r in t2i
+    )
     per_form = "".join(f"<tr><td>{esc(k)}</td><td>{v:.3f}</td></tr>" for k, v in (forms or {}).items())
     cap = "".join(
         f"<tr><td><img src='{esc(r['file'])}'></td><td>{esc(r['truth'])}</td><td>{mark(r['ok'])} {esc(r['caption'])}</td></tr>"
-        for r in i2t)
+        for r in i2t
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 10px;vertical-align:middle}}
 img{{image-rendering:pixelated;margin:2px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style>

@@ -11,8 +11,9 @@ layer syncs with the host.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
-from typing import Callable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 
@@ -56,7 +57,9 @@ SPECS: dict[str, ModalitySpec] = {}
 MODALITIES: dict[str, int] = {}
 
 
-def register_modality(name: str, start: str | None = None, end: str | None = None, model_closes: bool = False) -> int:
+def register_modality(
+    name: str, start: str | None = None, end: str | None = None, model_closes: bool = False
+) -> int:
     """Add a modality (or return the index of one already registered with the same markers)."""
     spec = SPECS.get(name) or ModalitySpec(name, len(SPECS), start, end, model_closes)
     if (spec.start, spec.end, spec.model_closes) != (start, end, model_closes):
@@ -167,14 +170,18 @@ def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int, close:
     b.add([tokenizer.bos], TEXT)
     for seg in doc:
         if type(seg) not in SEGMENT_ENCODERS:
-            raise ValueError(f"unknown segment type {type(seg).__name__}; known: {[t.__name__ for t in SEGMENT_ENCODERS]}")
+            raise ValueError(
+                f"unknown segment type {type(seg).__name__}; known: {[t.__name__ for t in SEGMENT_ENCODERS]}"
+            )
         SEGMENT_ENCODERS[type(seg)](b, seg)
     if close:
         b.add([tokenizer.eos], TEXT)
     # An image gets the noise cap when it comes before any text and text follows it (it conditions a
     # caption). An image alone, e.g. with its caption dropped for classifier-free guidance, does not.
     is_text = [isinstance(seg, Text) for seg in doc]
-    b.doc.image_first = [not any(is_text[:i]) and any(is_text[i + 1:]) for i, seg in enumerate(doc) if isinstance(seg, Image)]
+    b.doc.image_first = [
+        not any(is_text[:i]) and any(is_text[i + 1 :]) for i, seg in enumerate(doc) if isinstance(seg, Image)
+    ]
     b.doc.caption = caption_key(" ".join(seg.text for seg in doc if isinstance(seg, Text)))
     return b.doc
 
@@ -226,13 +233,13 @@ class Batch:
         """Per image size: the rows of `images` it holds, height, width, and its (n, L) image_index."""
         for g in self.image_groups:
             rows = slice(g.start, g.start + g.count)
-            yield rows, g.height, g.width, self.image_index[rows, :g.patches]
+            yield rows, g.height, g.width, self.image_index[rows, : g.patches]
 
     @property
     def text_loss_index(self) -> torch.Tensor:
         return self.loss_index["text"]
 
-    def to(self, device: torch.device | str) -> "Batch":
+    def to(self, device: torch.device | str) -> Batch:
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
@@ -276,7 +283,9 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
             start += n
     # Images of one size become contiguous: the model and the loss run each size as one tensor.
     shapes = [tuple(x.shape) for x in images]
-    order = sorted(range(len(images)), key=lambda i: shapes.index(shapes[i]))  # stable, first-seen sizes first
+    order = sorted(
+        range(len(images)), key=lambda i: shapes.index(shapes[i])
+    )  # stable, first-seen sizes first
     renumber = torch.empty(len(images) + 1, dtype=torch.long)
     renumber[torch.tensor(order, dtype=torch.long)] = torch.arange(len(images))
     renumber[-1] = -1
@@ -285,7 +294,12 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
     image_first, image_caption = [image_first[i] for i in order], [image_caption[i] for i in order]
     flat_modality, flat_target = modality.view(-1), target_modality.view(-1)
     return Batch(
-        tokens=tokens, modality=modality, doc=doc_id, pos=pos, image=image, targets=targets,
+        tokens=tokens,
+        modality=modality,
+        doc=doc_id,
+        pos=pos,
+        image=image,
+        targets=targets,
         images=_stack_padded(images),
         image_index=_stack_padded(image_index) if image_index else torch.zeros(0, 1, dtype=torch.long),
         image_first=torch.tensor(image_first, dtype=torch.bool),
@@ -304,7 +318,9 @@ def _stack_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
     if len({tuple(x.shape) for x in tensors}) == 1:
         return torch.stack(tensors)
     if len({x.shape[0] for x in tensors}) > 1 and tensors[0].dim() == 3:
-        raise ValueError(f"images in one batch must have the same channels, got {sorted({x.shape[0] for x in tensors})}")
+        raise ValueError(
+            f"images in one batch must have the same channels, got {sorted({x.shape[0] for x in tensors})}"
+        )
     shape = [max(x.shape[d] for x in tensors) for d in range(tensors[0].dim())]
     out = tensors[0].new_zeros(len(tensors), *shape)
     for i, x in enumerate(tensors):
@@ -355,8 +371,15 @@ class Packer:
     batch, since greedy packing needs their lengths (collating, the larger part, is per rank).
     """
 
-    def __init__(self, doc_fn: Callable[[int], EncodedDoc], batch_size: int, seq_len: int, pad_id: int,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        doc_fn: Callable[[int], EncodedDoc],
+        batch_size: int,
+        seq_len: int,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if batch_size % world_size:
@@ -373,15 +396,17 @@ class Packer:
         """This rank's (batch_size / world_size, seq_len) rows of the next global batch."""
         rows = [self._next_row() for _ in range(self.batch_size)]
         per_rank = self.batch_size // self.world_size
-        return collate(rows[self.rank * per_rank:(self.rank + 1) * per_rank], self.seq_len, self.pad_id)
+        return collate(rows[self.rank * per_rank : (self.rank + 1) * per_rank], self.seq_len, self.pad_id)
 
     def _next_row(self) -> list[EncodedDoc]:
         row, used = [], 0
         while True:
             enc = self.doc_fn(self.next_doc)
             if len(enc) > self.seq_len:
-                raise ValueError(f"document {self.next_doc} has {len(enc)} positions, more than "
-                                 f"train.seq_len={self.seq_len}; raise train.seq_len")
+                raise ValueError(
+                    f"document {self.next_doc} has {len(enc)} positions, more than "
+                    f"train.seq_len={self.seq_len}; raise train.seq_len"
+                )
             if used + len(enc) > self.seq_len:
                 return row
             row.append(enc)

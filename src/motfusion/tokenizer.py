@@ -15,8 +15,8 @@ of about 35 bytes becomes about 7 tokens.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -25,7 +25,9 @@ from motfusion.config import TRAINED_TOKENIZER
 from motfusion.errors import ConfigError
 
 # Order fixes the ids. Reserved slots keep ids stable when a modality adds markers later.
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<bosp>", "<eosp>") + tuple(f"<reserved{i}>" for i in range(9))
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>", "<bosp>", "<eosp>") + tuple(
+    f"<reserved{i}>" for i in range(9)
+)
 TOKENIZER_FILE = "tokenizer.json"  # a bpe:N tokenizer, in its run directory and in each checkpoint
 
 
@@ -70,16 +72,20 @@ class BPETokenizer(Tokenizer):
     def __init__(self, path: str | Path, vocab_size: int | None = None) -> None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} not found (train one with motfusion.tokenizer.train_bpe)")
+            raise FileNotFoundError(
+                f"tokenizer file {path} not found (train one with motfusion.tokenizer.train_bpe)"
+            )
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the tokenizers library raises a bare Exception on a file it cannot parse
-            raise ConfigError(f"tokenizer {path} is not a tokenizers JSON file ({str(e)[:120]}); "
-                              "train one with motfusion.tokenizer.train_bpe") from None
+            raise ConfigError(
+                f"tokenizer {path} is not a tokenizers JSON file ({str(e)[:120]}); "
+                "train one with motfusion.tokenizer.train_bpe"
+            ) from None
         self._init(tok, str(path), vocab_size)
 
     @classmethod
-    def from_json(cls, text: str, vocab_size: int | None = None) -> "BPETokenizer":
+    def from_json(cls, text: str, vocab_size: int | None = None) -> BPETokenizer:
         """A tokenizer from its JSON text (as an exported model's metadata carries it)."""
         tok = cls.__new__(cls)
         try:
@@ -94,7 +100,9 @@ class BPETokenizer(Tokenizer):
         ids = {name: tok.token_to_id(name) for name in SPECIALS}
         missing = [name for name, i in ids.items() if i is None]
         if missing:
-            raise ConfigError(f"tokenizer {where} lacks the special tokens {missing}; train it with train_bpe")
+            raise ConfigError(
+                f"tokenizer {where} lacks the special tokens {missing}; train it with train_bpe"
+            )
         super().__init__(ids)
         trained = tok.get_vocab_size()
         if vocab_size is not None and trained > vocab_size:
@@ -116,8 +124,11 @@ def train_bpe(texts: Iterable[str], vocab_size: int, path: str | Path) -> BPETok
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIALS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer)
     tok.save(str(path))
     return BPETokenizer(path)
@@ -139,8 +150,10 @@ def build_tokenizer(spec: str, directory: str | Path | None = None) -> Tokenizer
         return BPETokenizer(spec)
     path = Path(directory or ".") / TOKENIZER_FILE
     if directory is None or not path.is_file():
-        raise FileNotFoundError(f"data.tokenizer={spec} is trained with its run, and {path} is not there: "
-                                "pass the run or checkpoint directory that holds it")
+        raise FileNotFoundError(
+            f"data.tokenizer={spec} is trained with its run, and {path} is not there: "
+            "pass the run or checkpoint directory that holds it"
+        )
     return BPETokenizer(path, vocab_size=n)
 
 

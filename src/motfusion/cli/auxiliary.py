@@ -39,8 +39,9 @@ class Flag:
     help: str = ""
 
 
-def artifact_arguments(p: argparse.ArgumentParser, config: type, flags: list[Flag], out_help: str,
-                       out_required: bool = True) -> None:
+def artifact_arguments(
+    p: argparse.ArgumentParser, config: type, flags: list[Flag], out_help: str, out_required: bool = True
+) -> None:
     """--out DIR, the shorthand flags, and trailing key=value overrides of the `config` dataclass."""
     p.add_argument("--out", required=out_required, type=Path, help=out_help)
     for f in flags:
@@ -61,58 +62,95 @@ def config_from(args: argparse.Namespace, cfg: Any, flags: list[Flag]) -> Any:
 
 
 def speech_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", required=True, type=Path, help="dataset directory: wav/, manifest.jsonl, dataset.json")
+    p.add_argument(
+        "--out", required=True, type=Path, help="dataset directory: wav/, manifest.jsonl, dataset.json"
+    )
     p.add_argument("--n", type=int, default=2000, help="number of utterances")
-    p.add_argument("--sources", default=",".join(SOURCES), help=f"comma-separated text sources from {', '.join(SOURCES)}")
-    p.add_argument("--voices", default=",".join(VOICES), help="comma-separated espeak-ng voices (variants: en+f3)")
+    p.add_argument(
+        "--sources", default=",".join(SOURCES), help=f"comma-separated text sources from {', '.join(SOURCES)}"
+    )
+    p.add_argument(
+        "--voices", default=",".join(VOICES), help="comma-separated espeak-ng voices (variants: en+f3)"
+    )
     p.add_argument("--max-chars", type=int, default=48, help="longest sentence, in characters")
-    p.add_argument("--val-percent", type=int, default=5, help="share of sentences held out for val (by a hash of the text)")
+    p.add_argument(
+        "--val-percent",
+        type=int,
+        default=5,
+        help="share of sentences held out for val (by a hash of the text)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
 def run_speech_data(args: argparse.Namespace) -> None:
-    make_speech_data(args.out, n=args.n, sources=tuple(csv(args.sources)), voices=tuple(csv(args.voices)),
-                     max_chars=args.max_chars, val_percent=args.val_percent, seed=args.seed)
+    make_speech_data(
+        args.out,
+        n=args.n,
+        sources=tuple(csv(args.sources)),
+        voices=tuple(csv(args.voices)),
+        max_chars=args.max_chars,
+        val_percent=args.val_percent,
+        seed=args.seed,
+    )
 
 
-SPEECH_FLAGS = [Flag("--k", "k", help="vocabulary size (k-means clusters)"),
-                Flag("--iters", "iters", help="Lloyd iterations (at most)"),
-                Flag("--max-frames", "max_frames", help="frames sampled to fit k-means on"),
-                Flag("--dedup", "dedup", bool, "collapse repeated units (shorter sequences, durations lost)"),
-                Flag("--seed", "seed")]
+SPEECH_FLAGS = [
+    Flag("--k", "k", help="vocabulary size (k-means clusters)"),
+    Flag("--iters", "iters", help="Lloyd iterations (at most)"),
+    Flag("--max-frames", "max_frames", help="frames sampled to fit k-means on"),
+    Flag("--dedup", "dedup", bool, "collapse repeated units (shorter sequences, durations lost)"),
+    Flag("--seed", "seed"),
+]
 
 
 def speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
-    artifact_arguments(p, SpeechTokenizerConfig, SPEECH_FLAGS, "tokenizer directory (default: DATA/tokenizer)",
-                       out_required=False)
+    artifact_arguments(
+        p,
+        SpeechTokenizerConfig,
+        SPEECH_FLAGS,
+        "tokenizer directory (default: DATA/tokenizer)",
+        out_required=False,
+    )
 
 
 def run_speech_tokenizer(args: argparse.Namespace) -> None:
     train_speech_tokenizer(args.data, args.out, config_from(args, SpeechTokenizerConfig(), SPEECH_FLAGS))
 
 
-VAE_FLAGS = [Flag("--dataset", "dataset", str, "a registered image dataset, e.g. shapes or fashion"), Flag("--steps", "steps")]
+VAE_FLAGS = [
+    Flag("--dataset", "dataset", str, "a registered image dataset, e.g. shapes or fashion"),
+    Flag("--steps", "steps"),
+]
 
 
 def vae_arguments(p: argparse.ArgumentParser) -> None:
-    artifact_arguments(p, VAEConfig, VAE_FLAGS, "directory for the VAE (weights.safetensors, config.json) and metrics.jsonl")
+    artifact_arguments(
+        p, VAEConfig, VAE_FLAGS, "directory for the VAE (weights.safetensors, config.json) and metrics.jsonl"
+    )
 
 
 def run_vae(args: argparse.Namespace) -> None:
     train_vae(config_from(args, VAEConfig(), VAE_FLAGS), args.out)
 
 
-VQ_FLAGS = [Flag("--dataset", "dataset", str, "a data.dataset name (NAME or NAME:ARG); its images train the VQ"),
-            Flag("--steps", "steps"), Flag("--batch-size", "batch_size"), Flag("--lr", "lr", float),
-            Flag("--codebook-size", "codebook_size", help="vocabulary of image codes"),
-            Flag("--image-size", "image_size", help="pixels; must equal data.image_size of the runs"),
-            Flag("--downsample", "downsample", help="pixels per code side: 32px / 4 = 8x8 codes"),
-            Flag("--channels", "channels", help="width of the encoder and decoder"), Flag("--seed", "seed")]
+VQ_FLAGS = [
+    Flag("--dataset", "dataset", str, "a data.dataset name (NAME or NAME:ARG); its images train the VQ"),
+    Flag("--steps", "steps"),
+    Flag("--batch-size", "batch_size"),
+    Flag("--lr", "lr", float),
+    Flag("--codebook-size", "codebook_size", help="vocabulary of image codes"),
+    Flag("--image-size", "image_size", help="pixels; must equal data.image_size of the runs"),
+    Flag("--downsample", "downsample", help="pixels per code side: 32px / 4 = 8x8 codes"),
+    Flag("--channels", "channels", help="width of the encoder and decoder"),
+    Flag("--seed", "seed"),
+]
 
 
 def vq_arguments(p: argparse.ArgumentParser) -> None:
-    artifact_arguments(p, VQConfig, VQ_FLAGS, "directory for the VQ-VAE (weights.safetensors, config.json) and metrics.json")
+    artifact_arguments(
+        p, VQConfig, VQ_FLAGS, "directory for the VQ-VAE (weights.safetensors, config.json) and metrics.json"
+    )
 
 
 def run_vq(args: argparse.Namespace) -> None:
@@ -124,20 +162,31 @@ CLASSIFIER_FLAGS = [Flag("--steps", "steps"), Flag("--batch-size", "batch_size")
 
 def classifier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=FASHION_DIR, help="folder with the Fashion-MNIST IDX files")
-    artifact_arguments(p, ClassifierConfig, CLASSIFIER_FLAGS, "directory for the classifier (weights.safetensors, config.json)")
+    artifact_arguments(
+        p,
+        ClassifierConfig,
+        CLASSIFIER_FLAGS,
+        "directory for the classifier (weights.safetensors, config.json)",
+    )
 
 
 def run_classifier(args: argparse.Namespace) -> None:
     fit_fashion_classifier(config_from(args, ClassifierConfig(), CLASSIFIER_FLAGS), args.out, root=args.data)
 
 
-CLIP_FLAGS = [Flag("--dataset", "dataset", str, "as data.dataset: fashion, emoji, fashion:PATH, ..."),
-              Flag("--steps", "steps"), Flag("--batch-size", "batch_size"),
-              Flag("--image-size", "input_size", help="as data.image_size (input_size=N)"), Flag("--seed", "seed")]
+CLIP_FLAGS = [
+    Flag("--dataset", "dataset", str, "as data.dataset: fashion, emoji, fashion:PATH, ..."),
+    Flag("--steps", "steps"),
+    Flag("--batch-size", "batch_size"),
+    Flag("--image-size", "input_size", help="as data.image_size (input_size=N)"),
+    Flag("--seed", "seed"),
+]
 
 
 def clip_arguments(p: argparse.ArgumentParser) -> None:
-    artifact_arguments(p, ClipConfig, CLIP_FLAGS, "directory for the CLIP model (weights.safetensors, config.json)")
+    artifact_arguments(
+        p, ClipConfig, CLIP_FLAGS, "directory for the CLIP model (weights.safetensors, config.json)"
+    )
 
 
 def run_clip(args: argparse.Namespace) -> None:
@@ -147,15 +196,10 @@ def run_clip(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "make-speech-data": Command("write a paired text-speech dataset spoken by espeak-ng", speech_data_arguments,
-                                run_speech_data),
-    "train-speech-tokenizer": Command("fit k-means speech units on a speech dataset and cache its units",
-                                      speech_tokenizer_arguments, run_speech_tokenizer),
-    "train-vae": Command("train the small KL-VAE on an image dataset, for data.image_repr=latents", vae_arguments,
-                         run_vae),
-    "train-vq": Command("train the VQ-VAE image tokenizer on an image dataset, for data.image_repr=tokens",
-                        vq_arguments, run_vq),
-    "train-classifier": Command("train the Fashion-MNIST CNN behind fid_fashion_classifier and class_accuracy",
-                                classifier_arguments, run_classifier),
-    "train-clip": Command("train the small CLIP behind clip_score_motfusion on a dataset", clip_arguments, run_clip),
+    "make-speech-data": Command(speech_data_arguments, run_speech_data),
+    "train-speech-tokenizer": Command(speech_tokenizer_arguments, run_speech_tokenizer),
+    "train-vae": Command(vae_arguments, run_vae),
+    "train-vq": Command(vq_arguments, run_vq),
+    "train-classifier": Command(classifier_arguments, run_classifier),
+    "train-clip": Command(clip_arguments, run_clip),
 }

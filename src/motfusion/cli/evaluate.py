@@ -10,9 +10,10 @@ from motfusion.cli.common import (
     Command,
     add_ckpt_argument,
     add_config_arguments,
+    add_device_argument,
     add_sample_arguments,
     config_from_args,
-    default_device,
+    device_of,
     sample_config,
 )
 from motfusion.compare import compare
@@ -23,18 +24,29 @@ from motfusion.evaluation.suites import SUITES, SuiteOptions, evaluate
 from motfusion.report import compare_runs
 from motfusion.sampling import SampleConfig
 from motfusion.sampling.load import load_generator
-from motfusion.training.checkpoint import check_writable_file, write_json
+from motfusion.training.files import check_writable_file, write_json
 
 
 def eval_arguments(p: argparse.ArgumentParser) -> None:
     add_ckpt_argument(p)
     p.add_argument("--suite", default="shapes", choices=sorted(SUITES), help="which evaluation")
     p.add_argument("--n", type=int, default=64, help="prompts and images per metric")
-    p.add_argument("--classifier", type=Path, default=SuiteOptions().classifier,
-                   help="fashion: a `motfusion train-classifier` directory (FID features, class accuracy)")
-    p.add_argument("--clip", type=Path, help="fashion, emoji: a `motfusion train-clip` directory (default runs/clip-SUITE)")
-    p.add_argument("--val-batches", type=int, default=8, help="val batches for the per-modality validation loss")
+    p.add_argument(
+        "--classifier",
+        type=Path,
+        default=SuiteOptions().classifier,
+        help="fashion: a `motfusion train-classifier` directory (FID features, class accuracy)",
+    )
+    p.add_argument(
+        "--clip",
+        type=Path,
+        help="fashion, emoji: a `motfusion train-clip` directory (default runs/clip-SUITE)",
+    )
+    p.add_argument(
+        "--val-batches", type=int, default=8, help="val batches for the per-modality validation loss"
+    )
     p.add_argument("--out", type=Path, help="JSON file for the metrics (default: CKPT/eval_SUITE.json)")
+    add_device_argument(p)
     add_sample_arguments(p)
 
 
@@ -46,7 +58,7 @@ def run_eval(args: argparse.Namespace) -> None:
         raise CheckpointError(f"--ckpt {args.ckpt} does not exist")
     out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / f"eval_{args.suite}.json"
     check_writable_file(out, "--out")  # before the minutes of evaluation, not after
-    gen, cfg = load_generator(args.ckpt, default_device(), samples, ema=not args.raw_weights)
+    gen, cfg = load_generator(args.ckpt, device_of(args), samples, ema=not args.raw_weights)
     options = SuiteOptions(n=args.n, seed=args.seed, classifier=args.classifier, clip=args.clip)
     metrics = evaluate(args.suite, gen, cfg, options)
     metrics.update(validation_losses(gen.model, cfg, gen.tok, n_batches=args.val_batches, seed=args.seed))
@@ -58,7 +70,9 @@ def run_eval(args: argparse.Namespace) -> None:
 def demo_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, recipe_required=False)
     p.set_defaults(recipe="demo")
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="run directory; the report goes to OUT/report/")
+    p.add_argument(
+        "--out", type=Path, default=Path("runs/demo"), help="run directory; the report goes to OUT/report/"
+    )
     p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
     p.add_argument("--sample-steps", type=int, default=50, help="denoising steps for the evaluation samples")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
@@ -67,12 +81,20 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_demo_command(args: argparse.Namespace) -> None:
     n = args.n_eval
-    run_demo(config_from_args(args), args.out, SampleConfig(steps=args.sample_steps, guidance=args.guidance),
-             n_single=n, n_prompts=n, n_captions=n)
+    run_demo(
+        config_from_args(args),
+        args.out,
+        SampleConfig(steps=args.sample_steps, guidance=args.guidance),
+        n_single=n,
+        n_prompts=n,
+        n_captions=n,
+    )
 
 
 def plot_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run directories, each with a metrics.jsonl")
+    p.add_argument(
+        "runs", nargs="+", type=Path, metavar="RUN", help="run directories, each with a metrics.jsonl"
+    )
     p.add_argument("--out", required=True, type=Path, help="the PNG to write")
 
 
@@ -93,11 +115,8 @@ def run_compare(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "demo": Command("train the default model on shapes, evaluate it and write an HTML report", demo_arguments,
-                    run_demo_command),
-    "eval": Command(f"evaluate a checkpoint on a suite ({', '.join(SUITES)}) and its per-modality val loss",
-                    eval_arguments, run_eval),
-    "plot": Command("plot per-modality loss curves of runs against steps and FLOPs", plot_arguments, run_plot),
-    "compare": Command("step matching: when a MoT run reaches a dense run's final loss, in steps, FLOPs and time",
-                       compare_arguments, run_compare),
+    "demo": Command(demo_arguments, run_demo_command),
+    "eval": Command(eval_arguments, run_eval),
+    "plot": Command(plot_arguments, run_plot),
+    "compare": Command(compare_arguments, run_compare),
 }

@@ -25,17 +25,24 @@ from motfusion.training.trainer import train
 
 def train_arguments(p: argparse.ArgumentParser) -> None:
     add_config_arguments(p, recipe_required=False)
-    p.add_argument("--out", required=True, type=Path, help="run directory: config.json, metrics.jsonl, checkpoints/")
+    p.add_argument(
+        "--out", required=True, type=Path, help="run directory: config.json, metrics.jsonl, checkpoints/"
+    )
     p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its latest checkpoint (without --recipe: with its saved config)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint (without --recipe: with its saved config)",
+    )
 
 
 def train_config(args: argparse.Namespace) -> Config:
     if args.recipe is not None:
         return config_from_args(args)
     if not args.resume:
-        raise ConfigError(f"train needs --recipe NAME (one of {sorted(RECIPES)}), or --resume to continue --out")
+        raise ConfigError(
+            f"train needs --recipe NAME (one of {sorted(RECIPES)}), or --resume to continue --out"
+        )
     if not (args.out / "config.json").is_file():
         raise CheckpointError(f"nothing to resume: {args.out / 'config.json'} not found")
     return config_from_args(args, base=load_config(args.out))
@@ -48,8 +55,12 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, type=Path, help="a run directory (its latest checkpoint) or a checkpoint")
-    p.add_argument("--out", required=True, type=Path, help="the .safetensors file to write; a config.json goes beside it")
+    p.add_argument(
+        "--ckpt", required=True, type=Path, help="a run directory (its latest checkpoint) or a checkpoint"
+    )
+    p.add_argument(
+        "--out", required=True, type=Path, help="the .safetensors file to write; a config.json goes beside it"
+    )
     add_weights_argument(p)
 
 
@@ -60,15 +71,19 @@ def run_export(args: argparse.Namespace) -> None:
 
 def run_recipes(args: argparse.Namespace) -> None:
     w = max(len(name) for name in RECIPES)
-    print(f"{'recipe':<{w}} {'layers':>6} {'dim':>5} {'heads':>5} {'params':>9} {'non-emb':>9} "
-          f"{'batch x seq':>12} {'steps':>8}")
+    print(
+        f"{'recipe':<{w}} {'layers':>6} {'dim':>5} {'heads':>5} {'params':>9} {'non-emb':>9} "
+        f"{'batch x seq':>12} {'steps':>8}"
+    )
     for name in RECIPES:
         cfg = get_recipe(name)
         with torch.device("meta"):  # counts parameters without allocating a 7B model
             model = TransfusionModel(cfg.model, vocab_size(cfg.data.tokenizer))
         m, t = cfg.model, cfg.train
-        print(f"{name:<{w}} {m.n_layers:>6} {m.dim:>5} {m.n_heads:>5} {_count(model.num_params()):>9} "
-              f"{_count(model.num_params(non_embedding=True)):>9} {f'{t.batch_size}x{t.seq_len}':>12} {t.steps:>8}")
+        print(
+            f"{name:<{w}} {m.n_layers:>6} {m.dim:>5} {m.n_heads:>5} {_count(model.num_params()):>9} "
+            f"{_count(model.num_params(non_embedding=True)):>9} {f'{t.batch_size}x{t.seq_len}':>12} {t.steps:>8}"
+        )
 
 
 def _count(n: int) -> str:
@@ -80,9 +95,8 @@ def run_config(args: argparse.Namespace) -> None:
 
 
 COMMANDS = {
-    "train": Command("train a model (or --resume one)", train_arguments, run_train),
-    "export": Command("write a checkpoint's weights and config as one .safetensors file to share", export_arguments,
-                      run_export),
-    "recipes": Command("list the named recipes and their sizes", lambda p: None, run_recipes),
-    "config": Command("print the resolved config of a recipe with overrides, as JSON", add_config_arguments, run_config),
+    "train": Command(train_arguments, run_train),
+    "export": Command(export_arguments, run_export),
+    "recipes": Command(lambda p: None, run_recipes),
+    "config": Command(add_config_arguments, run_config),
 }

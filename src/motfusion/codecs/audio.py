@@ -37,10 +37,13 @@ class MelConfig:
 
     def validate(self) -> None:
         if not (0 < self.hop and 0 < self.n_mels and 0 <= self.f_min < self.f_max <= self.sample_rate / 2):
-            raise ConfigError(f"bad mel config {self}: need hop, n_mels > 0 and 0 <= f_min < f_max <= sample_rate / 2")
+            raise ConfigError(
+                f"bad mel config {self}: need hop, n_mels > 0 and 0 <= f_min < f_max <= sample_rate / 2"
+            )
 
 
 # ---- audio files -----------------------------------------------------------------------------
+
 
 def read_wav(path: str | Path, sample_rate: int) -> torch.Tensor:
     """Any file libsndfile reads (WAV, FLAC, ...) -> (S,) float32 mono in [-1, 1] at `sample_rate`."""
@@ -69,6 +72,7 @@ def write_wav(path: str | Path, wave: torch.Tensor | np.ndarray, sample_rate: in
 
 # ---- resampling ------------------------------------------------------------------------------
 
+
 def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
     """(S,) -> (floor(S * new_rate / orig_rate + 1/2),) float32, band-limited by soxr.
 
@@ -88,6 +92,7 @@ def resample(wave: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
 
 # ---- mel spectrogram -------------------------------------------------------------------------
 
+
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
     return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
 
@@ -103,8 +108,11 @@ def mel_filterbank(cfg: MelConfig) -> torch.Tensor:
     the first and the last center the filters sum to exactly 1 (a partition of unity).
     """
     cfg.validate()
-    edges = mel_to_hz(torch.linspace(float(hz_to_mel(cfg.f_min)), float(hz_to_mel(cfg.f_max)), cfg.n_mels + 2,
-                                     dtype=torch.float64))  # (n_mels + 2,)
+    edges = mel_to_hz(
+        torch.linspace(
+            float(hz_to_mel(cfg.f_min)), float(hz_to_mel(cfg.f_max)), cfg.n_mels + 2, dtype=torch.float64
+        )
+    )  # (n_mels + 2,)
     freqs = torch.linspace(0, cfg.sample_rate / 2, cfg.n_freqs, dtype=torch.float64)  # (F,)
     lo, mid, hi = edges[:-2, None], edges[1:-1, None], edges[2:, None]  # (n_mels, 1) each
     rising = (freqs - lo) / (mid - lo)

@@ -37,7 +37,14 @@ DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS = "config.json", "diffusion_pytorch_model.sa
 DOWN_BLOCK, UP_BLOCK = "DownEncoderBlock2D", "UpDecoderBlock2D"
 NORM_EPS = 1e-6
 # config.json keys that do not change the computation here (bookkeeping, dtype hints, SDXL statistics).
-IGNORED_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "force_upcast", "latents_mean", "latents_std"}
+IGNORED_KEYS = {
+    "_class_name",
+    "_diffusers_version",
+    "_name_or_path",
+    "force_upcast",
+    "latents_mean",
+    "latents_std",
+}
 # Names older diffusers releases wrote for the mid-block attention, and the current ones.
 LEGACY_ATTENTION_NAMES = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -67,24 +74,28 @@ class AutoencoderKLConfig:
         """Pixels per latent along a side: every block but the last halves the resolution."""
         return 2 ** (len(self.block_out_channels) - 1)
 
-    def validate(self) -> "AutoencoderKLConfig":
+    def validate(self) -> AutoencoderKLConfig:
         n = len(self.block_out_channels)
         if n == 0 or any(c <= 0 for c in self.block_out_channels):
             raise ValueError(f"block_out_channels={list(self.block_out_channels)} must be positive widths")
         if list(self.down_block_types) != [DOWN_BLOCK] * n or list(self.up_block_types) != [UP_BLOCK] * n:
-            raise ValueError(f"only {n} x {DOWN_BLOCK} / {UP_BLOCK} blocks are supported, got "
-                             f"{list(self.down_block_types)} / {list(self.up_block_types)}")
+            raise ValueError(
+                f"only {n} x {DOWN_BLOCK} / {UP_BLOCK} blocks are supported, got "
+                f"{list(self.down_block_types)} / {list(self.up_block_types)}"
+            )
         if self.act_fn != "silu":
             raise ValueError(f"act_fn={self.act_fn!r}: only 'silu' is supported")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every block width, not {bad}")
+            raise ValueError(
+                f"norm_num_groups={self.norm_num_groups} must divide every block width, not {bad}"
+            )
         if self.layers_per_block < 1 or self.latent_channels < 1:
             raise ValueError("layers_per_block and latent_channels must be >= 1")
         return self
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "AutoencoderKLConfig":
+    def from_json(cls, d: dict[str, Any]) -> AutoencoderKLConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names - IGNORED_KEYS)
         if unknown:
@@ -97,6 +108,7 @@ class AutoencoderKLConfig:
 
 
 # ---- building blocks --------------------------------------------------------------------------
+
 
 class ResnetBlock2D(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int):
@@ -205,8 +217,11 @@ class Encoder(nn.Module):
         widths, g = cfg.block_out_channels, cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.in_channels, widths[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
-            DownEncoderBlock2D(widths[max(i - 1, 0)], w, cfg.layers_per_block, g, downsample=i < len(widths) - 1)
-            for i, w in enumerate(widths))
+            DownEncoderBlock2D(
+                widths[max(i - 1, 0)], w, cfg.layers_per_block, g, downsample=i < len(widths) - 1
+            )
+            for i, w in enumerate(widths)
+        )
         self.mid_block = UNetMidBlock2D(widths[-1], g, cfg.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, widths[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
@@ -228,8 +243,11 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
         self.mid_block = UNetMidBlock2D(widths[0], g, cfg.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
-            UpDecoderBlock2D(widths[max(i - 1, 0)], w, cfg.layers_per_block + 1, g, upsample=i < len(widths) - 1)
-            for i, w in enumerate(widths))
+            UpDecoderBlock2D(
+                widths[max(i - 1, 0)], w, cfg.layers_per_block + 1, g, upsample=i < len(widths) - 1
+            )
+            for i, w in enumerate(widths)
+        )
         self.conv_norm_out = nn.GroupNorm(g, widths[-1], eps=NORM_EPS)
         self.conv_out = nn.Conv2d(widths[-1], cfg.out_channels, 3, padding=1)
 
@@ -242,6 +260,7 @@ class Decoder(nn.Module):
 
 # ---- the autoencoder --------------------------------------------------------------------------
 
+
 @dataclass
 class DiagonalGaussian:
     """The encoder's posterior q(z | x) = N(mean, exp(logvar)), per latent element."""
@@ -250,7 +269,9 @@ class DiagonalGaussian:
     logvar: torch.Tensor  # (B, C, h, w), clamped to [-30, 20]
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        noise = torch.randn(
+            self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype
+        )
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
     def kl(self) -> torch.Tensor:
@@ -283,7 +304,9 @@ class AutoencoderKL(nn.Module):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, DiagonalGaussian]:
+    def forward(
+        self, x: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, DiagonalGaussian]:
         """Reconstruct x through a posterior sample (training); returns (reconstruction, posterior)."""
         posterior = self.encode(x)
         return self.decode(posterior.sample(generator)), posterior
@@ -293,6 +316,7 @@ class AutoencoderKL(nn.Module):
 
 
 # ---- the diffusers directory format -----------------------------------------------------------
+
 
 def is_diffusers_dir(path: Path) -> bool:
     return (Path(path) / DIFFUSERS_WEIGHTS).is_file()
@@ -314,11 +338,15 @@ def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: 
     expected, found = set(model.state_dict()), set(state)
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
-        raise ValueError(f"{source} does not match the VAE its config describes: "
-                         f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
-                         f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise ValueError(
+            f"{source} does not match the VAE its config describes: "
+            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )
     own = model.state_dict()
-    wrong = [f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    wrong = [
+        f"{k} {tuple(v.shape)} != {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
+    ]
     if wrong:
         raise ValueError(f"{source}: tensor shapes differ from the config's: {wrong[:3]}")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -329,14 +357,20 @@ def load_diffusers_vae(path: Path) -> AutoencoderKL:
     path = Path(path)
     for name in (DIFFUSERS_CONFIG, DIFFUSERS_WEIGHTS):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found: a diffusers VAE directory holds "
-                                    f"{DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}")
+            raise FileNotFoundError(
+                f"{path / name} not found: a diffusers VAE directory holds "
+                f"{DIFFUSERS_CONFIG} and {DIFFUSERS_WEIGHTS}"
+            )
     try:
         cfg = AutoencoderKLConfig.from_json(json.loads((path / DIFFUSERS_CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as e:
         raise ValueError(f"{path / DIFFUSERS_CONFIG}: {e}") from None
     model = AutoencoderKL(cfg)
-    load_state_strict(model, rename_legacy_keys(safetensors.torch.load_file(path / DIFFUSERS_WEIGHTS)), path / DIFFUSERS_WEIGHTS)
+    load_state_strict(
+        model,
+        rename_legacy_keys(safetensors.torch.load_file(path / DIFFUSERS_WEIGHTS)),
+        path / DIFFUSERS_WEIGHTS,
+    )
     return model.eval()
 
 
@@ -347,4 +381,3 @@ def save_diffusers_vae(model: AutoencoderKL, path: Path) -> None:
     (path / DIFFUSERS_CONFIG).write_text(json.dumps(model.cfg.to_json(), indent=2) + "\n")
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     safetensors.torch.save_file(weights, path / DIFFUSERS_WEIGHTS)
-

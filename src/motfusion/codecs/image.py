@@ -51,7 +51,7 @@ class ImageRepr:
         """A document with each of its images in the model's space."""
         return [self.segment(seg.pixels) if isinstance(seg, Image) else seg for seg in doc]
 
-    def to(self, device: torch.device | str) -> "ImageRepr":
+    def to(self, device: torch.device | str) -> ImageRepr:
         return self
 
 
@@ -88,7 +88,7 @@ class Latents(ImageRepr):
             self.cache[key] = self.encode(pixels[None])[0].cpu()
         return Image(self.cache[key])
 
-    def to(self, device: torch.device | str) -> "Latents":
+    def to(self, device: torch.device | str) -> Latents:
         self.codec.to(device)
         return self
 
@@ -118,7 +118,7 @@ class Tokens(ImageRepr):
     def segment(self, pixels: torch.Tensor) -> Segment:
         return Units("image", self.encode(pixels[None])[0].cpu())
 
-    def to(self, device: torch.device | str) -> "Tokens":
+    def to(self, device: torch.device | str) -> Tokens:
         self.vq.to(device)
         return self
 
@@ -140,10 +140,13 @@ def apply_image_repr(cfg: Config) -> Config:
     rep, side, k = image_repr(cfg), cfg.data.image_size, cfg.model.patch_size
     d = rep.downsample
     if side % d:
-        raise ConfigError(f"data.image_size={side} must be divisible by the VAE's downsampling factor {d} "
-                          f"({cfg.model.vae})")
+        raise ConfigError(
+            f"data.image_size={side} must be divisible by the VAE's downsampling factor {d} ({cfg.model.vae})"
+        )
     if (side // d) % k:
-        raise ConfigError(f"the latent grid {side // d}x{side // d} (data.image_size={side} / {d}) "
-                          f"must be divisible by model.patch_size={k}")
+        raise ConfigError(
+            f"the latent grid {side // d}x{side // d} (data.image_size={side} / {d}) "
+            f"must be divisible by model.patch_size={k}"
+        )
     cfg.model.image_channels = rep.channels
     return cfg

@@ -37,7 +37,10 @@ KIND, UNITS_FILE = "speech-units", "units.safetensors"
 
 # ---- k-means ---------------------------------------------------------------------------------
 
-def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> tuple[torch.Tensor, torch.Tensor]:
+
+def nearest(
+    x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, D), (K, D) -> index (N,) of each row's nearest centroid and its squared distance (N,)."""
     c_sq = centroids.pow(2).sum(1)  # (K,)
     idx, dist = [], []
@@ -50,6 +53,7 @@ def nearest(x: torch.Tensor, centroids: torch.Tensor, chunk: int = 16384) -> tup
 
 
 # ---- the tokenizer ---------------------------------------------------------------------------
+
 
 @dataclass(kw_only=True)
 class SpeechTokenizerConfig:
@@ -64,12 +68,14 @@ class SpeechTokenizerConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "SpeechTokenizerConfig":
+    def from_dict(cls, d: dict) -> SpeechTokenizerConfig:
         return dataclass_from_dict(cls, d).validate()
 
-    def validate(self) -> "SpeechTokenizerConfig":
+    def validate(self) -> SpeechTokenizerConfig:
         if self.k < 2 or self.iters < 0 or self.max_frames < self.k:
-            raise ConfigError(f"k={self.k} must be >= 2, iters={self.iters} >= 0 and max_frames={self.max_frames} >= k")
+            raise ConfigError(
+                f"k={self.k} must be >= 2, iters={self.iters} >= 0 and max_frames={self.max_frames} >= k"
+            )
         return self
 
 
@@ -92,9 +98,13 @@ def dedup(units: torch.Tensor) -> torch.Tensor:
 class SpeechTokenizer:
     """WAV <-> units. `centroids` (K, n_mels) live in the standardized log-mel space."""
 
-    def __init__(self, cfg: SpeechTokenizerConfig, centroids: torch.Tensor, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(
+        self, cfg: SpeechTokenizerConfig, centroids: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+    ):
         if centroids.shape != (cfg.k, cfg.mel.n_mels):
-            raise DataError(f"centroids of shape {tuple(centroids.shape)} do not match k={cfg.k}, n_mels={cfg.mel.n_mels}")
+            raise DataError(
+                f"centroids of shape {tuple(centroids.shape)} do not match k={cfg.k}, n_mels={cfg.mel.n_mels}"
+            )
         self.cfg, self.centroids, self.mean, self.std = cfg, centroids, mean, std
         self.log_mel = LogMel(cfg.mel)
 
@@ -125,7 +135,9 @@ class SpeechTokenizer:
     def decode_mel(self, units: torch.Tensor) -> torch.Tensor:
         """(T,) -> (n_mels, T) log-mel of the units' centroids."""
         if units.numel() and (int(units.min()) < 0 or int(units.max()) >= self.cfg.k):
-            raise ValueError(f"unit ids must be in [0, {self.cfg.k}), got [{int(units.min())}, {int(units.max())}]")
+            raise ValueError(
+                f"unit ids must be in [0, {self.cfg.k}), got [{int(units.min())}, {int(units.max())}]"
+            )
         return (self.centroids[units] * self.std + self.mean).T
 
     def decode(self, units: torch.Tensor, vocoder: VocoderConfig | None = None) -> torch.Tensor:
@@ -142,13 +154,21 @@ class SpeechTokenizer:
     # ---- persistence ----
 
     def save(self, out_dir: str | Path) -> None:
-        save_artifact(out_dir, KIND, {"centroids": self.centroids, "mean": self.mean, "std": self.std}, self.cfg.to_dict())
+        save_artifact(
+            out_dir,
+            KIND,
+            {"centroids": self.centroids, "mean": self.mean, "std": self.std},
+            self.cfg.to_dict(),
+        )
 
     @classmethod
-    def load(cls, directory: str | Path) -> "SpeechTokenizer":
+    def load(cls, directory: str | Path) -> SpeechTokenizer:
         """A `motfusion train-speech-tokenizer` directory (or an older centroids.safetensors + config.json)."""
-        artifact = load_artifact(directory, KIND, "train a speech tokenizer with "
-                                 f"`motfusion train-speech-tokenizer --data DATA --out {directory}`")
+        artifact = load_artifact(
+            directory,
+            KIND,
+            f"train a speech tokenizer with `motfusion train-speech-tokenizer --data DATA --out {directory}`",
+        )
         t = artifact.tensors
         return cls(SpeechTokenizerConfig.from_dict(artifact.config), t["centroids"], t["mean"], t["std"])
 
@@ -164,14 +184,18 @@ def save_units(path: Path, units: list[torch.Tensor], data_dir: Path) -> None:
     lengths = torch.tensor([len(u) for u in units], dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
     flat = torch.cat(units).to(torch.int32) if units else torch.zeros(0, dtype=torch.int32)
-    safetensors.torch.save_file({"units": flat, "offsets": offsets}, path, metadata={"data_dir": str(data_dir.resolve())})
+    safetensors.torch.save_file(
+        {"units": flat, "offsets": offsets}, path, metadata={"data_dir": str(data_dir.resolve())}
+    )
 
 
 def load_units(path: str | Path) -> tuple[list[torch.Tensor], Path]:
     """The cached units, one (T_i,) tensor per manifest line, and the dataset directory."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: run `motfusion train-speech-tokenizer --data DATA --out {path.parent}`")
+        raise FileNotFoundError(
+            f"{path} not found: run `motfusion train-speech-tokenizer --data DATA --out {path.parent}`"
+        )
     with safetensors.safe_open(path, "pt") as f:
         data_dir = Path(f.metadata()["data_dir"])
         flat, offsets = f.get_tensor("units").long(), f.get_tensor("offsets").tolist()
@@ -186,8 +210,10 @@ def resolve_speech_dirs(path: str | Path) -> tuple[Path, Path]:
         return load_units(path / UNITS_FILE)[1], path
     if kind_of(path / DEFAULT_SUBDIR) == KIND:
         return path, path / DEFAULT_SUBDIR
-    raise FileNotFoundError(f"no speech tokenizer at {path} nor at {path / DEFAULT_SUBDIR}: run "
-                            f"`motfusion make-speech-data --out DATA` then `motfusion train-speech-tokenizer --data DATA`")
+    raise FileNotFoundError(
+        f"no speech tokenizer at {path} nor at {path / DEFAULT_SUBDIR}: run "
+        f"`motfusion make-speech-data --out DATA` then `motfusion train-speech-tokenizer --data DATA`"
+    )
 
 
 # ---- with a trained model --------------------------------------------------------------------
@@ -197,8 +223,8 @@ def speech_tokenizer_of(cfg: Config) -> SpeechTokenizer:
     """The speech tokenizer of a run trained on `data.dataset=speech:PATH`."""
     name, _, arg = cfg.data.dataset.partition(":")
     if name != "speech" or "speech" not in cfg.model.vocab_sizes:
-        raise ConfigError(f"this checkpoint has no speech (data.dataset={cfg.data.dataset!r}, model.vocab_sizes="
-                          f"{cfg.model.vocab_sizes}): train one with --recipe speech-demo")
+        raise ConfigError(
+            f"this checkpoint has no speech (data.dataset={cfg.data.dataset!r}, model.vocab_sizes="
+            f"{cfg.model.vocab_sizes}): train one with --recipe speech-demo"
+        )
     return SpeechTokenizer.load(resolve_speech_dirs(arg)[1])
-
-

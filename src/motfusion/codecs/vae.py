@@ -31,15 +31,16 @@ from motfusion.codecs.diffusers_vae import (
     load_diffusers_vae,
     load_state_strict,
 )
-from motfusion.config import apply_overrides, dataclass_from_dict
+from motfusion.config import TrackingConfig, apply_overrides, dataclass_from_dict
 from motfusion.errors import ConfigError
 
 LOSSES = ("l2", "l1")
 
 
 @dataclass(kw_only=True)
-class VAEConfig:
-    """The VAE's architecture, its training run, and (after training) its latent scale factor."""
+class VAEConfig(TrackingConfig):
+    """The VAE's architecture, its training run (and where it logs: TrackingConfig), and (after
+    training) its latent scale factor."""
 
     # architecture
     channels: int = 16  # width of the full-resolution level
@@ -72,42 +73,61 @@ class VAEConfig:
         mult = self.channel_mult or (1,) + (2,) * (levels - 1)
         return tuple(self.channels * m for m in mult)
 
-    def validate(self) -> "VAEConfig":
+    def validate(self) -> VAEConfig:
         d = self.downsample
         _check(d >= 2 and d & (d - 1) == 0, f"downsample={d} must be a power of two >= 2, e.g. 4 or 8")
         levels = d.bit_length()
-        _check(not self.channel_mult or len(self.channel_mult) == levels,
-               f"channel_mult needs {levels} entries for downsample={d}, e.g. channel_mult={','.join(['1'] + ['2'] * (levels - 1))}")
-        _check(self.channels > 0 and all(m > 0 for m in self.channel_mult), "channels and channel_mult must be positive")
-        _check(self.latent_channels > 0 and self.layers_per_block > 0, "latent_channels and layers_per_block must be positive")
-        _check(self.norm_groups > 0 and all(w % self.norm_groups == 0 for w in self.widths),
-               f"norm_groups={self.norm_groups} must divide every level's width {list(self.widths)}")
+        _check(
+            not self.channel_mult or len(self.channel_mult) == levels,
+            f"channel_mult needs {levels} entries for downsample={d}, e.g. channel_mult={','.join(['1'] + ['2'] * (levels - 1))}",
+        )
+        _check(
+            self.channels > 0 and all(m > 0 for m in self.channel_mult),
+            "channels and channel_mult must be positive",
+        )
+        _check(
+            self.latent_channels > 0 and self.layers_per_block > 0,
+            "latent_channels and layers_per_block must be positive",
+        )
+        _check(
+            self.norm_groups > 0 and all(w % self.norm_groups == 0 for w in self.widths),
+            f"norm_groups={self.norm_groups} must divide every level's width {list(self.widths)}",
+        )
         _check(self.loss in LOSSES, f"loss={self.loss!r}: choose one of {list(LOSSES)}")
         _check(self.image_size % d == 0, f"image_size={self.image_size} must be divisible by downsample={d}")
-        _check(self.kl_weight >= 0 and self.lr > 0 and self.warmup >= 0, "kl_weight >= 0, lr > 0 and warmup >= 0")
+        _check(
+            self.kl_weight >= 0 and self.lr > 0 and self.warmup >= 0, "kl_weight >= 0, lr > 0 and warmup >= 0"
+        )
         for name in ("steps", "batch_size", "log_every", "val_images"):
             _check(getattr(self, name) > 0, f"{name} must be positive")
         _check(self.scale_images >= 2, "scale_images must be >= 2 (a standard deviation needs two values)")
         _check(self.scale_factor > 0, "scale_factor must be positive")
+        self.check_tracking()
         return self
 
     def architecture(self) -> AutoencoderKLConfig:
         """The same network described with diffusers' AutoencoderKL keys."""
         n = len(self.widths)
         return AutoencoderKLConfig(
-            block_out_channels=self.widths, layers_per_block=self.layers_per_block,
-            latent_channels=self.latent_channels, norm_num_groups=self.norm_groups, sample_size=self.image_size,
-            scaling_factor=self.scale_factor, mid_block_add_attention=self.attention,
-            down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n)
+            block_out_channels=self.widths,
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=self.norm_groups,
+            sample_size=self.image_size,
+            scaling_factor=self.scale_factor,
+            mid_block_add_attention=self.attention,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VAEConfig":
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
         return dataclass_from_dict(cls, d).validate()
 
-    def override(self, items: list[str]) -> "VAEConfig":
+    def override(self, items: list[str]) -> VAEConfig:
         """Apply `key=value` strings (e.g. `latent_channels=8 kl_weight=1e-6`) in place."""
         return apply_overrides(self, items).validate()
 
@@ -123,6 +143,7 @@ def build_vae(cfg: VAEConfig) -> AutoencoderKL:
 
 # ---- a trained VAE directory ------------------------------------------------------------------
 
+
 def save_vae(out: Path, model: AutoencoderKL, cfg: VAEConfig) -> None:
     save_artifact(out, "vae", model.state_dict(), cfg.to_dict())
 
@@ -131,8 +152,12 @@ def load_trained_vae(path: Path) -> tuple[AutoencoderKL, VAEConfig]:
     """A `motfusion train-vae` directory (or one of the older config.json + model.safetensors) ->
     (the VAE in eval mode, its config)."""
     path = Path(path)
-    artifact = load_artifact(path, "vae", f"train one with `motfusion train-vae --dataset NAME --out {path}`, or name "
-                             "a diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)")
+    artifact = load_artifact(
+        path,
+        "vae",
+        f"train one with `motfusion train-vae --dataset NAME --out {path}`, or name "
+        "a diffusers AutoencoderKL directory (config.json + diffusion_pytorch_model.safetensors)",
+    )
     cfg = VAEConfig.from_dict(artifact.config)
     model = build_vae(cfg)
     load_state_strict(model, artifact.tensors, path)
@@ -195,7 +220,9 @@ _CODECS: dict[tuple[str, int, str], LatentCodec] = {}
 def cached_vae(path: Path | str, device: torch.device | str = "cpu") -> LatentCodec:
     """load_vae, once per (directory, weights file version, device) in this process."""
     path = Path(path).resolve()
-    weights = [path / name for name in (WEIGHTS, LEGACY["vae"][0], DIFFUSERS_WEIGHTS) if (path / name).is_file()]
+    weights = [
+        path / name for name in (WEIGHTS, LEGACY["vae"][0], DIFFUSERS_WEIGHTS) if (path / name).is_file()
+    ]
     key = (str(path), weights[0].stat().st_mtime_ns if weights else 0, str(torch.device(device)))
     if key not in _CODECS:
         _CODECS[key] = load_vae(path, device)
@@ -203,5 +230,3 @@ def cached_vae(path: Path | str, device: torch.device | str = "cpu") -> LatentCo
 
 
 # ---- latents as the image representation ------------------------------------------------------
-
-

@@ -34,11 +34,19 @@ def _stft(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
 
 def _istft(spec: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
     window = torch.hann_window(n_fft, device=spec.device)
-    return torch.istft(spec, n_fft, hop_length=hop, window=window, center=True, length=hop * (spec.shape[-1] - 1))
+    return torch.istft(
+        spec, n_fft, hop_length=hop, window=window, center=True, length=hop * (spec.shape[-1] - 1)
+    )
 
 
-def griffin_lim(magnitude: torch.Tensor, n_fft: int, hop: int, n_iter: int = 60, momentum: float = 0.99,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def griffin_lim(
+    magnitude: torch.Tensor,
+    n_fft: int,
+    hop: int,
+    n_iter: int = 60,
+    momentum: float = 0.99,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """(F, T) target STFT magnitude -> (hop * (T - 1),) waveform whose STFT magnitude approaches it.
 
     Fast Griffin-Lim: t_n = P_mag(P_consistent(c_{n-1})), c_n = t_n + momentum * (t_n - t_{n-1}).
@@ -67,19 +75,24 @@ class MelVocoder:
     def __init__(self, mel: MelConfig, cfg: VocoderConfig | None = None):
         self.mel, self.cfg = mel, cfg or VocoderConfig()
         if self.mel.hop % self.cfg.upsample:
-            raise ConfigError(f"mel hop {self.mel.hop} is not divisible by vocoder upsample {self.cfg.upsample}")
+            raise ConfigError(
+                f"mel hop {self.mel.hop} is not divisible by vocoder upsample {self.cfg.upsample}"
+            )
         self.hop = self.mel.hop // self.cfg.upsample
         self.inverse = torch.linalg.pinv(mel_filterbank(mel).double()).float()  # (F, n_mels)
 
     def magnitude(self, log_mel: torch.Tensor) -> torch.Tensor:
         """(n_mels, T) log-mel -> (F, upsample * (T - 1) + 1) linear STFT magnitude at the fine hop."""
         T = log_mel.shape[-1]
-        fine = F.interpolate(log_mel[None].float(), size=self.cfg.upsample * (T - 1) + 1, mode="linear",
-                             align_corners=True)[0]  # (n_mels, T') log-mel on the fine frame grid
+        fine = F.interpolate(
+            log_mel[None].float(), size=self.cfg.upsample * (T - 1) + 1, mode="linear", align_corners=True
+        )[0]  # (n_mels, T') log-mel on the fine frame grid
         return (self.inverse.to(fine.device) @ fine.exp()).clamp(min=0)  # (F, T')
 
     def __call__(self, log_mel: torch.Tensor) -> torch.Tensor:
         """(n_mels, T) -> (hop_fine * (T' - 1),) samples, about T / frame_rate seconds."""
         g = torch.Generator(device=log_mel.device).manual_seed(self.cfg.seed)
-        wave = griffin_lim(self.magnitude(log_mel), self.mel.n_fft, self.hop, self.cfg.n_iter, self.cfg.momentum, g)
+        wave = griffin_lim(
+            self.magnitude(log_mel), self.mel.n_fft, self.hop, self.cfg.n_iter, self.cfg.momentum, g
+        )
         return wave / wave.abs().max().clamp(min=1e-6) * 0.9  # peak-normalized: mel energy is not calibrated

@@ -27,15 +27,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from motfusion.artifacts import load_artifact, save_artifact
-from motfusion.config import ModelConfig, dataclass_from_dict
+from motfusion.config import ModelConfig, TrackingConfig, dataclass_from_dict
 from motfusion.errors import ConfigError
 
 METRICS = "metrics.json"
 
 
 @dataclass(kw_only=True)
-class VQConfig:
-    """The VQ-VAE's architecture and its training run."""
+class VQConfig(TrackingConfig):
+    """The VQ-VAE's architecture and its training run (and where it logs: TrackingConfig)."""
 
     # architecture
     codebook_size: int = 512
@@ -57,7 +57,7 @@ class VQConfig:
     log_every: int = 100
     val_images: int = 256
 
-    def validate(self) -> "VQConfig":
+    def validate(self) -> VQConfig:
         d = self.downsample
         if d < 2 or d & (d - 1):
             raise ConfigError(f"downsample={d} must be a power of 2, at least 2")
@@ -69,6 +69,7 @@ class VQConfig:
             raise ConfigError(f"decay={self.decay} must be in (0, 1)")
         if min(self.steps, self.batch_size, self.log_every, self.val_images) <= 0 or self.lr <= 0:
             raise ConfigError("steps, batch_size, log_every, val_images and lr must be positive")
+        self.check_tracking()
         return self
 
     @property
@@ -226,16 +227,22 @@ def perplexity(codes: torch.Tensor, codebook_size: int) -> float:
     return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
 
 
-def load_image_tokenizer(model_cfg: ModelConfig, image_size: int, device: torch.device | str = "cpu") -> VQVAE:
+def load_image_tokenizer(
+    model_cfg: ModelConfig, image_size: int, device: torch.device | str = "cpu"
+) -> VQVAE:
     """The VQ-VAE in `model.vq`, checked against the model's image vocabulary and the image size."""
     vq = load_vq(model_cfg.vq, device)
     vocab = model_cfg.vocab_sizes.get("image")
     if vocab != vq.vocab_size:
-        raise ConfigError(f"model.vocab_sizes has image:{vocab} but the VQ-VAE in {model_cfg.vq} has "
-                          f"{vq.vocab_size} codes: set model.vocab_sizes=image:{vq.vocab_size}")
+        raise ConfigError(
+            f"model.vocab_sizes has image:{vocab} but the VQ-VAE in {model_cfg.vq} has "
+            f"{vq.vocab_size} codes: set model.vocab_sizes=image:{vq.vocab_size}"
+        )
     if image_size % vq.cfg.downsample:
-        raise ConfigError(f"data.image_size={image_size} must be divisible by the VQ-VAE's downsampling "
-                          f"factor {vq.cfg.downsample} ({model_cfg.vq})")
+        raise ConfigError(
+            f"data.image_size={image_size} must be divisible by the VQ-VAE's downsampling "
+            f"factor {vq.cfg.downsample} ({model_cfg.vq})"
+        )
     return vq
 
 

@@ -41,8 +41,9 @@ class DocumentDataset(Protocol):
     def document(self, index: int, rng: np.random.Generator) -> Document: ...
 
 
-def document_for(sample: Sample, rng: np.random.Generator, data_cfg: DataConfig,
-                 objective_cfg: ObjectiveConfig) -> Document:
+def document_for(
+    sample: Sample, rng: np.random.Generator, data_cfg: DataConfig, objective_cfg: ObjectiveConfig
+) -> Document:
     """Lay out one (image, caption) pair as a training document.
 
     With probability `data.caption_first_prob` the caption comes first (text-to-image), else the

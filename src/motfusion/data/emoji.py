@@ -31,8 +31,11 @@ VAL_EVERY = 10
 def check_font(path: Path) -> Path:
     path = Path(path)
     if not path.is_file():
-        hint = (f"install it with `apt-get install {EMOJI_PACKAGE}`" if path == EMOJI_FONT
-                else f"or use data.dataset=emoji for the font of `apt-get install {EMOJI_PACKAGE}`")
+        hint = (
+            f"install it with `apt-get install {EMOJI_PACKAGE}`"
+            if path == EMOJI_FONT
+            else f"or use data.dataset=emoji for the font of `apt-get install {EMOJI_PACKAGE}`"
+        )
         raise FileNotFoundError(f"emoji font {path} not found; {hint}")
     return path
 
@@ -41,6 +44,7 @@ def check_font(path: Path) -> Path:
 def emoji_codepoints(font_path: Path = EMOJI_FONT) -> tuple[int, ...]:
     """Sorted codepoints that the font maps to a glyph and that are named, visible symbols."""
     from fontTools.ttLib import TTFont
+
     with TTFont(check_font(font_path), lazy=True) as font:
         cmap = font.getBestCmap()
     keep = []
@@ -62,12 +66,14 @@ def split_codepoints(codepoints: tuple[int, ...], split: str) -> tuple[int, ...]
 @functools.lru_cache(maxsize=4)
 def _font(font_path: Path):
     from PIL import ImageFont
+
     return ImageFont.truetype(str(check_font(font_path)), size=BITMAP_SIZE)
 
 
 def render_emoji(codepoint: int, size: int, font_path: Path = EMOJI_FONT) -> torch.Tensor:
     """One emoji -> (3, size, size) in [-1, 1]: drawn in color, centered on white, resized."""
     from PIL import Image, ImageDraw
+
     font = _font(Path(font_path))
     ch = chr(codepoint)
     x0, y0, x1, y1 = font.getbbox(ch)

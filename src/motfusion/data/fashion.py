@@ -27,16 +27,48 @@ from motfusion.errors import DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_PACKAGE = "dataset-fashion-mnist"
-FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-         "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
 # The dataset's label order. Noun phrases as a caption says them; KEYWORDS are what a caption
 # must contain to name the class (checked as whole words, so "shirt" is not found in "t-shirt").
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot")
-NOUN_PHRASES = ("a t-shirt", "a pair of trousers", "a pullover", "a dress", "a coat", "a sandal", "a shirt",
-                "a sneaker", "a bag", "an ankle boot")
-KEYWORDS = (("t-shirt",), ("trouser", "trousers", "pants"), ("pullover", "sweater"), ("dress",),
-            ("coat", "jacket"), ("sandal", "sandals"), ("shirt",), ("sneaker", "sneakers"), ("bag", "handbag"),
-            ("ankle boot", "boot", "boots"))
+CLASSES = (
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+NOUN_PHRASES = (
+    "a t-shirt",
+    "a pair of trousers",
+    "a pullover",
+    "a dress",
+    "a coat",
+    "a sandal",
+    "a shirt",
+    "a sneaker",
+    "a bag",
+    "an ankle boot",
+)
+KEYWORDS = (
+    ("t-shirt",),
+    ("trouser", "trousers", "pants"),
+    ("pullover", "sweater"),
+    ("dress",),
+    ("coat", "jacket"),
+    ("sandal", "sandals"),
+    ("shirt",),
+    ("sneaker", "sneakers"),
+    ("bag", "handbag"),
+    ("ankle boot", "boot", "boots"),
+)
 TEMPLATES = ("{}", "a photo of {}", "a picture of {}", "a grayscale photo of {}", "{} on a black background")
 
 # IDX type codes -> numpy dtypes; multi-byte values are big-endian.
@@ -64,7 +96,9 @@ def read_idx(path: Path) -> np.ndarray:
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
-        raise DataError(f"{path}: header says shape {shape} ({expected} bytes), but the file holds {len(raw) - header} bytes")
+        raise DataError(
+            f"{path}: header says shape {shape} ({expected} bytes), but the file holds {len(raw) - header} bytes"
+        )
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -73,8 +107,11 @@ def find_idx(root: Path, stem: str) -> Path:
     for name in (stem, stem + ".gz"):
         if (Path(root) / name).is_file():
             return Path(root) / name
-    hint = (f"install it with `apt-get install {FASHION_PACKAGE}`" if Path(root) == FASHION_DIR
-            else f"or use data.dataset=fashion for the files of `apt-get install {FASHION_PACKAGE}`")
+    hint = (
+        f"install it with `apt-get install {FASHION_PACKAGE}`"
+        if Path(root) == FASHION_DIR
+        else f"or use data.dataset=fashion for the files of `apt-get install {FASHION_PACKAGE}`"
+    )
     raise FileNotFoundError(f"Fashion-MNIST file {stem}[.gz] not found in {root}; {hint}")
 
 

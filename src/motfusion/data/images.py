@@ -24,16 +24,20 @@ def to_rgb(pic: PILImage.Image) -> PILImage.Image:
     if mode.startswith("I;16") or mode == "I":
         values = np.asarray(pic).astype(np.float64)
         if mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
-            raise ValueError(f"32-bit integer pixels (mode I) span {values.min():.0f}..{values.max():.0f}, which has "
-                             "no known scale; save the image with 8 or 16 bits per channel")
+            raise ValueError(
+                f"32-bit integer pixels (mode I) span {values.min():.0f}..{values.max():.0f}, which has "
+                "no known scale; save the image with 8 or 16 bits per channel"
+            )
         values = values / 65535
     elif mode == "F":
         values = np.asarray(pic).astype(np.float64)
         if not np.isfinite(values).all():
             raise ValueError("float pixels (mode F) must be numbers in [0, 1]; some are inf or nan")
         if values.size and (values.min() < 0 or values.max() > 1):
-            raise ValueError(f"float pixels (mode F) must lie in [0, 1]; these span {values.min():.4g}.."
-                             f"{values.max():.4g}; save the image with 8 or 16 bits per channel")
+            raise ValueError(
+                f"float pixels (mode F) must lie in [0, 1]; these span {values.min():.4g}.."
+                f"{values.max():.4g}; save the image with 8 or 16 bits per channel"
+            )
     else:
         try:
             return pic.convert("RGB")

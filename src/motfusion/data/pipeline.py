@@ -11,9 +11,8 @@ seeded by (seed, epoch), so the stream index still grows forever and stays a pur
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sized
+from collections.abc import Callable, Sized
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -52,8 +51,13 @@ DATASETS: dict[str, DatasetBuilder] = {}
 
 def _shapes(cfg: Config, split: str, arg: str) -> Dataset:
     d = cfg.data
-    return ShapesDataset(image_size=d.image_size, seed=split_seed(cfg, split), split=split,
-                         max_objects=d.max_objects, single_object_prob=d.single_object_prob)
+    return ShapesDataset(
+        image_size=d.image_size,
+        seed=split_seed(cfg, split),
+        split=split,
+        max_objects=d.max_objects,
+        single_object_prob=d.single_object_prob,
+    )
 
 
 def _fashion(cfg: Config, split: str, arg: str) -> Dataset:
@@ -61,7 +65,9 @@ def _fashion(cfg: Config, split: str, arg: str) -> Dataset:
 
 
 def _emoji(cfg: Config, split: str, arg: str) -> Dataset:
-    return EmojiDataset(font_path=Path(arg) if arg else EMOJI_FONT, split=split, image_size=cfg.data.image_size)
+    return EmojiDataset(
+        font_path=Path(arg) if arg else EMOJI_FONT, split=split, image_size=cfg.data.image_size
+    )
 
 
 def _manifest(cfg: Config, split: str, arg: str) -> Dataset:
@@ -88,7 +94,9 @@ def build_dataset(cfg: Config, split: str) -> Dataset:
     """The dataset named by `data.dataset`: "NAME" or "NAME:ARG"."""
     name, _, arg = cfg.data.dataset.partition(":")
     if name not in DATASETS:
-        raise ConfigError(f"data.dataset={cfg.data.dataset!r}: unknown dataset {name!r}; available: {sorted(DATASETS)}")
+        raise ConfigError(
+            f"data.dataset={cfg.data.dataset!r}: unknown dataset {name!r}; available: {sorted(DATASETS)}"
+        )
     return DATASETS[name](cfg, split, arg)
 
 
@@ -99,7 +107,9 @@ def image_dataset(name: str, image_size: int, split: str, seed: int = 0) -> Pair
     cfg.data.validate()
     dataset = build_dataset(cfg, split)
     if not hasattr(dataset, "sample"):
-        raise ConfigError(f"dataset={name!r} gives documents, not images; choose an image dataset, e.g. shapes or fashion")
+        raise ConfigError(
+            f"dataset={name!r} gives documents, not images; choose an image dataset, e.g. shapes or fashion"
+        )
     return dataset
 
 
@@ -166,8 +176,9 @@ def training_texts(cfg: Config, n: int) -> list[str]:
     return texts
 
 
-def make_packer(cfg: Config, tokenizer: Tokenizer, split: str = "train", rank: int = 0,
-                world_size: int = 1) -> Packer:
+def make_packer(
+    cfg: Config, tokenizer: Tokenizer, split: str = "train", rank: int = 0, world_size: int = 1
+) -> Packer:
     """Packed batches of `split` for one rank: its (train.batch_size / W, train.seq_len) rows of each global batch.
 
     train.batch_size is the global batch: rank r takes rows r * B / W to (r + 1) * B / W of the batch
@@ -175,7 +186,11 @@ def make_packer(cfg: Config, tokenizer: Tokenizer, split: str = "train", rank: i
     rows as with one process.
     """
     if cfg.train.batch_size % world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the global batch; it must be divisible "
-                          f"by the number of processes, {world_size}")
+        raise ConfigError(
+            f"train.batch_size={cfg.train.batch_size} is the global batch; it must be divisible "
+            f"by the number of processes, {world_size}"
+        )
     stream = DocumentStream(build_dataset(cfg, split), tokenizer, cfg, split)
-    return Packer(stream, cfg.train.batch_size, cfg.train.seq_len, tokenizer.pad, rank=rank, world_size=world_size)
+    return Packer(
+        stream, cfg.train.batch_size, cfg.train.seq_len, tokenizer.pad, rank=rank, world_size=world_size
+    )

@@ -21,10 +21,10 @@ import struct
 import warnings
 import zlib
 from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import torch
 from PIL import Image as PILImage
@@ -71,11 +71,14 @@ class ImageRules:
     max_pixels: int
 
     @classmethod
-    def from_config(cls, d: DataConfig) -> "ImageRules":
-        return cls(size=d.image_size, min_side=d.min_image_size or d.image_size, max_pixels=d.max_image_pixels)
+    def from_config(cls, d: DataConfig) -> ImageRules:
+        return cls(
+            size=d.image_size, min_side=d.min_image_size or d.image_size, max_pixels=d.max_image_pixels
+        )
 
 
 # ---- decoding -----------------------------------------------------------------------------------
+
 
 def decode_utf8(data: bytes, multiline: bool = True) -> str:
     """bytes -> str, or BadSample("not UTF-8") naming the (line and) column of the first bad byte."""
@@ -85,7 +88,9 @@ def decode_utf8(data: bytes, multiline: bool = True) -> str:
         line = data.count(b"\n", 0, e.start) + 1
         column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
         where = f"line {line}, column {column}" if multiline else f"column {column}"
-        raise BadSample("not UTF-8", f"byte 0x{data[e.start]:02x} at {where} is not UTF-8 (save the file as UTF-8)") from None
+        raise BadSample(
+            "not UTF-8", f"byte 0x{data[e.start]:02x} at {where} is not UTF-8 (save the file as UTF-8)"
+        ) from None
 
 
 def check_regular(path: Path) -> None:
@@ -94,15 +99,25 @@ def check_regular(path: Path) -> None:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         kind = "a link to nothing" if os.path.islink(path) else None
-        raise BadSample("missing file", f"{kind} (dangling symbolic link)" if kind else "file does not exist") from None
+        raise BadSample(
+            "missing file", f"{kind} (dangling symbolic link)" if kind else "file does not exist"
+        ) from None
     except OSError as e:  # ELOOP: a link loop; ENAMETOOLONG, EACCES...
         raise BadSample("unreadable file", f"cannot reach the file: {e.strerror or e}") from None
     except ValueError:  # a path Python cannot pass to the OS, e.g. with a NUL byte
         raise BadSample("unreadable file", "the path holds a NUL byte") from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "not a regular file")
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )
         raise BadSample("not a regular file", f"is {kind}, not a regular file; it was not opened")
 
 
@@ -132,21 +147,32 @@ def open_image(path: Path, rules: ImageRules) -> PILImage.Image:
     except PILImage.DecompressionBombError as e:
         raise BadSample("image too large", f"image too large: {e}") from None
     except UnidentifiedImageError:
-        raise BadSample("corrupt image", "not an image Pillow can read (corrupt, or an unsupported format)") from None
+        raise BadSample(
+            "corrupt image", "not an image Pillow can read (corrupt, or an unsupported format)"
+        ) from None
     except (OSError, ValueError) as e:  # ValueError: a path Python cannot open, e.g. with a NUL byte
-        raise BadSample("unreadable file", f"cannot read the image file: {getattr(e, 'strerror', None) or e}") from None
+        raise BadSample(
+            "unreadable file", f"cannot read the image file: {getattr(e, 'strerror', None) or e}"
+        ) from None
     with pic:
         w, h = pic.size
         if w * h > rules.max_pixels:
-            raise BadSample("image too large", f"image is {w}x{h} = {w * h} pixels, more than "
-                                               f"data.max_image_pixels={rules.max_pixels}")
+            raise BadSample(
+                "image too large",
+                f"image is {w}x{h} = {w * h} pixels, more than data.max_image_pixels={rules.max_pixels}",
+            )
         if min(w, h) < rules.min_side:
-            raise BadSample("image too small", f"image is {w}x{h}, its shorter side is below {rules.min_side} "
-                                               "pixels (data.min_image_size; 0 means data.image_size)")
+            raise BadSample(
+                "image too small",
+                f"image is {w}x{h}, its shorter side is below {rules.min_side} "
+                "pixels (data.min_image_size; 0 means data.image_size)",
+            )
         try:
             pic.draft("RGB", (rules.size, rules.size))
             pic.load()
-        except Exception as e:  # Pillow reports bad pixel data as OSError, SyntaxError, ValueError, EOFError...
+        except (
+            Exception
+        ) as e:  # Pillow reports bad pixel data as OSError, SyntaxError, ValueError, EOFError...
             raise BadSample("corrupt image", f"image is truncated or corrupt: {e}") from None
         if pic.format == "PNG":
             check_png_pixels(path)
@@ -170,8 +196,8 @@ def check_png_pixels(path: Path) -> None:
     pos, header, inflater, got = 8, None, zlib.decompressobj(), 0
     try:
         while pos + 8 <= len(data):
-            length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-            body = data[pos + 8:pos + 8 + length]
+            length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+            body = data[pos + 8 : pos + 8 + length]
             if kind == b"IHDR":
                 header = body
             elif kind == b"IDAT":
@@ -191,8 +217,11 @@ def check_png_pixels(path: Path) -> None:
     sizes = [(-(-(w - x) // dx), -(-(h - y) // dy)) for x, y, dx, dy in passes if w > x and h > y]
     expected = sum(rows * (1 + (cols * bits + 7) // 8) for cols, rows in sizes)
     if got < expected:
-        raise BadSample("corrupt image", f"PNG pixel data ends early: {got} of {expected} bytes, so "
-                                         f"{100 * (expected - got) // expected}% of the image is missing (truncated?)")
+        raise BadSample(
+            "corrupt image",
+            f"PNG pixel data ends early: {got} of {expected} bytes, so "
+            f"{100 * (expected - got) // expected}% of the image is missing (truncated?)",
+        )
 
 
 def to_pixels(pic: PILImage.Image, size: int) -> torch.Tensor:
@@ -207,8 +236,10 @@ def load_pixels(path: Path, rules: ImageRules) -> torch.Tensor:
     try:
         return to_pixels(open_image(path, rules), rules.size)
     except BadSample as e:
-        raise DataError(f"{path}: {e.detail} (it passed the check when training started: did the file change?)",
-                        e.at(path)) from None
+        raise DataError(
+            f"{path}: {e.detail} (it passed the check when training started: did the file change?)",
+            e.at(path),
+        ) from None
 
 
 def read_image(path: Path, rules: ImageRules) -> torch.Tensor:
@@ -223,7 +254,9 @@ def read_image(path: Path, rules: ImageRules) -> torch.Tensor:
 def check_images(paths: Iterable[Path], rules: ImageRules) -> dict[Path, BadSample | None]:
     """Open and decode each distinct path once, in parallel; path -> its problem, or None."""
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # set by some other code: it would decode cut files as black
-        log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was on; motfusion turned it off to find truncated images")
+        log.warning(
+            "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was on; motfusion turned it off to find truncated images"
+        )
         ImageFile.LOAD_TRUNCATED_IMAGES = False
     unique = list(dict.fromkeys(paths))
 
@@ -239,6 +272,7 @@ def check_images(paths: Iterable[Path], rules: ImageRules) -> dict[Path, BadSamp
 
 
 # ---- the decision -------------------------------------------------------------------------------
+
 
 @dataclass
 class ScanReport:
@@ -274,11 +308,21 @@ def enforce(report: ScanReport, on_bad_sample: str) -> None:
     if problems and on_bad_sample == "error":
         first, rest = problems[0], len(problems) - 1
         more = f"; {rest} more bad sample(s): {counts_text(problems[1:])}" if rest else ""
-        raise DataError(f"{first}{more}. Fix the data, or set data.on_bad_sample=skip to train on the rest", first)
+        raise DataError(
+            f"{first}{more}. Fix the data, or set data.on_bad_sample=skip to train on the rest", first
+        )
     if report.kept == 0:
-        raise DataError(f"{report.source}: no usable samples" + (
-            f": all {report.total} are bad ({counts_text(problems)}); first: {problems[0]}" if problems else ""),
-            problems[0] if problems else None)
+        raise DataError(
+            f"{report.source}: no usable samples"
+            + (
+                f": all {report.total} are bad ({counts_text(problems)}); first: {problems[0]}"
+                if problems
+                else ""
+            ),
+            problems[0] if problems else None,
+        )
     if problems:
-        log.warning(f"data: {report.source}: skipped {len(problems)} of {report.total} samples "
-                    f"({counts_text(problems)}); first: {problems[0]}")
+        log.warning(
+            f"data: {report.source}: skipped {len(problems)} of {report.total} samples "
+            f"({counts_text(problems)}); first: {problems[0]}"
+        )

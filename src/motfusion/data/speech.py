@@ -43,20 +43,25 @@ def read_speech_data(root: str | Path) -> list[Utterance]:
     root = Path(root)
     for name in (MANIFEST, INFO):
         if not (root / name).is_file():
-            raise FileNotFoundError(f"{root / name} not found: make the dataset with `motfusion make-speech-data --out {root}`")
+            raise FileNotFoundError(
+                f"{root / name} not found: make the dataset with `motfusion make-speech-data --out {root}`"
+            )
     items = json.loads((root / INFO).read_text())["items"]
     lines = (root / MANIFEST).read_text().splitlines()
     if len(lines) != len(items):
-        raise DataError(f"{root / MANIFEST} has {len(lines)} lines but {root / INFO} describes {len(items)}: "
-                        "make the dataset again with motfusion make-speech-data")
+        raise DataError(
+            f"{root / MANIFEST} has {len(lines)} lines but {root / INFO} describes {len(items)}: "
+            "make the dataset again with motfusion make-speech-data"
+        )
     utterances = []
     for line_no, (line, item) in enumerate(zip(lines, items), 1):
         try:
             segments = {key: value for seg in json.loads(line)["segments"] for key, value in seg.items()}
             utterances.append(Utterance(segments["text"], root / segments["audio"], item["split"]))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            raise DataError(f"{root / MANIFEST}:{line_no}: expected {{\"segments\": [{{\"text\": ...}}, "
-                            f"{{\"audio\": ...}}]}}") from None
+            raise DataError(
+                f'{root / MANIFEST}:{line_no}: expected {{"segments": [{{"text": ...}}, {{"audio": ...}}]}}'
+            ) from None
     return utterances
 
 
@@ -64,8 +69,10 @@ def check_vocab(cfg: Config, k: int, tokenizer_dir: Path) -> None:
     """The model's speech vocabulary must be the tokenizer's: one embedding row and logit per unit."""
     got = cfg.model.vocab_sizes.get("speech")
     if got != k:
-        raise ConfigError(f"model.vocab_sizes has speech:{got} but the speech tokenizer at {tokenizer_dir} has k={k} "
-                          f"units: set model.vocab_sizes=speech:{k}")
+        raise ConfigError(
+            f"model.vocab_sizes has speech:{got} but the speech tokenizer at {tokenizer_dir} has k={k} "
+            f"units: set model.vocab_sizes=speech:{k}"
+        )
 
 
 class SpeechDataset:
@@ -81,23 +88,34 @@ class SpeechDataset:
     def __init__(self, texts: list[str], units: list[torch.Tensor], cfg: Config, split: str):
         self.texts, self.units, self.cfg = texts, units, cfg
         d = cfg.data
-        self.shapes = ShapesDataset(image_size=d.image_size, seed=split_seed(cfg, split), split=split,
-                                    max_objects=d.max_objects, single_object_prob=d.single_object_prob)
+        self.shapes = ShapesDataset(
+            image_size=d.image_size,
+            seed=split_seed(cfg, split),
+            split=split,
+            max_objects=d.max_objects,
+            single_object_prob=d.single_object_prob,
+        )
 
     @classmethod
-    def build(cls, cfg: Config, split: str, arg: str) -> "SpeechDataset":
+    def build(cls, cfg: Config, split: str, arg: str) -> SpeechDataset:
         if not arg:
-            raise ConfigError("data.dataset=speech needs a directory: speech:DIR (made by motfusion make-speech-data)")
+            raise ConfigError(
+                "data.dataset=speech needs a directory: speech:DIR (made by motfusion make-speech-data)"
+            )
         data_dir, tok_dir = resolve_speech_dirs(arg)
         utterances = read_speech_data(data_dir)
         units, _ = load_units(tok_dir / UNITS_FILE)
         if len(units) != len(utterances):
-            raise DataError(f"{tok_dir / UNITS_FILE} holds units of {len(units)} utterances but {data_dir} has "
-                            f"{len(utterances)}: re-run motfusion train-speech-tokenizer --data {data_dir}")
+            raise DataError(
+                f"{tok_dir / UNITS_FILE} holds units of {len(units)} utterances but {data_dir} has "
+                f"{len(utterances)}: re-run motfusion train-speech-tokenizer --data {data_dir}"
+            )
         check_vocab(cfg, SpeechTokenizer.load(tok_dir).vocab_size, tok_dir)
         keep = [i for i, u in enumerate(utterances) if u.split == split]
         if not keep:
-            raise DataError(f"{data_dir} has no {split} utterance; make more with motfusion make-speech-data --n")
+            raise DataError(
+                f"{data_dir} has no {split} utterance; make more with motfusion make-speech-data --n"
+            )
         return cls([utterances[i].text for i in keep], [units[i] for i in keep], cfg, split)
 
     def __len__(self) -> int:

@@ -77,9 +77,11 @@ def select(scanned: list[Scanned[Item]], report: ScanReport, cfg: Config, split:
     items = [s.item for s in good if in_val(s.key, cfg.data.val_fraction) == (split == "val")]
     if not items:
         n_val = sum(in_val(s.key, cfg.data.val_fraction) for s in good)
-        raise DataError(f"{report.source}: the {split} split is empty ({len(good) - n_val} train, {n_val} val of "
-                        f"{len(good)} usable samples at data.val_fraction={cfg.data.val_fraction}); add samples "
-                        "or change data.val_fraction")
+        raise DataError(
+            f"{report.source}: the {split} split is empty ({len(good) - n_val} train, {n_val} val of "
+            f"{len(good)} usable samples at data.val_fraction={cfg.data.val_fraction}); add samples "
+            "or change data.val_fraction"
+        )
     return items
 
 
@@ -87,8 +89,11 @@ def fits(doc: Document, cfg: Config, tokenizer: Tokenizer) -> BadSample | None:
     """The document's encoded length against train.seq_len (every image has data.image_size)."""
     n = len(encode_document(doc, tokenizer, cfg.model.patch_size))
     if n > cfg.train.seq_len:
-        return BadSample("too long for train.seq_len", f"the document encodes to {n} positions, more than "
-                                                       f"train.seq_len={cfg.train.seq_len}; shorten it or raise train.seq_len")
+        return BadSample(
+            "too long for train.seq_len",
+            f"the document encodes to {n} positions, more than "
+            f"train.seq_len={cfg.train.seq_len}; shorten it or raise train.seq_len",
+        )
     return None
 
 
@@ -123,27 +128,41 @@ def preview(value: object) -> str:
 
 def parse_segment(i: int, seg: object, root: Path) -> Text | Path:
     if not isinstance(seg, dict) or len(seg) != 1:
-        raise BadSample("bad document", f"segment {i} must be an object with one key, one of {list(SEGMENT_KEYS)}; "
-                                        f"got {preview(seg)}")
-    (kind, value), = seg.items()
+        raise BadSample(
+            "bad document",
+            f"segment {i} must be an object with one key, one of {list(SEGMENT_KEYS)}; got {preview(seg)}",
+        )
+    ((kind, value),) = seg.items()
     if kind not in SEGMENT_KEYS:
         if kind == "audio" and "speech" not in MODALITIES:
-            raise BadSample("unknown segment type", f"segment {i} is 'audio', but speech is not available yet "
-                                                    f"(no speech modality is registered); use {list(SEGMENT_KEYS)}")
+            raise BadSample(
+                "unknown segment type",
+                f"segment {i} is 'audio', but speech is not available yet "
+                f"(no speech modality is registered); use {list(SEGMENT_KEYS)}",
+            )
         if kind == "audio":  # speech units need a trained speech tokenizer, which only speech:DIR data has
-            raise BadSample("unknown segment type", f"segment {i} is 'audio', but speech is not available in "
-                                                    f"manifests yet (train speech with data.dataset=speech:DIR); "
-                                                    f"use {list(SEGMENT_KEYS)}")
-        raise BadSample("unknown segment type", f"segment {i} has unknown segment type {kind!r}; "
-                                                f"manifests support {list(SEGMENT_KEYS)}")
+            raise BadSample(
+                "unknown segment type",
+                f"segment {i} is 'audio', but speech is not available in "
+                f"manifests yet (train speech with data.dataset=speech:DIR); "
+                f"use {list(SEGMENT_KEYS)}",
+            )
+        raise BadSample(
+            "unknown segment type",
+            f"segment {i} has unknown segment type {kind!r}; manifests support {list(SEGMENT_KEYS)}",
+        )
     if not isinstance(value, str) or (kind == "image" and not value):
-        raise BadSample("bad document", f"segment {i}: {kind!r} must be a non-empty string, got {preview(value)}")
+        raise BadSample(
+            "bad document", f"segment {i}: {kind!r} must be a non-empty string, got {preview(value)}"
+        )
     if kind == "image":
         return root / value
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as e:  # a JSON escape such as "\udc80" decodes to a lone surrogate
-        raise BadSample("not UTF-8", f"segment {i}: text holds {value[e.start]!r}, which is not valid Unicode") from None
+        raise BadSample(
+            "not UTF-8", f"segment {i}: text holds {value[e.start]!r}, which is not valid Unicode"
+        ) from None
     return Text(value)
 
 
@@ -155,10 +174,14 @@ def parse_line(raw: bytes, root: Path) -> ManifestDoc:
         raise BadSample("invalid JSON", f"invalid JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
         raise BadSample("invalid JSON", "JSON nested too deeply to parse") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
+    except (
+        ValueError
+    ) as e:  # e.g. an integer of more digits than Python converts (sys.get_int_max_str_digits)
         raise BadSample("invalid JSON", f"JSON Python cannot parse: {str(e).split(';')[0]}") from None
     if not isinstance(obj, dict) or not isinstance(obj.get("segments"), list):
-        raise BadSample("bad document", 'expected an object like {"segments": [{"text": "..."}, {"image": "a.png"}]}')
+        raise BadSample(
+            "bad document", 'expected an object like {"segments": [{"text": "..."}, {"image": "a.png"}]}'
+        )
     doc = tuple(parse_segment(i, seg, root) for i, seg in enumerate(obj["segments"], 1))
     if not any(isinstance(s, Path) or s.text for s in doc):
         raise BadSample("empty document", "empty document: it has no image and no text")
@@ -180,12 +203,25 @@ def read_manifest(path: Path, cfg: Config) -> list[tuple[int, bytes, ManifestDoc
                 continue
             try:
                 doc = parse_line(raw, path.parent)
-                lines.append((line, raw, fits([image if isinstance(s, Path) else s for s in doc], cfg, tokenizer) or doc))
+                lines.append(
+                    (
+                        line,
+                        raw,
+                        fits([image if isinstance(s, Path) else s for s in doc], cfg, tokenizer) or doc,
+                    )
+                )
             except BadSample as e:
                 lines.append((line, raw, e))
             except Exception as e:  # whatever else a line can do, it is that line's problem, not the scan's
-                lines.append((line, raw, BadSample("bad document", f"cannot read this line: {type(e).__name__}: "
-                                                                   f"{str(e)[:120]}")))
+                lines.append(
+                    (
+                        line,
+                        raw,
+                        BadSample(
+                            "bad document", f"cannot read this line: {type(e).__name__}: {str(e)[:120]}"
+                        ),
+                    )
+                )
     return lines
 
 
@@ -193,7 +229,9 @@ def scan_manifest(path: Path, cfg: Config) -> tuple[list[Scanned[ManifestDoc]], 
     """Check every line, then decode every image it names in one parallel pass."""
     lines = read_manifest(path, cfg)
     docs = [doc for *_, doc in lines if not isinstance(doc, BadSample)]
-    images = check_images([s for doc in docs for s in doc if isinstance(s, Path)], ImageRules.from_config(cfg.data))
+    images = check_images(
+        [s for doc in docs for s in doc if isinstance(s, Path)], ImageRules.from_config(cfg.data)
+    )
     scanned = []
     for line, key, doc in lines:
         if not isinstance(doc, BadSample):
@@ -215,11 +253,15 @@ class ManifestDataset:
     """
 
     def __init__(self, docs: list[ManifestDoc], cfg: Config, report: ScanReport | None = None):
-        self.docs, self.rules, self.cfg_dropout = docs, ImageRules.from_config(cfg.data), cfg.objective.cfg_dropout
+        self.docs, self.rules, self.cfg_dropout = (
+            docs,
+            ImageRules.from_config(cfg.data),
+            cfg.objective.cfg_dropout,
+        )
         self.report = report
 
     @classmethod
-    def build(cls, cfg: Config, split: str, arg: str) -> "ManifestDataset":
+    def build(cls, cfg: Config, split: str, arg: str) -> ManifestDataset:
         scanned, report = scan_manifest(user_path(arg, "manifest", want_dir=False), cfg)
         return cls(select(scanned, report, cfg, split), cfg, report)
 
@@ -235,6 +277,7 @@ class ManifestDataset:
 
 
 # ---- image folder -------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -253,7 +296,9 @@ def find_images(root: Path) -> tuple[list[Path], list[Problem]]:
         try:
             entries = list(os.scandir(folder))
         except OSError as e:
-            problems.append(Problem("unreadable file", folder, None, f"cannot list the folder: {e.strerror or e}"))
+            problems.append(
+                Problem("unreadable file", folder, None, f"cannot list the folder: {e.strerror or e}")
+            )
             continue
         for entry in entries:
             path = Path(entry.path)
@@ -267,13 +312,21 @@ def find_images(root: Path) -> tuple[list[Path], list[Problem]]:
                 if path.suffix.lower() in IMAGE_SUFFIXES:
                     found.append(path)
             elif (info.st_dev, info.st_ino) in seen:
-                problems.append(Problem("link loop", path, None, "links to a folder already searched (a loop, or "
-                                                                 "a second way in); not searched again"))
+                problems.append(
+                    Problem(
+                        "link loop",
+                        path,
+                        None,
+                        "links to a folder already searched (a loop, or a second way in); not searched again",
+                    )
+                )
             else:
                 seen.add((info.st_dev, info.st_ino))
                 stack.append(path)
-    return (sorted(found, key=lambda p: p.relative_to(root).as_posix()),
-            sorted(problems, key=lambda p: p.path.relative_to(root).as_posix()))
+    return (
+        sorted(found, key=lambda p: p.relative_to(root).as_posix()),
+        sorted(problems, key=lambda p: p.path.relative_to(root).as_posix()),
+    )
 
 
 def read_caption(caption: Path) -> str:
@@ -281,8 +334,9 @@ def read_caption(caption: Path) -> str:
         text = decode_utf8(read_bytes(caption)).removeprefix("\ufeff").strip()
     except BadSample as e:
         if e.reason == "missing file":
-            raise BadSample("missing caption", "missing caption file: every image needs a .txt of the same "
-                                               "name beside it") from None
+            raise BadSample(
+                "missing caption", "missing caption file: every image needs a .txt of the same name beside it"
+            ) from None
         raise
     if not text:
         raise BadSample("empty document", "the caption is empty")
@@ -292,7 +346,9 @@ def read_caption(caption: Path) -> str:
 def scan_folder(root: Path, cfg: Config) -> tuple[list[Scanned[tuple[Path, str]]], ScanReport]:
     images, unsearched = find_images(root)
     if not images:
-        raise DataError(f"data.dataset=folder:{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise DataError(
+            f"data.dataset=folder:{root}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})"
+        )
     tokenizer, image = length_tokenizer(cfg.data.tokenizer), placeholder(cfg)
     checked = check_images(images, ImageRules.from_config(cfg.data))
     scanned = []
@@ -304,7 +360,9 @@ def scan_folder(root: Path, cfg: Config) -> tuple[list[Scanned[tuple[Path, str]]
             scanned.append(Scanned(key, None, e.at(caption_path)))
             continue
         too_long = fits([Text(caption), image], cfg, tokenizer)
-        bad = (too_long.at(caption_path) if too_long else None) or (checked[path].at(path) if checked[path] else None)
+        bad = (too_long.at(caption_path) if too_long else None) or (
+            checked[path].at(path) if checked[path] else None
+        )
         scanned.append(Scanned(key, None if bad else (path, caption), bad))
     scanned += [Scanned(p.path.relative_to(root).as_posix().encode(), None, p) for p in unsearched]
     return scanned, ScanReport(f"folder {root}", len(scanned), [s.problem for s in scanned if s.problem])
@@ -317,7 +375,7 @@ class FolderDataset:
         self.pairs, self.rules, self.report = pairs, ImageRules.from_config(cfg.data), report
 
     @classmethod
-    def build(cls, cfg: Config, split: str, arg: str) -> "FolderDataset":
+    def build(cls, cfg: Config, split: str, arg: str) -> FolderDataset:
         scanned, report = scan_folder(user_path(arg, "folder", want_dir=True), cfg)
         return cls(select(scanned, report, cfg, split), cfg, report)
 
@@ -327,4 +385,3 @@ class FolderDataset:
     def sample(self, index: int) -> Pair:
         path, caption = self.pairs[index]
         return Pair(load_pixels(path, self.rules), caption)
-

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -32,7 +32,9 @@ class Sampler(ABC):
 
     def __init__(self, process: DiffusionProcess, num_steps: int, clip_x0: bool = False) -> None:
         if not isinstance(process, self.process_type):
-            raise TypeError(f"{type(self).__name__} needs a {self.process_type.__name__} process, got {process!r}")
+            raise TypeError(
+                f"{type(self).__name__} needs a {self.process_type.__name__} process, got {process!r}"
+            )
         if num_steps < 1:
             raise ValueError(f"num_steps must be >= 1, got {num_steps}")
         self.process = process
@@ -44,7 +46,9 @@ class Sampler(ABC):
     def _make_timesteps(self) -> Tensor: ...
 
     @abstractmethod
-    def step(self, model_out: Tensor, t_index: int, x_t: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def step(
+        self, model_out: Tensor, t_index: int, x_t: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
         """One reverse step from timesteps[t_index] to the next timestep (to clean data after the last)."""
 
     def __len__(self) -> int:
@@ -90,7 +94,11 @@ class _RespacedSampler(Sampler):
         self.alpha_bar_prev = torch.cat([ab[1:], ab.new_ones(1)])  # clean data after the last step
 
     def _make_timesteps(self) -> Tensor:
-        return torch.linspace(self.process.num_timesteps - 1, 0, self.num_steps, dtype=torch.float64).round().float()
+        return (
+            torch.linspace(self.process.num_timesteps - 1, 0, self.num_steps, dtype=torch.float64)
+            .round()
+            .float()
+        )
 
     @property
     def betas(self) -> Tensor:
@@ -127,7 +135,11 @@ class DDIMSampler(_RespacedSampler):
         ab, ab_prev = self.alpha_bar[t_index].item(), self.alpha_bar_prev[t_index].item()
         t = self.batch_timesteps(t_index, x_t)
         x0 = self.predict_x0(x_t, model_out, t)
-        eps = self.process.eps_from_x0(x_t, x0, t) if self.clip_x0 else self.process.predict_eps(x_t, model_out, t)
+        eps = (
+            self.process.eps_from_x0(x_t, x0, t)
+            if self.clip_x0
+            else self.process.predict_eps(x_t, model_out, t)
+        )
         sigma = self.eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
         x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma**2, 0.0)) * eps  # (N, C, H, W)
         if sigma <= 0:
@@ -162,7 +174,9 @@ class EulerSampler(Sampler):
 SAMPLERS: dict[str, type[Sampler]] = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler}
 
 
-def make_sampler(process: DiffusionProcess, name: str, num_steps: int, *, clip_x0: bool = False, **options) -> Sampler:
+def make_sampler(
+    process: DiffusionProcess, name: str, num_steps: int, *, clip_x0: bool = False, **options
+) -> Sampler:
     """Build sampler `name` for `process`; options go to the sampler class (e.g. eta for ddim)."""
     valid = sorted(n for n, cls in SAMPLERS.items() if isinstance(process, cls.process_type))
     if name not in valid:

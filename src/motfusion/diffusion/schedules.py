@@ -141,7 +141,9 @@ class RectifiedFlow(DiffusionProcess):
     def __init__(self, num_timesteps: int = 1000, timesteps: str = "uniform") -> None:
         super().__init__(num_timesteps)
         if timesteps not in self.TIMESTEPS:
-            raise ValueError(f"unknown flow timestep distribution {timesteps!r}; choose from {self.TIMESTEPS}")
+            raise ValueError(
+                f"unknown flow timestep distribution {timesteps!r}; choose from {self.TIMESTEPS}"
+            )
         self.timesteps = timesteps
 
     def sample_timesteps(self, n, generator=None, device=None, max_t=None):

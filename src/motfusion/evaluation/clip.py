@@ -19,9 +19,10 @@ from __future__ import annotations
 import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +30,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from motfusion.artifacts import WEIGHTS, load_artifact, save_artifact
-from motfusion.config import dataclass_from_dict
+from motfusion.config import TrackingConfig, dataclass_from_dict
 from motfusion.errors import ConfigError
 from motfusion.objectives import info_nce
+from motfusion.training.logging import Tracker
 from motfusion.training.loop import LoopConfig, train_loop
 
 
 @dataclass(kw_only=True)
-class ClipConfig:
+class ClipConfig(TrackingConfig):  # and where its training logs
     dataset: str = "fashion"  # as data.dataset: fashion, emoji, fashion:PATH, ... (what `motfusion train-clip` trains on)
     embed_dim: int = 128
     width: int = 16  # image CNN channels of the first stage (doubling per stage)
@@ -51,12 +53,25 @@ class ClipConfig:
     weight_decay: float = 0.01
     seed: int = 0
 
-    def validate(self) -> "ClipConfig":
-        if min(self.embed_dim, self.width, self.input_size, self.text_dim, self.text_layers, self.max_bytes,
-               self.steps, self.batch_size) <= 0 or self.lr <= 0:
+    def validate(self) -> ClipConfig:
+        if (
+            min(
+                self.embed_dim,
+                self.width,
+                self.input_size,
+                self.text_dim,
+                self.text_layers,
+                self.max_bytes,
+                self.steps,
+                self.batch_size,
+            )
+            <= 0
+            or self.lr <= 0
+        ):
             raise ConfigError("every CLIP size, steps, batch_size and lr must be positive")
         if self.text_dim % self.text_heads:
             raise ConfigError(f"text_dim={self.text_dim} must be divisible by text_heads={self.text_heads}")
+        self.check_tracking()
         return self
 
 
@@ -67,15 +82,23 @@ class ImageEncoder(nn.Module):
         super().__init__()
         w, self.input_size = cfg.width, cfg.input_size
         block = lambda i, o, stride=1: [nn.Conv2d(i, o, 3, stride=stride, padding=1), nn.ReLU()]
-        self.body = nn.Sequential(*block(3, w), *block(w, 2 * w, 2), *block(2 * w, 2 * w), *block(2 * w, 4 * w, 2),
-                                  *block(4 * w, 4 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.body = nn.Sequential(
+            *block(3, w),
+            *block(w, 2 * w, 2),
+            *block(2 * w, 2 * w),
+            *block(2 * w, 4 * w, 2),
+            *block(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.proj = nn.Linear(4 * w, cfg.embed_dim)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, embed_dim)."""
         if images.shape[-2:] != (self.input_size, self.input_size):
-            images = F.interpolate(images, size=(self.input_size,) * 2, mode="bilinear", antialias=True,
-                                   align_corners=False)
+            images = F.interpolate(
+                images, size=(self.input_size,) * 2, mode="bilinear", antialias=True, align_corners=False
+            )
         return self.proj(self.body(images))
 
 
@@ -87,25 +110,32 @@ class TextEncoder(nn.Module):
         self.max_bytes = cfg.max_bytes
         self.embed = nn.Embedding(257, cfg.text_dim, padding_idx=0)  # byte b is id b + 1; 0 pads
         self.pos = nn.Parameter(torch.randn(cfg.max_bytes, cfg.text_dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.text_dim, cfg.text_heads, 4 * cfg.text_dim, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.text_dim,
+            cfg.text_heads,
+            4 * cfg.text_dim,
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.layers = nn.TransformerEncoder(layer, cfg.text_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.text_dim)
         self.proj = nn.Linear(cfg.text_dim, cfg.embed_dim)
 
     def tokenize(self, texts: list[str], device: torch.device | str = "cpu") -> torch.Tensor:
         """(B, L) byte ids + 1, right-padded with 0 to the longest text (at most max_bytes)."""
-        rows = [list(t.encode("utf-8")[:self.max_bytes]) or [32] for t in texts]
+        rows = [list(t.encode("utf-8")[: self.max_bytes]) or [32] for t in texts]
         ids = torch.zeros(len(rows), max(map(len, rows)), dtype=torch.long)
         for i, row in enumerate(rows):
-            ids[i, :len(row)] = torch.tensor(row) + 1
+            ids[i, : len(row)] = torch.tensor(row) + 1
         return ids.to(device)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
         """B strings -> (B, embed_dim)."""
         ids = self.tokenize(texts, self.pos.device)  # (B, L)
         real = ids != 0  # (B, L)
-        h = self.embed(ids) + self.pos[:ids.shape[1]]  # (B, L, D)
+        h = self.embed(ids) + self.pos[: ids.shape[1]]  # (B, L, D)
         h = self.norm(self.layers(h, src_key_padding_mask=~real))
         pooled = (h * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # (B, D)
         return self.proj(pooled)
@@ -122,7 +152,9 @@ class ClipModel(nn.Module):
         self.text = TextEncoder(cfg)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
-    def loss(self, images: torch.Tensor, texts: list[str], positives: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self, images: torch.Tensor, texts: list[str], positives: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return info_nce(self.image(images), self.text(texts), self.logit_scale, positives)
 
     @torch.no_grad()
@@ -130,18 +162,29 @@ class ClipModel(nn.Module):
         """(N,) cosine similarity of each image with its own text."""
         sims = []
         for i in range(0, len(texts), batch_size):
-            a = F.normalize(self.image(images[i:i + batch_size]), dim=-1)
-            b = F.normalize(self.text(texts[i:i + batch_size]), dim=-1)
+            a = F.normalize(self.image(images[i : i + batch_size]), dim=-1)
+            b = F.normalize(self.text(texts[i : i + batch_size]), dim=-1)
             sims.append((a * b).sum(-1))
         return torch.cat(sims)
 
     @torch.no_grad()
-    def embed(self, images: torch.Tensor | None = None, texts: list[str] | None = None,
-              batch_size: int = 256) -> torch.Tensor:
+    def embed(
+        self, images: torch.Tensor | None = None, texts: list[str] | None = None, batch_size: int = 256
+    ) -> torch.Tensor:
         """Unit-norm embeddings (N, embed_dim) of images or of texts."""
         if images is not None:
-            return torch.cat([F.normalize(self.image(images[i:i + batch_size]), dim=-1) for i in range(0, len(images), batch_size)])
-        return torch.cat([F.normalize(self.text(texts[i:i + batch_size]), dim=-1) for i in range(0, len(texts), batch_size)])
+            return torch.cat(
+                [
+                    F.normalize(self.image(images[i : i + batch_size]), dim=-1)
+                    for i in range(0, len(images), batch_size)
+                ]
+            )
+        return torch.cat(
+            [
+                F.normalize(self.text(texts[i : i + batch_size]), dim=-1)
+                for i in range(0, len(texts), batch_size)
+            ]
+        )
 
 
 def clip_score(model: ClipModel, images: torch.Tensor, captions: list[str]) -> float:
@@ -169,13 +212,19 @@ def _batch_indices(n: int | None, batch_size: int, g: torch.Generator):
             continue
         order = torch.randperm(n, generator=g).tolist()
         for i in range(0, n - batch_size + 1 if n >= batch_size else 1, batch_size):
-            yield order[i:i + batch_size]
+            yield order[i : i + batch_size]
 
 
-def train_clip(cfg: ClipConfig, dataset: Any, log: Callable[[str], None] | None = None,
-               log_every: int = 50) -> tuple[ClipModel, list[float]]:
+def train_clip(
+    cfg: ClipConfig,
+    dataset: Any,
+    log: Callable[[str], None] | None = None,
+    log_every: int = 50,
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> tuple[ClipModel, list[float]]:
     """Train on `dataset.sample(i)` pairs (finite datasets are reshuffled each epoch); returns the model
-    (eval mode) and per-step losses. AdamW, linear warmup then cosine; seeded, so reproducible."""
+    (eval mode) and per-step losses. AdamW, linear warmup then cosine; seeded, so reproducible.
+    `log` and `on_log` are train_loop's."""
     cfg.validate()
     torch.manual_seed(cfg.seed)
     model = ClipModel(cfg).train()
@@ -191,14 +240,22 @@ def train_clip(cfg: ClipConfig, dataset: Any, log: Callable[[str], None] | None 
         loss = model.loss(images, [s.caption for s in samples], positives_of(samples))
         return loss, {"temperature": 1 / model.logit_scale.exp().item()}
 
-    loop = LoopConfig(name="clip", steps=cfg.steps, lr=cfg.lr, warmup=max(1, cfg.steps // 20), betas=(0.9, 0.98),
-                      log_every=log_every)
-    history = train_loop(groups, step_loss, loop, log)
+    loop = LoopConfig(
+        name="clip",
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup=max(1, cfg.steps // 20),
+        betas=(0.9, 0.98),
+        log_every=log_every,
+    )
+    history = train_loop(groups, step_loss, loop, log, on_log)
     return model.eval(), [r["loss"] for r in history]
 
 
 @torch.no_grad()
-def retrieval_accuracy(model: ClipModel, samples: list[Any], top_k: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def retrieval_accuracy(
+    model: ClipModel, samples: list[Any], top_k: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
     """Image -> text retrieval among the samples' distinct captions: a hit when a caption ranked in the
     top k matches the image (names its class where there are labels, else is its own caption)."""
     captions = list(dict.fromkeys(s.caption for s in samples))  # distinct, in first-seen order
@@ -212,24 +269,38 @@ def retrieval_accuracy(model: ClipModel, samples: list[Any], top_k: tuple[int, .
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model: ClipModel, images: torch.Tensor, labels: torch.Tensor, class_captions: list[str]) -> float:
+def zero_shot_accuracy(
+    model: ClipModel, images: torch.Tensor, labels: torch.Tensor, class_captions: list[str]
+) -> float:
     """Classify each image as the class whose caption is most similar; the fraction right."""
     predicted = (model.embed(images=images) @ model.embed(texts=class_captions).T).argmax(-1)
     return float((predicted == labels).float().mean())
 
 
-def fit_clip(cfg: ClipConfig, train_set: Any, val_set: Any, out: Path, info: dict[str, Any] | None = None,
-             log: Callable[[str], None] = functools.partial(print, flush=True), n_retrieval: int = 500) -> dict[str, float]:
+def fit_clip(
+    cfg: ClipConfig,
+    train_set: Any,
+    val_set: Any,
+    out: Path,
+    info: dict[str, Any] | None = None,
+    log: Callable[[str], None] = functools.partial(print, flush=True),
+    n_retrieval: int = 500,
+) -> dict[str, float]:
     """Train on `train_set`, score on `val_set`, save to `out` (with `info` and the metrics in its config.json);
     returns the metrics.
 
     Retrieval is image -> text among the first `n_retrieval` val samples; a dataset with
     `class_prompts` (one caption per class) also gets zero-shot classification accuracy on all of val."""
     t0 = time.perf_counter()
-    model, losses = train_clip(cfg, train_set, log=log)
+    with Tracker(out, tracking=cfg, config=asdict(cfg)) as tracker:  # out/metrics.jsonl, TensorBoard, W&B
+        model, losses = train_clip(cfg, train_set, log=log, on_log=tracker.log)
     val = [val_set.sample(i) for i in range(len(val_set))]
-    metrics = {**retrieval_accuracy(model, val[:n_retrieval]), "n_retrieval": min(n_retrieval, len(val)),
-               "final_train_loss": float(np.mean(losses[-50:])), "train_seconds": time.perf_counter() - t0}
+    metrics = {
+        **retrieval_accuracy(model, val[:n_retrieval]),
+        "n_retrieval": min(n_retrieval, len(val)),
+        "final_train_loss": float(np.mean(losses[-50:])),
+        "train_seconds": time.perf_counter() - t0,
+    }
     if hasattr(val_set, "class_prompts"):
         images, labels = torch.stack([s.image for s in val]), torch.tensor([s.label for s in val])
         metrics["zero_shot_accuracy"] = zero_shot_accuracy(model, images, labels, val_set.class_prompts)
@@ -245,7 +316,9 @@ def save_clip(model: ClipModel, out: Path, info: dict[str, Any]) -> None:
 def load_clip(path: Path) -> tuple[ClipModel, dict[str, Any]]:
     """The CLIP model saved in directory `path` (or an older clip.safetensors + clip.json), in eval
     mode, and what its config.json records besides the config (metrics, ...)."""
-    artifact = load_artifact(path, "clip", f"train one with `motfusion train-clip --dataset NAME --out {path}`")
+    artifact = load_artifact(
+        path, "clip", f"train one with `motfusion train-clip --dataset NAME --out {path}`"
+    )
     model = ClipModel(dataclass_from_dict(ClipConfig, artifact.config))
     model.load_state_dict(artifact.tensors)
     return model.eval(), artifact.info

@@ -21,6 +21,7 @@ from motfusion.data.pipeline import build_dataset
 from motfusion.evaluation.classifier import FashionClassifier, accuracy, batched
 from motfusion.evaluation.clip import ClipModel, clip_score
 from motfusion.sampling import Generator
+from motfusion.sampling.batches import captions_in_batches, images_in_batches
 
 
 def feature_stats(features: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,24 +70,25 @@ def class_accuracy(classifier: FashionClassifier, images: torch.Tensor, labels: 
     return accuracy(classifier, images.cpu().float(), labels)
 
 
-def _batched_images(gen: Generator, prompts: list[str], g: torch.Generator, batch_size: int) -> torch.Tensor:
-    """One image per prompt, as pixels (N, 3, H, W) (a latent model's images go through its VAE decoder)."""
-    chunks = (gen.images(prompts[i:i + batch_size], g) for i in range(0, len(prompts), batch_size))
-    return torch.cat([gen.decode_images(x).cpu() for x in chunks])
-
-
-def _batched_captions(gen: Generator, images: torch.Tensor, g: torch.Generator, batch_size: int) -> list[str]:
-    return [c for i in range(0, len(images), batch_size) for c in gen.captions(images[i:i + batch_size].to(gen.device), g)]
-
-
 def suite_config(cfg: Config, suite: str) -> Config:
     """The checkpoint's config, reading the suite's dataset: its own path if it was trained on it."""
     same = cfg.data.dataset.partition(":")[0] == suite
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset=cfg.data.dataset if same else suite))
+    return dataclasses.replace(
+        cfg, data=dataclasses.replace(cfg.data, dataset=cfg.data.dataset if same else suite)
+    )
 
 
-def evaluate_fashion(gen: Generator, cfg: Config, classifier: FashionClassifier, clip: ClipModel, *, n: int = 200,
-                     n_reference: int = 2000, seed: int = 0, batch_size: int = 50) -> dict[str, float]:
+def evaluate_fashion(
+    gen: Generator,
+    cfg: Config,
+    classifier: FashionClassifier,
+    clip: ClipModel,
+    *,
+    n: int = 200,
+    n_reference: int = 2000,
+    seed: int = 0,
+    batch_size: int = 50,
+) -> dict[str, float]:
     """Text to image from the captions of the first `n` val images, scored against the val images:
     fid_fashion_classifier (n generated vs `n_reference` real), class_accuracy, clip_score_motfusion;
     image to text on the same val images: caption_accuracy (the caption names the right class).
@@ -98,33 +100,41 @@ def evaluate_fashion(gen: Generator, cfg: Config, classifier: FashionClassifier,
     prompts, labels = [s.caption for s in samples], torch.tensor([s.label for s in samples])
     real = torch.stack([s.image for s in samples])  # (n, 3, H, W)
     reference = torch.stack([val.sample(i).image for i in range(n_reference)])
-    other_real = torch.stack([train.sample(i).image for i in range(n)])  # real images that are not the reference
+    other_real = torch.stack(
+        [train.sample(i).image for i in range(n)]
+    )  # real images that are not the reference
 
     g = torch.Generator(device=gen.device).manual_seed(seed)
-    fake = _batched_images(gen, prompts, g, batch_size)
-    captions = _batched_captions(gen, real, g, batch_size)
+    fake = images_in_batches(gen, prompts, g, batch_size)
+    captions = captions_in_batches(gen, real, g, batch_size)
     ref_features = classifier_features(classifier, reference)
     return {
         "fid_fashion_classifier": frechet_distance_of(classifier_features(classifier, fake), ref_features),
-        "fid_fashion_classifier/real": frechet_distance_of(classifier_features(classifier, other_real), ref_features),
+        "fid_fashion_classifier/real": frechet_distance_of(
+            classifier_features(classifier, other_real), ref_features
+        ),
         "class_accuracy": class_accuracy(classifier, fake, labels),
         "class_accuracy/real": class_accuracy(classifier, real, labels),
         "clip_score_motfusion": clip_score(clip, fake, prompts),
         "clip_score_motfusion/real": clip_score(clip, real, prompts),
         "caption_accuracy": sum(caption_names_class(c, int(y)) for c, y in zip(captions, labels)) / n,
-        "n": n, "n_reference": n_reference,
+        "n": n,
+        "n_reference": n_reference,
     }
 
 
-def evaluate_emoji(gen: Generator, cfg: Config, clip: ClipModel, *, n: int = 200, seed: int = 0,
-                   batch_size: int = 50) -> dict[str, float]:
+def evaluate_emoji(
+    gen: Generator, cfg: Config, clip: ClipModel, *, n: int = 200, seed: int = 0, batch_size: int = 50
+) -> dict[str, float]:
     """Text to image from the names of the (held-out) val emoji; clip_score_motfusion of the results,
     and of the real emoji as the ceiling."""
     val = build_dataset(suite_config(cfg, "emoji"), "val")
     samples = [val.sample(i) for i in range(min(n, len(val)))]
     prompts = [s.caption for s in samples]
     g = torch.Generator(device=gen.device).manual_seed(seed)
-    fake = _batched_images(gen, prompts, g, batch_size)
-    return {"clip_score_motfusion": clip_score(clip, fake, prompts),
-            "clip_score_motfusion/real": clip_score(clip, torch.stack([s.image for s in samples]), prompts),
-            "n": len(samples)}
+    fake = images_in_batches(gen, prompts, g, batch_size)
+    return {
+        "clip_score_motfusion": clip_score(clip, fake, prompts),
+        "clip_score_motfusion/real": clip_score(clip, torch.stack([s.image for s in samples]), prompts),
+        "n": len(samples),
+    }

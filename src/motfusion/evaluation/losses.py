@@ -14,14 +14,17 @@ from motfusion.tokenizer import Tokenizer
 
 
 @torch.no_grad()
-def validation_losses(model: TransfusionModel, cfg: Config, tokenizer: Tokenizer, n_batches: int = 8,
-                      seed: int = 0) -> dict[str, float]:
+def validation_losses(
+    model: TransfusionModel, cfg: Config, tokenizer: Tokenizer, n_batches: int = 8, seed: int = 0
+) -> dict[str, float]:
     """The objective's loss per modality, averaged over the first `n_batches` val batches.
 
     The val documents and the diffusion noise are fixed (val split seed, `seed`), so two checkpoints
     of a run are scored on exactly the same batches."""
     if n_batches < 1:
-        raise ConfigError(f"the validation loss needs at least one val batch (--val-batches), got {n_batches}")
+        raise ConfigError(
+            f"the validation loss needs at least one val batch (--val-batches), got {n_batches}"
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -21,6 +21,7 @@ from motfusion.evaluation.shapes_eval import (
     read_scene,
 )
 from motfusion.sampling import Generator
+from motfusion.sampling.batches import captions_in_batches, images_in_batches
 
 
 @dataclass
@@ -35,31 +36,37 @@ class ShapesEval:
     caption_ok: list[bool] = field(default_factory=list)
 
 
-def _batched(items: list, size: int):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
-
-
-def evaluate_shapes(gen: Generator, *, n_single: int = 48, n_prompts: int = 60, n_captions: int = 64,
-                    seed: int = 0, batch_size: int = 32) -> ShapesEval:
+def evaluate_shapes(
+    gen: Generator,
+    *,
+    n_single: int = 48,
+    n_prompts: int = 60,
+    n_captions: int = 64,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> ShapesEval:
     """geneval on single-object prompts and on every caption form; caption_accuracy on held-out images."""
     size = gen.image_size
     g = torch.Generator(device=gen.device).manual_seed(seed)
     single = [p for p, _ in single_object_prompts(n_single, seed=seed, image_size=size)]
     mixed = [p for p, _ in eval_prompts(n_prompts, seed=seed + 1, image_size=size)]
     prompts = single + mixed
-    images = [im.cpu() for chunk in _batched(prompts, batch_size) for im in gen.decode_images(gen.images(chunk, g))]
+    images = list(images_in_batches(gen, prompts, g, batch_size))
     single_scores = geneval(single, images[:n_single])
     mixed_scores = geneval(mixed, images[n_single:])
     prompt_ok = [all(check(parse_caption(p), read_scene(im)).values()) for p, im in zip(prompts, images)]
     forms = [caption_form(parse_caption(p).parts) for p in mixed]
-    per_form = {f"geneval_form/{form}": sum(ok for ok, f in zip(prompt_ok[n_single:], forms) if f == form)
-                / forms.count(form) for form in FORMS if form in forms}
+    per_form = {
+        f"geneval_form/{form}": sum(ok for ok, f in zip(prompt_ok[n_single:], forms) if f == form)
+        / forms.count(form)
+        for form in FORMS
+        if form in forms
+    }
 
     val = ShapesDataset(image_size=size, seed=seed, split="val")
     samples = [val.sample(i) for i in range(n_captions)]
     cap_images = torch.stack([s.image for s in samples])
-    captions = [c for chunk in _batched(list(cap_images), batch_size) for c in gen.captions(torch.stack(chunk).to(gen.device), g)]
+    captions = captions_in_batches(gen, cap_images, g, batch_size)
     scenes = [s.scene for s in samples]
     cap_scores = caption_accuracy(captions, scenes)
     caption_ok = [caption_accuracy([c], [s])["caption_accuracy"] == 1.0 for c, s in zip(captions, scenes)]
@@ -76,4 +83,13 @@ def evaluate_shapes(gen: Generator, *, n_single: int = 48, n_prompts: int = 60, 
         **{k: v for k, v in cap_scores.items() if "/" in k or k == "parse_rate"},
         "caption_accuracy_single": single_caps["caption_accuracy"],
     }
-    return ShapesEval(metrics, prompts, images, prompt_ok, list(cap_images), [s.caption for s in samples], captions, caption_ok)
+    return ShapesEval(
+        metrics,
+        prompts,
+        images,
+        prompt_ok,
+        list(cap_images),
+        [s.caption for s in samples],
+        captions,
+        caption_ok,
+    )

@@ -15,7 +15,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 
@@ -72,12 +73,16 @@ def unit_error_rate(hyps: Sequence[Sequence[int]], refs: Sequence[Sequence[int]]
     return error_rate([collapse(h) for h in hyps], [collapse(r) for r in refs])
 
 
-def evaluate_speech(gen: Generator, cfg: Config, *, n: int = 64, seed: int = 0, batch_size: int = 16) -> dict[str, float]:
+def evaluate_speech(
+    gen: Generator, cfg: Config, *, n: int = 64, seed: int = 0, batch_size: int = 16
+) -> dict[str, float]:
     """Speech-to-text CER and text-to-speech unit error rate on the first `n` val utterances of the
     run's speech dataset; the references are the units of espeak-ng's recordings (cached)."""
     name, _, arg = cfg.data.dataset.partition(":")
     if name != "speech":
-        raise ConfigError(f"--suite speech needs a run trained on data.dataset=speech:DIR, not {cfg.data.dataset!r}")
+        raise ConfigError(
+            f"--suite speech needs a run trained on data.dataset=speech:DIR, not {cfg.data.dataset!r}"
+        )
     stok = speech_tokenizer_of(cfg)
     data_dir, tok_dir = resolve_speech_dirs(arg)
     all_units, _ = load_units(tok_dir / UNITS_FILE)
@@ -87,16 +92,17 @@ def evaluate_speech(gen: Generator, cfg: Config, *, n: int = 64, seed: int = 0, 
     texts, refs = [t for t, _ in val], [u for _, u in val]
     g = torch.Generator(device=gen.device).manual_seed(seed)
     chunks = range(0, len(val), batch_size)
-    transcripts = [t for i in chunks for t in speech_to_text(gen, refs[i:i + batch_size], g)]
+    transcripts = [t for i in chunks for t in speech_to_text(gen, refs[i : i + batch_size], g)]
     spoken = []
     for i in chunks:  # cut at twice the longest reference: a model that never ends its span costs no more
-        limit = 2 * max(len(r) for r in refs[i:i + batch_size]) + 10
-        spoken += text_to_units(gen, stok, texts[i:i + batch_size], g, max_units=limit)
+        limit = 2 * max(len(r) for r in refs[i : i + batch_size]) + 10
+        spoken += text_to_units(gen, stok, texts[i : i + batch_size], g, max_units=limit)
     uer = unit_error_rate(spoken, refs)
     return {
         "speech_cer": cer(transcripts, texts),
         "speech_unit_error_rate": uer,
         "speech_unit_accuracy": max(0.0, 1.0 - uer),
-        "speech_length_ratio": sum(len(u) for u in spoken) / sum(len(u) for u in refs),  # generated / reference units
+        "speech_length_ratio": sum(len(u) for u in spoken)
+        / sum(len(u) for u in refs),  # generated / reference units
         "speech_n": float(len(val)),
     }

@@ -6,9 +6,9 @@ A new suite is one more entry in SUITES.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from motfusion.config import Config
 from motfusion.errors import ConfigError
@@ -54,7 +54,9 @@ SUITES: dict[str, Callable[[Generator, Config, SuiteOptions], dict[str, float]]]
 }
 
 
-def evaluate(suite: str, gen: Generator, cfg: Config, options: SuiteOptions | None = None) -> dict[str, float]:
+def evaluate(
+    suite: str, gen: Generator, cfg: Config, options: SuiteOptions | None = None
+) -> dict[str, float]:
     if suite not in SUITES:
         raise ConfigError(f"unknown evaluation suite {suite!r}; choose one of {sorted(SUITES)}")
     return SUITES[suite](gen, cfg, options or SuiteOptions())

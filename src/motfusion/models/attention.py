@@ -42,8 +42,12 @@ class SeqMeta:
     index: torch.Tensor
 
     def cat(self, other: SeqMeta) -> SeqMeta:
-        return SeqMeta(*(torch.cat((a, b), dim=1) for a, b in
-                         ((self.doc, other.doc), (self.image, other.image), (self.index, other.index))))
+        return SeqMeta(
+            *(
+                torch.cat((a, b), dim=1)
+                for a, b in ((self.doc, other.doc), (self.image, other.image), (self.index, other.index))
+            )
+        )
 
 
 def allowed(q_doc, q_img, q_idx, k_doc, k_img, k_idx, bidirectional: bool) -> torch.Tensor:
@@ -56,8 +60,15 @@ def allowed(q_doc, q_img, q_idx, k_doc, k_img, k_idx, bidirectional: bool) -> to
 
 def dense_mask(q: SeqMeta, k: SeqMeta, bidirectional: bool) -> torch.Tensor:
     """(B, 1, Tq, Tk) boolean mask, True = may attend."""
-    m = allowed(q.doc[:, :, None], q.image[:, :, None], q.index[:, :, None],
-                k.doc[:, None, :], k.image[:, None, :], k.index[:, None, :], bidirectional)
+    m = allowed(
+        q.doc[:, :, None],
+        q.image[:, :, None],
+        q.index[:, :, None],
+        k.doc[:, None, :],
+        k.image[:, None, :],
+        k.index[:, None, :],
+        bidirectional,
+    )
     return m[:, None]
 
 
@@ -83,8 +94,12 @@ class DocumentBuckets:
     src: torch.Tensor  # (S,) the position each slot reads (padding: its document's first)
     dst: torch.Tensor  # (N,) the slot of each position
     sizes: tuple[tuple[int, int], ...]  # (rows, length) of each bucket, in slot order
-    masks: tuple[torch.Tensor, ...]  # (rows, 1, length, length) per bucket, additive: 0 or -inf (sdpa converts a bool one per call)
-    identity: bool = False  # the slots are the positions (documents of one bucket length, in order): no gathers
+    masks: tuple[
+        torch.Tensor, ...
+    ]  # (rows, 1, length, length) per bucket, additive: 0 or -inf (sdpa converts a bool one per call)
+    identity: bool = (
+        False  # the slots are the positions (documents of one bucket length, in order): no gathers
+    )
 
     def reorder(self, order: torch.Tensor, inverse: torch.Tensor) -> DocumentBuckets:
         """For positions read in a new order: new position i is old position order[i]."""
@@ -98,7 +113,11 @@ class DocumentBuckets:
         H, hd = q.shape[1:]
         if not self.identity:
             q, k, v = (gather_rows(t, self.src, self.dst) for t in (q, k, v))  # (S, H, hd) each
-        buckets = zip(*(t.split([n * L for n, L in self.sizes]) for t in (q, k, v))) if len(self.sizes) > 1 else [(q, k, v)]
+        buckets = (
+            zip(*(t.split([n * L for n, L in self.sizes]) for t in (q, k, v)))
+            if len(self.sizes) > 1
+            else [(q, k, v)]
+        )
         ys = []
         for (n, L), mask, qkv in zip(self.sizes, self.masks, buckets):
             qb, kb, vb = (t.view(n, L, H, hd).transpose(1, 2) for t in qkv)  # (n, H, L, hd)
@@ -165,8 +184,10 @@ def _flex(q, k, v, block_mask):
     global _compiled_flex
     if q.device.type != "cuda":
         if torch.is_grad_enabled() and q.requires_grad:
-            raise ValueError("model.attention_backend=flex has no backward on CPU in torch 2.13: "
-                             "train with model.attention_backend=sdpa, or auto (documents on CPU)")
+            raise ValueError(
+                "model.attention_backend=flex has no backward on CPU in torch 2.13: "
+                "train with model.attention_backend=sdpa, or auto (documents on CPU)"
+            )
         with warnings.catch_warnings():  # eager flex warns that it is unfused; on CPU that is expected
             warnings.simplefilter("ignore", UserWarning)
             return flex_attention(q, k, v, block_mask=block_mask)

@@ -66,7 +66,9 @@ def join_towers(parts: list[torch.Tensor], route: Route | None) -> torch.Tensor:
     return out if route.sorted else gather_rows(out, route.inverse, route.order)
 
 
-def each_tower(x: torch.Tensor, route: Route | None, fn: Callable[[str, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def each_tower(
+    x: torch.Tensor, route: Route | None, fn: Callable[[str, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Apply fn(tower, x_tower) to each tower's tokens of the stream x (N, D) -> (N, out), stream order."""
     return join_towers([fn(t, part) for t, part in split_towers(x, route)], route)
 
@@ -131,13 +133,21 @@ class MoTBlock(nn.Module):
         if not self.cfg.qk_norm:
             return qkv
         q, k, v = qkv.unflatten(-1, (3, self.cfg.n_heads, self.cfg.head_dim)).unbind(1)  # (n, H, hd) each
-        return torch.cat((self.q_norm[norm](q).flatten(1), self.k_norm[norm](k).flatten(1), v.flatten(1)), dim=-1)
+        return torch.cat(
+            (self.q_norm[norm](q).flatten(1), self.k_norm[norm](k).flatten(1), v.flatten(1)), dim=-1
+        )
 
     def _ffn(self, tower: str, x: torch.Tensor) -> torch.Tensor:
         return self.ffn[self._key("ffn", tower)](self.ffn_norm[self._key("norm", tower)](x))
 
-    def forward(self, x: torch.Tensor, route: Route | None, rope: tuple[torch.Tensor, torch.Tensor], mask,
-                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, tuple | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        route: Route | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        mask,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple | None]:
         """x: (B, T, D) and rope's cos, sin: (B, T, hd / 2), their B * T positions in the route's
         stream order (row order unless the backbone sorted them). kv: cached (k, v) of earlier
         positions, (B, H, Tc, hd) each. Returns the new x, same order, and this pass's full (k, v) in
@@ -198,7 +208,9 @@ class MoTBackbone(nn.Module):
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         return Route(towers, sizes, order, inverse)
 
-    def forward(self, x: torch.Tensor, route: Route | None, rope, mask, cache: list | None = None) -> tuple[torch.Tensor, list]:
+    def forward(
+        self, x: torch.Tensor, route: Route | None, rope, mask, cache: list | None = None
+    ) -> tuple[torch.Tensor, list]:
         """x: (B, T, D) -> (B, T, D) after the final norm, plus each layer's (k, v). In between, the
         residual stream is in tower order."""
         B, T, D = x.shape

@@ -46,8 +46,14 @@ class KVCache:
 
 def build_patcher(cfg: ModelConfig) -> LinearPatcher | UNetPatcher:
     if cfg.patcher == "unet":
-        return UNetPatcher(channels=cfg.image_channels, patch_size=cfg.patch_size, dim=cfg.dim,
-                           width=cfg.unet_channels, blocks=cfg.unet_blocks, pooled=cfg.unet_pooled)
+        return UNetPatcher(
+            channels=cfg.image_channels,
+            patch_size=cfg.patch_size,
+            dim=cfg.dim,
+            width=cfg.unet_channels,
+            blocks=cfg.unet_blocks,
+            pooled=cfg.unet_pooled,
+        )
     return LinearPatcher(cfg.image_channels, cfg.patch_size, cfg.dim)
 
 
@@ -58,14 +64,22 @@ class TransfusionModel(nn.Module):
         self.cfg = cfg
         unknown = sorted(set(cfg.vocab_sizes) - set(SPECS))
         if unknown:
-            raise ConfigError(f"model.vocab_sizes names unknown modalities {unknown}; registered: {list(SPECS)}")
+            raise ConfigError(
+                f"model.vocab_sizes names unknown modalities {unknown}; registered: {list(SPECS)}"
+            )
         self.text = TokenAdapter(vocab_size, cfg.dim)
-        self.discrete = nn.ModuleDict({m: TokenAdapter(SPECS[m].offset + n, cfg.dim) for m, n in cfg.vocab_sizes.items()})
+        self.discrete = nn.ModuleDict(
+            {m: TokenAdapter(SPECS[m].offset + n, cfg.dim) for m, n in cfg.vocab_sizes.items()}
+        )
         self.image = None if "image" in self.discrete else build_patcher(cfg)  # continuous images only
         self.backbone = MoTBackbone(cfg)
         if cfg.align_dim:  # objective.contrastive_weight: CLIP's projections and learned temperature
-            self.align = nn.ModuleDict({m: nn.Linear(cfg.dim, cfg.align_dim, bias=False) for m in ("image", "text")})
-            self.align_scale = nn.Parameter(torch.tensor([math.log(1 / 0.07)]))  # (1,): FSDP shards no scalars
+            self.align = nn.ModuleDict(
+                {m: nn.Linear(cfg.dim, cfg.align_dim, bias=False) for m in ("image", "text")}
+            )
+            self.align_scale = nn.Parameter(
+                torch.tensor([math.log(1 / 0.07)])
+            )  # (1,): FSDP shards no scalars
         self.apply(self._init)
         for name, p in self.named_parameters():  # scale residual projections by depth, as in GPT-2
             if ".blocks." in name and name.endswith(("wo.weight", "w2.weight")):
@@ -81,8 +95,14 @@ class TransfusionModel(nn.Module):
         if isinstance(m, nn.Linear) and m.bias is not None:
             nn.init.zeros_(m.bias)
 
-    def forward(self, batch: Batch, images: torch.Tensor, t: torch.Tensor,
-                cache: KVCache | None = None, commit: bool = True) -> ModelOutput:
+    def forward(
+        self,
+        batch: Batch,
+        images: torch.Tensor,
+        t: torch.Tensor,
+        cache: KVCache | None = None,
+        commit: bool = True,
+    ) -> ModelOutput:
         """batch: (B, T) positions; images: (N, C, H, W) noisy images at timesteps t: (N,).
 
         With a cache, the batch holds only the new positions and attends to the cached ones too;
@@ -117,13 +137,21 @@ class TransfusionModel(nn.Module):
 
         if N:
             Hmax, Wmax = images.shape[-2:]
-            preds = [self.image.predict(h.view(B * T, D)[idx], H, W, s) for (_, H, W, idx), s in zip(groups, skips)]
-            preds = [p if p.shape[-2:] == (Hmax, Wmax) else F.pad(p, (0, Wmax - p.shape[-1], 0, Hmax - p.shape[-2]))
-                     for p in preds]  # smaller sizes: zero-padded like `images`
+            preds = [
+                self.image.predict(h.view(B * T, D)[idx], H, W, s) for (_, H, W, idx), s in zip(groups, skips)
+            ]
+            preds = [
+                p
+                if p.shape[-2:] == (Hmax, Wmax)
+                else F.pad(p, (0, Wmax - p.shape[-1], 0, Hmax - p.shape[-2]))
+                for p in preds
+            ]  # smaller sizes: zero-padded like `images`
             image_out = torch.cat(preds) if len(preds) > 1 else preds[0]  # (N, C, H, W), padded like images
         else:
             image_out = images
-        return ModelOutput(hidden=h, image=image_out, moe_balance=torch.stack(balance).mean() if balance else None)
+        return ModelOutput(
+            hidden=h, image=image_out, moe_balance=torch.stack(balance).mean() if balance else None
+        )
 
     @property
     def token_modalities(self) -> list[str]:
@@ -137,11 +165,16 @@ class TransfusionModel(nn.Module):
         """Gather each discrete modality's positions, look up its own table, scatter -> (B, T, D)."""
         B, T = batch.shape
         continuous = {"image"} if self.image is not None else set()
-        missing = [m for m, idx in batch.modality_index.items()
-                   if idx.numel() and m not in self.token_modalities and m not in continuous]
+        missing = [
+            m
+            for m, idx in batch.modality_index.items()
+            if idx.numel() and m not in self.token_modalities and m not in continuous
+        ]
         if missing:
-            raise ValueError(f"the batch has {missing} positions but the model has no vocabulary for them; "
-                             f"give each a size in model.vocab_sizes (e.g. {missing[0]}:500)")
+            raise ValueError(
+                f"the batch has {missing} positions but the model has no vocabulary for them; "
+                f"give each a size in model.vocab_sizes (e.g. {missing[0]}:500)"
+            )
         tokens = batch.tokens.flatten()
         h = self.text.embed.weight.new_zeros(B * T, self.cfg.dim)
         for m in self.token_modalities:

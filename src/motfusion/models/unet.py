@@ -73,7 +73,9 @@ class UNetPatcher(nn.Module):
     Level i works at resolution H / 2^i with width `width * 2^min(i, 2)`; level log2(k) is the patch grid.
     """
 
-    def __init__(self, *, channels: int, patch_size: int, dim: int, width: int, blocks: int, pooled: bool = False):
+    def __init__(
+        self, *, channels: int, patch_size: int, dim: int, width: int, blocks: int, pooled: bool = False
+    ):
         super().__init__()
         if patch_size < 1 or patch_size & (patch_size - 1):
             raise ValueError(f"the U-Net patcher needs a power-of-2 model.patch_size, got {patch_size}")
@@ -85,16 +87,22 @@ class UNetPatcher(nn.Module):
 
         self.stem = nn.Conv2d(channels, widths[0], 3, padding=1)
         self.down = nn.ModuleList(Level(c, c, blocks, time_dim) for c in widths)
-        self.downsample = nn.ModuleList(nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:]))
+        self.downsample = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:])
+        )
         self.to_tokens = nn.Conv2d(widths[-1], dim, 1)  # a per-position linear map at the patch grid
-        self.time_to_tokens = nn.Linear(time_dim, dim)  # the backbone sees t directly, as with the linear patcher
+        self.time_to_tokens = nn.Linear(
+            time_dim, dim
+        )  # the backbone sees t directly, as with the linear patcher
 
         self.from_tokens = nn.Conv2d(dim, widths[-1], 1)
         # model.unet_pooled: the mean of the image's hidden states joins the timestep in every up block's
         # adaptive norms, a direct path from the backbone (and the caption it read) to all resolutions.
         self.pooled = nn.Linear(dim, time_dim) if pooled else None
         # Indexed by level like the down path; every level above the patch grid concatenates its skip.
-        self.up = nn.ModuleList(Level(c if i == self.levels else 2 * c, c, blocks, time_dim) for i, c in enumerate(widths))
+        self.up = nn.ModuleList(
+            Level(c if i == self.levels else 2 * c, c, blocks, time_dim) for i, c in enumerate(widths)
+        )
         self.upsample = nn.ModuleList(
             nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(b, a, 3, padding=1))
             for a, b in zip(widths, widths[1:])

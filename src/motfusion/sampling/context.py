@@ -27,8 +27,11 @@ class Chunk:
     t: torch.Tensor  # (N,) their timesteps
 
     @staticmethod
-    def cat(chunks: list["Chunk"]) -> "Chunk":
-        per_pos = [torch.cat([getattr(c, f) for c in chunks], dim=1) for f in ("tokens", "modality", "doc", "pos", "image")]
+    def cat(chunks: list[Chunk]) -> Chunk:
+        per_pos = [
+            torch.cat([getattr(c, f) for c in chunks], dim=1)
+            for f in ("tokens", "modality", "doc", "pos", "image")
+        ]
         with_images = [c for c in chunks if c.images.shape[0]]
         images = torch.cat([c.images for c in with_images]) if with_images else chunks[0].images
         t = torch.cat([c.t for c in with_images]) if with_images else chunks[0].t
@@ -42,14 +45,20 @@ class Chunk:
         image_index = [(flat_image == i).nonzero().squeeze(1) for i in ids.tolist()]
         flat_mod = self.modality.flatten()
         return Batch(
-            tokens=self.tokens, modality=self.modality, doc=self.doc, pos=self.pos, image=self.image,
-            targets=torch.full_like(self.tokens, -100), images=self.images,
+            tokens=self.tokens,
+            modality=self.modality,
+            doc=self.doc,
+            pos=self.pos,
+            image=self.image,
+            targets=torch.full_like(self.tokens, -100),
+            images=self.images,
             image_index=torch.stack(image_index) if image_index else self.tokens.new_zeros(0, 1),
             image_first=torch.zeros(len(image_index), dtype=torch.bool, device=self.tokens.device),
             image_caption=torch.zeros(len(image_index), dtype=torch.long, device=self.tokens.device),
             image_order=torch.arange(len(image_index), device=self.tokens.device),
             image_groups=(ImageGroup(0, len(image_index), *self.images.shape[-2:], image_index[0].numel()),)
-            if image_index else (),
+            if image_index
+            else (),
             modality_index={m: (flat_mod == i).nonzero().squeeze(1) for m, i in MODALITIES.items()},
             loss_index={m: self.tokens.new_zeros(0) for m in MODALITIES},
         )
@@ -73,7 +82,7 @@ class Context:
             full = Chunk.cat(self.committed + [chunk])
             out = self.model(full.to_batch(), full.images, full.t)
             n, N = chunk.tokens.shape[1], chunk.images.shape[0]
-            out = ModelOutput(hidden=out.hidden[:, -n:], image=out.image[out.image.shape[0] - N:])
+            out = ModelOutput(hidden=out.hidden[:, -n:], image=out.image[out.image.shape[0] - N :])
         if commit:
             self.committed.append(chunk)
             self.next_pos = chunk.pos[:, -1] + 1
@@ -87,7 +96,7 @@ class Context:
         """Left-pad the rows' prompts to one length, so that every row's next position is aligned."""
         B, T = len(docs), max(len(d) for d in docs)
         c = self._empty(B, T, pad_id)
-        images, image_rows = [], []
+        images = []
         for b, d in enumerate(docs):
             off = T - len(d)
             c.tokens[b, off:] = torch.tensor(d.tokens)
@@ -125,5 +134,12 @@ class Context:
 
     def _empty(self, B: int, n: int, pad_id: int) -> Chunk:
         full = lambda v: torch.full((B, n), v, dtype=torch.long, device=self.device)
-        return Chunk(full(pad_id), full(TEXT), full(-1), full(0), full(-1),
-                     torch.zeros(0, device=self.device), torch.zeros(0, device=self.device))
+        return Chunk(
+            full(pad_id),
+            full(TEXT),
+            full(-1),
+            full(0),
+            full(-1),
+            torch.zeros(0, device=self.device),
+            torch.zeros(0, device=self.device),
+        )

@@ -51,8 +51,9 @@ class SampleConfig:
     clip_x0: bool = True  # pixels live in [-1, 1]; never applied to VAE latents, which are not bounded
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
-                 generator: torch.Generator | None) -> torch.Tensor:
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
     """logits (B, V) -> ids (B,): greedy at temperature 0, else nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
@@ -68,8 +69,15 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float,
 class Generator:
     """Holds the model, tokenizer and settings that every decoding mode shares."""
 
-    def __init__(self, model: TransfusionModel, tokenizer: Tokenizer, objective: ObjectiveConfig, image_size: int,
-                 cfg: SampleConfig | None = None, image: ImageRepr | None = None):
+    def __init__(
+        self,
+        model: TransfusionModel,
+        tokenizer: Tokenizer,
+        objective: ObjectiveConfig,
+        image_size: int,
+        cfg: SampleConfig | None = None,
+        image: ImageRepr | None = None,
+    ):
         """`image_size` is in pixels; `image` is the run's image representation (codecs/image.py:
         image_repr(cfg), on the model's device), pixels by default."""
         self.model, self.tok = model.eval(), tokenizer
@@ -79,8 +87,10 @@ class Generator:
         self.sampler_name = auto if self.cfg.sampler == "auto" else self.cfg.sampler
         self.repr, self.image_size = image or Pixels(), image_size
         if self.repr.discrete != (model.image is None):
-            raise ValueError(f"this model's images are {'VQ codes' if model.image is None else 'continuous'}: pass "
-                             "image=image_repr(cfg) (codecs/image.py) for its representation")
+            raise ValueError(
+                f"this model's images are {'VQ codes' if model.image is None else 'continuous'}: pass "
+                "image=image_repr(cfg) (codecs/image.py) for its representation"
+            )
         self.device = next(model.parameters()).device
         side = self.repr.side(image_size)
         self.image_shape = (model.cfg.image_channels, side, side)  # the model's image space
@@ -102,8 +112,9 @@ class Generator:
     def _logits(self, out, modality: str = "text") -> torch.Tensor:
         return self.model.logits(out.hidden[:, -1], modality).float()  # (B, V_modality)
 
-    def decode(self, ctx: Context, logits: torch.Tensor, generator: torch.Generator | None,
-               stop: tuple[int, ...]) -> list[list[int]]:
+    def decode(
+        self, ctx: Context, logits: torch.Tensor, generator: torch.Generator | None, stop: tuple[int, ...]
+    ) -> list[list[int]]:
         """Sample up to max_tokens per row until every row has emitted a stop token. The stop token
         itself is returned but not run, so the caller decides what follows it."""
         B = logits.shape[0]
@@ -120,8 +131,14 @@ class Generator:
             logits = self._logits(ctx.run(ctx.tokens(ids)))
         return out
 
-    def span(self, ctx: Context, uncond: Context | None, modality: str, generator: torch.Generator | None,
-             length: int | None = None) -> list[list[int]]:
+    def span(
+        self,
+        ctx: Context,
+        uncond: Context | None,
+        modality: str,
+        generator: torch.Generator | None,
+        length: int | None = None,
+    ) -> list[list[int]]:
         """Sample one span of `modality` per row, after each context's start marker, with that
         modality's head; `uncond` (an unconditional context, or `ctx` itself when its second half
         of rows is unconditional: see `guided_prompt`) adds classifier-free guidance.
@@ -154,18 +171,30 @@ class Generator:
                 c.run(c.tokens(ids, spec.index))
         return out
 
-    def denoise(self, ctx: Context, uncond: Context | None, B: int, generator: torch.Generator | None,
-                noise: torch.Tensor | None = None) -> torch.Tensor:
+    def denoise(
+        self,
+        ctx: Context,
+        uncond: Context | None,
+        B: int,
+        generator: torch.Generator | None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Generate one image per row after each context's BOI -> (B, C, H, W). Nothing is committed.
         `uncond`: an unconditional context for guidance, or `ctx` itself when its rows B..2B-1 are
         the unconditional prompts (`guided_prompt`): then each step is one batch of 2B rows.
         `noise` (B, C, H, W) fixes the starting point; otherwise it is drawn from `generator`."""
         sampler = make_sampler(self.process, self.sampler_name, self.cfg.steps, clip_x0=self.clip_x0)
-        x = noise.to(self.device) if noise is not None else torch.randn((B, *self.image_shape), generator=generator, device=self.device)
+        x = (
+            noise.to(self.device)
+            if noise is not None
+            else torch.randn((B, *self.image_shape), generator=generator, device=self.device)
+        )
         for i in range(len(sampler)):
             t = sampler.batch_timesteps(i, x)
             if uncond is ctx:  # conditional and unconditional rows in one pass
-                both = ctx.run(ctx.image(torch.cat((x, x)), torch.cat((t, t)), self.tokens_per_image), commit=False)
+                both = ctx.run(
+                    ctx.image(torch.cat((x, x)), torch.cat((t, t)), self.tokens_per_image), commit=False
+                )
                 pred = guide(*both.image.chunk(2), self.cfg.guidance)
             else:
                 pred = ctx.run(ctx.image(x, t, self.tokens_per_image), commit=False).image
@@ -200,7 +229,9 @@ class Generator:
         """After a start marker: run one span of `modality` into `ctx` (not its end marker); return it."""
         if modality == "image" and not self.repr.discrete:  # diffusion
             x = self.denoise(ctx, self._unconditional(1), 1, generator)
-            ctx.run(ctx.image(x, torch.zeros(1, device=self.device), self.tokens_per_image))  # the clean image
+            ctx.run(
+                ctx.image(x, torch.zeros(1, device=self.device), self.tokens_per_image)
+            )  # the clean image
             return Image(x[0].cpu())
         if modality == "image":
             codes = self.span(ctx, self._unconditional(1), "image", generator, length=self.tokens_per_image)
@@ -228,8 +259,9 @@ class Generator:
     # ---- decoding modes -----------------------------------------------------------------------
 
     @torch.no_grad()
-    def images(self, prompts: list[str], generator: torch.Generator | None = None,
-               noise: torch.Tensor | None = None) -> torch.Tensor:
+    def images(
+        self, prompts: list[str], generator: torch.Generator | None = None, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Text to image: one image per prompt -> (B, C, H, W) in the model's image space (pixels in
         [-1, 1], or latents: `decode_images` turns them into pixels). With VQ codes: decoded pixels."""
         ctx, uncond = self.guided_prompt(prompts)
@@ -247,8 +279,9 @@ class Generator:
         return [self.tok.decode(i for i in row if i != self.tok.eos) for row in ids]
 
     @torch.no_grad()
-    def caption_ids(self, images: torch.Tensor, generator: torch.Generator | None = None,
-                    stop: tuple[int, ...] = ()) -> list[list[int]]:
+    def caption_ids(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, stop: tuple[int, ...] = ()
+    ) -> list[list[int]]:
         """The token ids `captions` decodes; `stop=()` samples max_tokens per image (benchmarks)."""
         images = self.encode_images(images)
         ctx = Context(self.model, self.cfg.use_cache)
@@ -256,8 +289,13 @@ class Generator:
         return self.decode(ctx, self._logits(out), generator, stop=stop)
 
     @torch.no_grad()
-    def units(self, prompts: list[str], modality: str, generator: torch.Generator | None = None,
-              max_units: int | None = None) -> list[list[int]]:
+    def units(
+        self,
+        prompts: list[str],
+        modality: str,
+        generator: torch.Generator | None = None,
+        max_units: int | None = None,
+    ) -> list[list[int]]:
         """Text to units (e.g. speech): after each prompt and `modality`'s start marker, sample units
         with its head until it ends the span, or for `max_units` (default max_tokens) units."""
         start = self.tok.special_ids[SPECS[modality].start]
@@ -266,7 +304,9 @@ class Generator:
         return self.span(ctx, None, modality, generator, length=max_units)
 
     @torch.no_grad()
-    def transcribe(self, units: list[list[int]], modality: str, generator: torch.Generator | None = None) -> list[str]:
+    def transcribe(
+        self, units: list[list[int]], modality: str, generator: torch.Generator | None = None
+    ) -> list[str]:
         """Units to text (e.g. speech recognition): each unit sequence as a closed span, then text until EOS."""
         ctx = Context(self.model, self.cfg.use_cache)
         out = ctx.run(ctx.prompt([self._encode([Units(modality, u)]) for u in units], self.tok.pad))
@@ -274,12 +314,16 @@ class Generator:
         return [self.tok.decode(i for i in row if i != self.tok.eos) for row in ids]
 
     @torch.no_grad()
-    def interleaved(self, prompt: str, generator: torch.Generator | None = None, max_spans: int = 4) -> list[Segment]:
+    def interleaved(
+        self, prompt: str, generator: torch.Generator | None = None, max_spans: int = 4
+    ) -> list[Segment]:
         """Free-running: continue `prompt`; when the model emits a span's start marker, write that span
         (an image by diffusion or as VQ codes, speech units), append its end marker and go on.
         Diffusion images are in the model's image space, like `images`' output."""
         ctx = Context(self.model, self.cfg.use_cache)
-        logits = self._logits(ctx.run(ctx.prompt([self._encode([Text(prompt)] if prompt else [])], self.tok.pad)))
+        logits = self._logits(
+            ctx.run(ctx.prompt([self._encode([Text(prompt)] if prompt else [])], self.tok.pad))
+        )
         segments: list[Segment] = [Text(prompt)] if prompt else []
         starts = self._span_starts()
         for n_spans in range(max_spans + 1):

@@ -32,11 +32,14 @@ def bundled_codecs(cfg: Config, directory: Path) -> Config:
     return cfg
 
 
-def load_generator(path: Path | str, device: torch.device | str = "cpu", sample: SampleConfig | None = None,
-                   ema: bool = True) -> tuple[Generator, Config]:
+def load_generator(
+    path: Path | str, device: torch.device | str = "cpu", sample: SampleConfig | None = None, ema: bool = True
+) -> tuple[Generator, Config]:
     """The model of `path` (a run, a checkpoint or an exported file: load_model; `ema`: its moving
     average where it has one), its tokenizer and its image representation, on `device`; and its config."""
     path = Path(path)
     model, cfg, tok = load_model(path, device, ema=ema)
     cfg = bundled_codecs(cfg, path if path.is_dir() else path.parent)
-    return Generator(model, tok, cfg.objective, cfg.data.image_size, sample, image=image_repr(cfg, device)), cfg
+    return Generator(
+        model, tok, cfg.objective, cfg.data.image_size, sample, image=image_repr(cfg, device)
+    ), cfg

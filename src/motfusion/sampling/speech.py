@@ -11,14 +11,23 @@ from motfusion.sampling.generate import Generator
 MAX_SPEECH_SECONDS = 12.0  # longest speech a model may write before it is cut
 
 
-def text_to_units(gen: Generator, stok: SpeechTokenizer, texts: list[str], generator: torch.Generator | None = None,
-                  max_units: int | None = None) -> list[torch.Tensor]:
+def text_to_units(
+    gen: Generator,
+    stok: SpeechTokenizer,
+    texts: list[str],
+    generator: torch.Generator | None = None,
+    max_units: int | None = None,
+) -> list[torch.Tensor]:
     """Text -> speech units sampled by the model (until it ends the span, or `max_units`, by default
     MAX_SPEECH_SECONDS), one (T_i,) tensor per text."""
     max_units = max_units or int(MAX_SPEECH_SECONDS * stok.cfg.mel.frame_rate)
-    return [torch.tensor(u, dtype=torch.long) for u in gen.units(texts, "speech", generator, max_units=max_units)]
+    return [
+        torch.tensor(u, dtype=torch.long) for u in gen.units(texts, "speech", generator, max_units=max_units)
+    ]
 
 
-def speech_to_text(gen: Generator, units: list[torch.Tensor], generator: torch.Generator | None = None) -> list[str]:
+def speech_to_text(
+    gen: Generator, units: list[torch.Tensor], generator: torch.Generator | None = None
+) -> list[str]:
     """Speech units -> the model's transcripts."""
     return gen.transcribe([u.tolist() for u in units], "speech", generator)

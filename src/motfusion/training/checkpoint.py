@@ -32,7 +32,6 @@ what survives what.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import re
@@ -64,6 +63,14 @@ from motfusion.tokenizer import (
 )
 from motfusion.training.distributed import barrier, is_distributed, is_main
 from motfusion.training.ema import EMA
+from motfusion.training.files import (
+    TMP_PREFIX,
+    check_writable_file,
+    fsync,
+    write_atomic,
+    write_error,
+    write_file,
+)
 
 CHECKPOINTS = "checkpoints"
 MODEL_FILE, STATE_FILE, CONFIG_FILE = "model.safetensors", "train_state.pt", "config.json"
@@ -74,7 +81,6 @@ CONFIG_METADATA = "motfusion_config"  # the metadata key of an exported file's c
 SHARDED_DIR = "sharded"  # a sharded checkpoint's DCP files: {"model": ..., "optimizer": ...}
 _FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)  # whole tensors, on rank 0's CPU
 _STEP_DIR = re.compile(r"step_(\d{8})")
-_TMP_PREFIX = ".tmp-"
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -102,177 +108,16 @@ def checkpoint_step(ckpt: Path) -> int:
     return int(match.group(1))
 
 
-LOCK_FILE = ".lock"  # RUN/.lock: the PID of the process that trains the run (RunLock)
-
-
-def write_error(e: OSError, what: str, then: str = "") -> WriteError:
-    """An OSError while writing -> one line naming the path and the cause ("no space left on device")."""
-    cause = (e.strerror or str(e)).lower() if e.errno is not None else str(e)
-    where = f" {e.filename}" if e.filename else ""
-    return WriteError(f"cannot write {what}{where}: {cause}{then}")
-
-
-def write_atomic(path: Path, write: Any) -> None:
-    """Write a file whole or not at all: `write(f)` fills a temporary sibling, which is fsynced and renamed
-    over `path`. A kill at any moment leaves the old file or the new one, never a torn one."""
-    path = Path(path)
-    tmp = path.with_name(f"{_TMP_PREFIX}{path.name}-{os.getpid()}")
-    try:
-        _write_file(tmp, write, fsync=True)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync(path.parent)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def check_writable_dir(path: Path, what: str) -> None:
-    """Create `path` (a directory) if needed and prove a file can be written there, before any work:
-    a read-only or full file system, or a file in the way, is one CheckpointError naming the path."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise CheckpointError(f"{what} {path} is a file, not a directory; choose another path")
-    _check_ancestors(path, what)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f"{_TMP_PREFIX}probe-{os.getpid()}"
-        with open(probe, "wb") as f:
-            f.write(b"\0")
-        probe.unlink()
-    except OSError as e:
-        raise write_error(e, what) from None
-
-
-def check_writable_file(path: Path, what: str) -> None:
-    """`path` can be (re)written as a file: it is not a directory and its folder takes new files."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{what} {path} is a directory; name a file")
-    _check_ancestors(path, what)
-    check_writable_dir(path.parent, f"the folder of {what}")
-
-
-def _check_ancestors(path: Path, what: str) -> None:
-    """A file where `path` needs a folder, e.g. --out notes.txt/run."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise CheckpointError(f"{what} {path} lies under {parent}, which is a file; choose another path")
-            return
-
-
-class RunLock:
-    """The one writer of a run directory: an exclusive flock on RUN/.lock, holding the writer's PID.
-
-    The OS drops a flock when its process ends, however it ends (SIGKILL and power loss included),
-    so the lock of a crashed run is never in the way: the next writer takes it, and `stale` names the
-    PID that left it (the file still holds it; a clean exit empties it). While a process holds it, a
-    second writer gets a CheckpointError naming that PID. The file is never deleted, so two processes
-    cannot each lock a different file of the same name.
-    """
-
-    def __init__(self, run_dir: Path):
-        self.run_dir, self.path = Path(run_dir), Path(run_dir) / LOCK_FILE
-        self.fd: int | None = None
-        self.stale: str | None = None  # the PID a crashed writer left in the file
-
-    def acquire(self) -> "RunLock":
-        check_writable_dir(self.run_dir, "run directory")
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise write_error(e, "run lock") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _read_pid(fd) or "unknown"
-            os.close(fd)
-            raise CheckpointError(f"{self.run_dir} is in use: process {holder} is training it (lock {self.path}); "
-                                  "wait for it or stop it, or choose another --out") from None
-        except OSError as e:  # a file system without flock
-            os.close(fd)
-            raise write_error(e, "run lock") from None
-        previous = _read_pid(fd)
-        self.stale = previous if previous and previous != str(os.getpid()) else None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
-        return self
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.ftruncate(self.fd, 0)  # a clean exit: nothing stale for the next writer to report
-            os.close(self.fd)  # closing drops the flock
-            self.fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-def _read_pid(fd: int) -> str | None:
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return text if text.isdigit() else None
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file's (or a directory's) contents to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _Sink:
-    """A file's write() that remembers the OSError it raised. torch.save swallows a failed write of the
-    file object it is given (then reports a position mismatch, or nothing at all)."""
-
-    def __init__(self, f: Any):
-        self.f, self.error = f, None
-
-    def write(self, data: Any) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as e:
-            self.error = self.error or e
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-    def __getattr__(self, name: str) -> Any:  # name, fileno, tell...: the file's
-        return getattr(self.f, name)
-
-
-def _write_file(path: Path, write: Any, fsync: bool = False) -> None:
-    """`write(sink)` into a new file, raising the OSError of any failed write with its errno and file
-    ("no space left on device"). torch.save to a path reports a full disk as an inline_container.cc
-    RuntimeError, and safetensors' save_file can drop the error and leave a short file: here both
-    write through Python file objects."""
-    with open(path, "wb") as f:
-        sink = _Sink(f)
-        try:
-            write(sink)
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        except Exception:
-            if sink.error is not None:
-                raise sink.error from None
-            raise
-        if sink.error is not None:
-            raise sink.error
-
-
-def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, cfg: Config,
-                 train_state: dict[str, Any], sharded: bool, ema: EMA | None, run_dir: Path) -> None:
+def _write_files(
+    tmp: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    cfg: Config,
+    train_state: dict[str, Any],
+    sharded: bool,
+    ema: EMA | None,
+    run_dir: Path,
+) -> None:
     """Called by every rank: the state dict calls and DCP's save are collective."""
     state, names = dict(train_state), [STATE_FILE, CONFIG_FILE]
     if sharded:  # each rank writes its shards; DCP fsyncs them and rank 0 writes the metadata
@@ -292,29 +137,42 @@ def _write_files(tmp: Path, model: torch.nn.Module, optimizer: torch.optim.Optim
     if not sharded:
         for tensors, name in ((weights, MODEL_FILE), (averages, EMA_FILE)):
             if tensors is not None:
-                _write_file(tmp / name, lambda f, t=tensors: f.write(safetensors.torch.save(
-                    {k: v.contiguous() for k, v in t.items()})))
+                write_file(
+                    tmp / name,
+                    lambda f, t=tensors: f.write(
+                        safetensors.torch.save({k: v.contiguous() for k, v in t.items()})
+                    ),
+                )
                 names.append(name)
-    _write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
-    _write_file(tmp / CONFIG_FILE, lambda f: f.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode()))
+    write_file(tmp / STATE_FILE, lambda f: torch.save(state, f))
+    write_file(tmp / CONFIG_FILE, lambda f: f.write((json.dumps(cfg.to_dict(), indent=2) + "\n").encode()))
     if (Path(run_dir) / TOKENIZER_FILE).is_file():  # data.tokenizer=bpe:N: the checkpoint carries its own
         shutil.copyfile(Path(run_dir) / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         names.append(TOKENIZER_FILE)
     for name in names:
-        _fsync(tmp / name)
-    _fsync(tmp)
+        fsync(tmp / name)
+    fsync(tmp)
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Config, train_state: dict[str, Any],
-                    keep: int = 0, *, optimizer: torch.optim.Optimizer | None = None, sharded: bool = False,
-                    ema: EMA | None = None) -> Path:
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    cfg: Config,
+    train_state: dict[str, Any],
+    keep: int = 0,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    sharded: bool = False,
+    ema: EMA | None = None,
+) -> Path:
     """Write checkpoint `step` atomically, then keep only the newest `keep` (0: keep all).
 
     `ema`: the weights' moving average, saved beside them. `model` may be parallelized
     (training/parallelize.py works in place). With several processes
     every rank calls this; `sharded` writes the sharded format (see the module docstring)."""
     final = step_dir(run_dir, step)
-    tmp = final.parent / f"{_TMP_PREFIX}{final.name}"  # the same path on every rank
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}"  # the same path on every rank
     if is_main():
         final.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -325,17 +183,19 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, cfg: Confi
         barrier()  # every rank's shards are on disk
         if is_main():
             if final.exists():  # the same step written again (e.g. a run redone): replace it whole
-                stale = final.parent / f"{_TMP_PREFIX}{final.name}-old"
+                stale = final.parent / f"{TMP_PREFIX}{final.name}-old"
                 os.replace(final, stale)
                 shutil.rmtree(stale)
             os.replace(tmp, final)
-            _fsync(final.parent)
+            fsync(final.parent)
     except BaseException as e:
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, WriteError):
             last = latest_checkpoint(run_dir)
-            raise write_error(e, f"checkpoint {final}", f"; the last checkpoint, {last}, is intact" if last else "") from None
+            raise write_error(
+                e, f"checkpoint {final}", f"; the last checkpoint, {last}, is intact" if last else ""
+            ) from None
         raise
     if is_main():
         prune_checkpoints(run_dir, keep)
@@ -347,7 +207,7 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (0 keeps all), and leftovers of crashed writes.
 
     A run has one writer, so any temporary directory still here belongs to a write that died."""
-    for leftover in (Path(run_dir) / CHECKPOINTS).glob(f"{_TMP_PREFIX}*"):
+    for leftover in (Path(run_dir) / CHECKPOINTS).glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
@@ -381,14 +241,17 @@ def parse_config(text: str, where: str) -> Config:
         raise CheckpointError(f"{where} must hold a JSON object (the config's sections), not {_json_type(d)}")
     for section in ("model", "objective", "data", "train"):
         if section in d and not isinstance(d[section], dict):
-            raise CheckpointError(f"{where}: {section!r} must be an object of keys, not {_json_type(d[section])}")
+            raise CheckpointError(
+                f"{where}: {section!r} must be an object of keys, not {_json_type(d[section])}"
+            )
     try:
         return Config.from_dict(d)
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None
     except (TypeError, ValueError, AttributeError) as e:  # a value of the wrong type reaching a check
-        raise CheckpointError(f"{where}: a value has the wrong type ({e}); compare it with `motfusion config "
-                              "--recipe NAME`") from None
+        raise CheckpointError(
+            f"{where}: a value has the wrong type ({e}); compare it with `motfusion config --recipe NAME`"
+        ) from None
 
 
 def _json_type(value: Any) -> str:
@@ -401,10 +264,15 @@ def weights_mismatch(model: torch.nn.Module, path: Path) -> list[str]:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     with safetensors.safe_open(path, framework="pt") as f:
         found = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    return ([f"{k} {found[k]} in the file, {expected[k]} in the model"
-             for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]]
-            + [f"{k} missing from the file" for k in sorted(expected.keys() - found.keys())]
-            + [f"{k} not in the model" for k in sorted(found.keys() - expected.keys())])
+    return (
+        [
+            f"{k} {found[k]} in the file, {expected[k]} in the model"
+            for k in sorted(expected.keys() & found.keys())
+            if found[k] != expected[k]
+        ]
+        + [f"{k} missing from the file" for k in sorted(expected.keys() - found.keys())]
+        + [f"{k} not in the model" for k in sorted(found.keys() - expected.keys())]
+    )
 
 
 def _mismatch_message(path: Path, problems: list[str], model: torch.nn.Module, saved: Config | None) -> str:
@@ -412,8 +280,10 @@ def _mismatch_message(path: Path, problems: list[str], model: torch.nn.Module, s
     current = getattr(model, "cfg", None)
     if saved is not None and dataclasses.is_dataclass(current):
         in_file, in_model = saved.to_dict()["model"], dataclasses.asdict(current)
-        details = [f"model.{k} {in_file.get(k)!r} in the file, {in_model.get(k)!r} in the model"
-                   for k in config_diff(in_file, in_model)]
+        details = [
+            f"model.{k} {in_file.get(k)!r} in the file, {in_model.get(k)!r} in the model"
+            for k in config_diff(in_file, in_model)
+        ]
         message += f"; its config differs: {', '.join(details)}" if details else ""
     shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
     return message + f"; {len(problems)} tensor(s) differ: {shown}"
@@ -451,7 +321,9 @@ def load_weights(model: torch.nn.Module, ckpt: Path, ema: bool = False) -> None:
         set_model_state_dict(model, state["model"])
         return
     path = _require(Path(ckpt) / EMA_FILE) if ema else _weights_file(ckpt)
-    set_model_state_dict(model, _read_weights(model, path, ckpt), options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(
+        model, _read_weights(model, path, ckpt), options=StateDictOptions(full_state_dict=True)
+    )
 
 
 def _read_weights(model: torch.nn.Module, path: Path, ckpt: Path) -> dict[str, torch.Tensor]:
@@ -492,8 +364,9 @@ def _load_shards(ckpt: Path, state: dict[str, Any], name: str = SHARDED_DIR) -> 
         raise CheckpointError(f"cannot load {path}: {e}") from None
 
 
-def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path,
-                   train_state: dict[str, Any]) -> None:
+def load_optimizer(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: Path, train_state: dict[str, Any]
+) -> None:
     """Restore the optimizer state of `ckpt` (either format; `train_state` is its load_train_state)."""
     if is_sharded(ckpt):
         state = {"optimizer": get_optimizer_state_dict(model, optimizer)}
@@ -503,8 +376,9 @@ def load_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckp
     if "optimizer" not in train_state:
         raise CheckpointError(f"{Path(ckpt) / STATE_FILE} holds no optimizer state; it cannot be resumed")
     try:
-        set_optimizer_state_dict(model, optimizer, train_state["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True))
+        set_optimizer_state_dict(
+            model, optimizer, train_state["optimizer"], options=StateDictOptions(full_state_dict=True)
+        )
     except Exception as e:
         raise CheckpointError(f"cannot load the optimizer state of {Path(ckpt) / STATE_FILE}: {e}") from None
 
@@ -576,15 +450,18 @@ def load_exported_config(path: Path) -> Config:
     return parse_config(text, f"{path} (its {CONFIG_METADATA} metadata)")
 
 
-def load_model(path: Path, device: torch.device | str = "cpu",
-               ema: bool = True) -> tuple[TransfusionModel, Config, Tokenizer]:
+def load_model(
+    path: Path, device: torch.device | str = "cpu", ema: bool = True
+) -> tuple[TransfusionModel, Config, Tokenizer]:
     """Rebuild the model of a checkpoint, a run's latest checkpoint or an exported .safetensors file
     for sampling, in eval mode: with the moving average of the weights where the checkpoint has one
     and `ema` is set, else the raw weights (an exported file holds one of the two)."""
     path = Path(path)
     ckpt = path if path.is_file() else resolve_checkpoint(path)
     cfg = load_exported_config(ckpt) if path.is_file() else load_config(ckpt)
-    tokenizer = _exported_tokenizer(path, cfg) if path.is_file() else build_tokenizer(cfg.data.tokenizer, ckpt)
+    tokenizer = (
+        _exported_tokenizer(path, cfg) if path.is_file() else build_tokenizer(cfg.data.tokenizer, ckpt)
+    )
     model = TransfusionModel(cfg.model, tokenizer.vocab_size)
     load_weights(model, ckpt, ema=ema and has_ema(ckpt))  # an exported file holds one set: has_ema is False
     return model.to(device).eval(), cfg, tokenizer
@@ -598,8 +475,10 @@ def _exported_tokenizer(path: Path, cfg: Config) -> Tokenizer:
     with safetensors.safe_open(path, framework="pt") as f:
         text = (f.metadata() or {}).get(TOKENIZER_METADATA)
     if text is None:
-        raise CheckpointError(f"{path} was trained with data.tokenizer={cfg.data.tokenizer} but does not carry "
-                              f"its tokenizer ({TOKENIZER_METADATA} metadata); export it again with motfusion export")
+        raise CheckpointError(
+            f"{path} was trained with data.tokenizer={cfg.data.tokenizer} but does not carry "
+            f"its tokenizer ({TOKENIZER_METADATA} metadata); export it again with motfusion export"
+        )
     return BPETokenizer.from_json(text, vocab_size=n)
 
 

@@ -46,7 +46,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ConfigError(f"environment variable {name}={value!r} is not an integer (set by torchrun)") from None
+        raise ConfigError(
+            f"environment variable {name}={value!r} is not an integer (set by torchrun)"
+        ) from None
 
 
 def _rank_device(device: torch.device, local_rank: int, world_size: int) -> torch.device:
@@ -54,11 +56,15 @@ def _rank_device(device: torch.device, local_rank: int, world_size: int) -> torc
     if device.type != "cuda":
         return device
     if device.index is not None and world_size > 1:
-        raise ConfigError(f"train.device={device} names one GPU, but each of the {world_size} processes "
-                          "drives its own (cuda:LOCAL_RANK): use train.device=auto or cuda")
+        raise ConfigError(
+            f"train.device={device} names one GPU, but each of the {world_size} processes "
+            "drives its own (cuda:LOCAL_RANK): use train.device=auto or cuda"
+        )
     if local_rank >= torch.cuda.device_count():
-        raise ConfigError(f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
-                          "start at most that many processes per node (torchrun --nproc_per_node)")
+        raise ConfigError(
+            f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
+            "start at most that many processes per node (torchrun --nproc_per_node)"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -72,8 +78,12 @@ def init_distributed(device: torch.device) -> World:
     if dist.is_initialized():
         local_rank = _env_int("LOCAL_RANK", 0)
         world_size = dist.get_world_size()
-        return World(rank=dist.get_rank(), world_size=world_size, local_rank=local_rank,
-                     device=_rank_device(device, local_rank, world_size))
+        return World(
+            rank=dist.get_rank(),
+            world_size=world_size,
+            local_rank=local_rank,
+            device=_rank_device(device, local_rank, world_size),
+        )
     world_size = _env_int("WORLD_SIZE", 1)
     if world_size == 1:
         return World(device=device)
@@ -135,14 +145,21 @@ def locate(batch: Batch, counts: dict[str, int]) -> tuple[GlobalBatch, dict[str,
     modality on every rank give the loss's global denominators and this rank's first global image."""
     targets = {m: idx.numel() for m, idx in batch.loss_index.items()}  # same keys and order on every rank
     C, H, W = batch.images.shape[1:]
-    table = all_gather_ints([batch.images.shape[0], *targets.values(), *counts.values(), H, W])  # (W, 1 + M + K + 2)
+    table = all_gather_ints(
+        [batch.images.shape[0], *targets.values(), *counts.values(), H, W]
+    )  # (W, 1 + M + K + 2)
     rank = dist.get_rank() if is_distributed() else 0
     totals = [sum(column) for column in zip(*table)]
     lm = dict(zip(targets, totals[1:]))
-    whole = GlobalBatch(text_targets=lm.pop("text"), images=totals[0],
-                        image_offset=sum(row[0] for row in table[:rank]), unit_targets=lm, ranks=len(table),
-                        image_shape=(C, max(row[-2] for row in table), max(row[-1] for row in table)))
-    return whole, dict(zip(counts, totals[1 + len(targets):-2]))
+    whole = GlobalBatch(
+        text_targets=lm.pop("text"),
+        images=totals[0],
+        image_offset=sum(row[0] for row in table[:rank]),
+        unit_targets=lm,
+        ranks=len(table),
+        image_shape=(C, max(row[-2] for row in table), max(row[-1] for row in table)),
+    )
+    return whole, dict(zip(counts, totals[1 + len(targets) : -2]))
 
 
 class Silent:
@@ -151,7 +168,7 @@ class Silent:
     def __getattr__(self, name: str) -> Any:
         return lambda *args, **kwargs: None
 
-    def __enter__(self) -> "Silent":
+    def __enter__(self) -> Silent:
         return self
 
     def __exit__(self, *exc: object) -> None:

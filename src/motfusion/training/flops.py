@@ -71,8 +71,13 @@ def tower_params(model: TransfusionModel, modality: str) -> int:
     """Backbone parameters a token of `modality` computes with: its tower's entry of every per-tower
     ModuleDict (blocks and final norm), or the shared entry where the component is tied."""
     tower = model.cfg.towers.get(modality)
-    return sum(active_params(sub) for mod in model.backbone.modules() if isinstance(mod, nn.ModuleDict)
-               for key, sub in mod.items() if key in (SHARED, tower))
+    return sum(
+        active_params(sub)
+        for mod in model.backbone.modules()
+        if isinstance(mod, nn.ModuleDict)
+        for key, sub in mod.items()
+        if key in (SHARED, tower)
+    )
 
 
 def visible_keys(batch: Batch, bidirectional: bool) -> torch.Tensor:
@@ -105,10 +110,13 @@ class BatchFlops:
 
     def as_counts(self) -> dict[str, int]:
         """Flat integers to sum over ranks: {"tokens/text": ..., "flops/text": ..., ...}."""
-        return {**{f"tokens/{m}": n for m, n in self.tokens.items()}, **{f"flops/{m}": f for m, f in self.flops.items()}}
+        return {
+            **{f"tokens/{m}": n for m, n in self.tokens.items()},
+            **{f"flops/{m}": f for m, f in self.flops.items()},
+        }
 
     @classmethod
-    def from_counts(cls, counts: dict[str, int]) -> "BatchFlops":
+    def from_counts(cls, counts: dict[str, int]) -> BatchFlops:
         pick = lambda prefix: {k.removeprefix(prefix): v for k, v in counts.items() if k.startswith(prefix)}
         return cls(tokens=pick("tokens/"), flops=pick("flops/"))
 

@@ -1,7 +1,9 @@
 """The one LR schedule, and the small training loop the auxiliary models share (VAE, VQ-VAE,
-classifier, CLIP): AdamW, warmup + cosine, gradient clipping, a log line every `log_every` steps,
-and a stop on the first non-finite loss or gradient. The main trainer (trainer.py) has its own
-loop (resume, ranks, checkpoints) but the same schedule.
+classifier, CLIP): AdamW, warmup + cosine, gradient clipping, a progress bar (a terminal's
+stderr only), a log line and a record for `on_log` every `log_every` steps, and a stop on the
+first non-finite loss or gradient. The trainers pass a logging.Tracker's `log` as `on_log`, so
+their records reach metrics.jsonl, TensorBoard and W&B as the main trainer's do. The main trainer
+(trainer.py) has its own loop (resume, ranks, checkpoints) but the same schedule.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from motfusion.errors import NonFiniteLossError
 
@@ -46,8 +49,14 @@ class LoopConfig:
         return cosine_lr(step, lr=self.lr, steps=self.steps, warmup=self.warmup, min_lr=self.min_lr)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parts: dict[str, Any], lr: float,
-                   grad_clip: float = 0.0, name: str = "") -> dict[str, float]:
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    parts: dict[str, Any],
+    lr: float,
+    grad_clip: float = 0.0,
+    name: str = "",
+) -> dict[str, float]:
     """Backward, clip, and apply one update at `lr`; -> {loss, *parts, grad_norm}.
 
     A non-finite loss, part or gradient norm raises NonFiniteLossError before the update, so the
@@ -58,19 +67,30 @@ def optimizer_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, parts: 
     loss.backward()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf)
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=loss.device).detach()
-                          for v in (loss, *parts.values(), grad_norm)]).tolist()  # one device sync
+    values = torch.stack(
+        [
+            torch.as_tensor(v, dtype=torch.float32, device=loss.device).detach()
+            for v in (loss, *parts.values(), grad_norm)
+        ]
+    ).tolist()  # one device sync
     stats = dict(zip(("loss", *parts, "grad_norm"), values))
     if not all(map(math.isfinite, values)):
-        raise NonFiniteLossError(f"non-finite {name} loss {stats['loss']:.4g} (gradient norm {stats['grad_norm']:.4g}) "
-                                 f"at lr {lr:.2e}; lower the lr or raise the warmup", stats)
+        raise NonFiniteLossError(
+            f"non-finite {name} loss {stats['loss']:.4g} (gradient norm {stats['grad_norm']:.4g}) "
+            f"at lr {lr:.2e}; lower the lr or raise the warmup",
+            stats,
+        )
     optimizer.step()
     return stats
 
 
-def train_loop(params: Iterable[Any], step_loss: StepLoss, cfg: LoopConfig,
-               log: Callable[[str], None] | None = functools.partial(print, flush=True),
-               on_log: Callable[[dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+def train_loop(
+    params: Iterable[Any],
+    step_loss: StepLoss,
+    cfg: LoopConfig,
+    log: Callable[[str], None] | None = functools.partial(print, flush=True),
+    on_log: Callable[[dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
     """`cfg.steps` AdamW updates of `params` (tensors, or param groups) on `step_loss(step)`.
 
     Every `cfg.log_every` steps and at the last, `on_log` gets that step's record and `log` one line.
@@ -78,26 +98,45 @@ def train_loop(params: Iterable[Any], step_loss: StepLoss, cfg: LoopConfig,
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        t0, lr = time.perf_counter(), cfg.lr_at(step)
-        loss, parts = step_loss(step)
-        record = {"step": step, **optimizer_step(optimizer, loss, parts, lr, cfg.grad_clip, cfg.name), "lr": lr}
-        now = time.perf_counter()
-        record.update(dt_ms=1000 * (now - t0), elapsed_s=now - start)
-        history.append(record)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            if on_log is not None:
-                on_log(record)
-            if log is not None:
-                log(log_line(cfg, history))
+    with tqdm(total=cfg.steps, desc=cfg.name, unit="step", disable=None, dynamic_ncols=True) as bar:  # stderr
+        for step in range(1, cfg.steps + 1):
+            t0, lr = time.perf_counter(), cfg.lr_at(step)
+            loss, parts = step_loss(step)
+            record = {
+                "step": step,
+                **optimizer_step(optimizer, loss, parts, lr, cfg.grad_clip, cfg.name),
+                "lr": lr,
+            }
+            now = time.perf_counter()
+            record.update(dt_ms=1000 * (now - t0), elapsed_s=now - start)
+            history.append(record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                if on_log is not None:
+                    on_log(record)
+                if log is not None:
+                    with tqdm.external_write_mode():  # the line above the bar, not through it
+                        log(log_line(cfg, history))
     return history
 
 
 def log_line(cfg: LoopConfig, history: list[dict[str, float]]) -> str:
     """The last step's numbers, with the loss also averaged over the last `log_every` steps."""
-    record, recent = history[-1], [r["loss"] for r in history[-cfg.log_every:]]
-    parts = [f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "loss", "grad_norm", "lr", "dt_ms", "elapsed_s")]
-    return " | ".join([f"{cfg.name} step {record['step']}/{cfg.steps}",
-                       f"loss {record['loss']:.4f} (mean {sum(recent) / len(recent):.4f})", *parts,
-                       f"lr {record['lr']:.1e}", f"norm {record['grad_norm']:.2f}",
-                       f"{record['dt_ms']:.0f} ms", f"{record['elapsed_s']:.0f} s"])
+    record, recent = history[-1], [r["loss"] for r in history[-cfg.log_every :]]
+    parts = [
+        f"{k} {v:.4g}"
+        for k, v in record.items()
+        if k not in ("step", "loss", "grad_norm", "lr", "dt_ms", "elapsed_s")
+    ]
+    return " | ".join(
+        [
+            f"{cfg.name} step {record['step']}/{cfg.steps}",
+            f"loss {record['loss']:.4f} (mean {sum(recent) / len(recent):.4f})",
+            *parts,
+            f"lr {record['lr']:.1e}",
+            f"norm {record['grad_norm']:.2f}",
+            f"{record['dt_ms']:.0f} ms",
+            f"{record['elapsed_s']:.0f} s",
+        ]
+    )

@@ -37,7 +37,8 @@ used: it casts every floating input of the model, the diffusion timesteps includ
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -55,8 +56,10 @@ def parallel_mode(tcfg: TrainConfig, world_size: int) -> str:
     if world_size == 1:
         return "none"
     if tcfg.parallel == "none":
-        raise ConfigError(f"train.parallel=none with {world_size} processes would train {world_size} "
-                          "unsynchronized copies: use train.parallel=auto, ddp or fsdp")
+        raise ConfigError(
+            f"train.parallel=none with {world_size} processes would train {world_size} "
+            "unsynchronized copies: use train.parallel=auto, ddp or fsdp"
+        )
     return "ddp" if tcfg.parallel == "auto" else tcfg.parallel
 
 
@@ -80,8 +83,10 @@ def parallelize(model: TransfusionModel, tcfg: TrainConfig, world: World) -> Tra
 
 def recompute_in_backward(forward: Callable[..., Any]) -> Callable[..., Any]:
     """`forward` whose activations are not kept for backward but recomputed there (non-reentrant)."""
+
     def checkpointed(*args: Any, **kwargs: Any) -> Any:
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
     return checkpointed
 
 

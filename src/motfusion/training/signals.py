@@ -30,7 +30,7 @@ class StopSignal:
 
     @property
     def name(self) -> str | None:
-        """"SIGTERM", "SIGINT", or None when no signal came."""
+        """ "SIGTERM", "SIGINT", or None when no signal came."""
         return self.received.name if self.received is not None else None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -45,7 +45,7 @@ class StopSignal:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
-    def __enter__(self) -> "StopSignal":
+    def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
             self._previous = {sig: signal.signal(sig, self._handle) for sig in self.signals}
         return self

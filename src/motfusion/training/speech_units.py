@@ -5,12 +5,13 @@ cached beside it. The codec itself is codecs/speech.py."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
+from tqdm import tqdm
 
 from motfusion.codecs.audio import LogMel, read_wav
 from motfusion.codecs.speech import (
@@ -58,17 +59,20 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 25, seed: int = 0, tol: float =
     centroids = kmeans_pp_init(x, k, g)
     assign, dist = nearest(x, centroids)
     inertia = [float(dist.mean())]
-    for _ in range(iters):
-        sums = torch.zeros_like(centroids).index_add_(0, assign, x)  # (K, D)
-        counts = torch.bincount(assign, minlength=k)  # (K,)
-        centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
-        for empty in (counts == 0).nonzero().flatten().tolist():
-            worst = int(dist.argmax())
-            centroids[empty], dist[worst] = x[worst], 0.0
-        assign, dist = nearest(x, centroids)
-        inertia.append(float(dist.mean()))
-        if inertia[-2] - inertia[-1] <= tol * inertia[-2]:
-            break
+    with tqdm(total=iters, desc="k-means", unit="iter", disable=None) as bar:  # stderr, on a terminal only
+        for _ in range(iters):
+            sums = torch.zeros_like(centroids).index_add_(0, assign, x)  # (K, D)
+            counts = torch.bincount(assign, minlength=k)  # (K,)
+            centroids = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], centroids)
+            for empty in (counts == 0).nonzero().flatten().tolist():
+                worst = int(dist.argmax())
+                centroids[empty], dist[worst] = x[worst], 0.0
+            assign, dist = nearest(x, centroids)
+            inertia.append(float(dist.mean()))
+            bar.set_postfix(inertia=f"{inertia[-1]:.4g}", refresh=False)
+            bar.update(1)
+            if inertia[-2] - inertia[-1] <= tol * inertia[-2]:
+                break
     return KMeansResult(centroids, inertia)
 
 
@@ -83,8 +87,12 @@ def fit_tokenizer(frames: torch.Tensor, cfg: SpeechTokenizerConfig) -> tuple[Spe
     return SpeechTokenizer(cfg, result.centroids, mean, std), result
 
 
-def train_speech_tokenizer(data_dir: str | Path, out_dir: str | Path | None, cfg: SpeechTokenizerConfig,
-                           log: Callable[[str], None] = partial(print, flush=True)) -> SpeechTokenizer:
+def train_speech_tokenizer(
+    data_dir: str | Path,
+    out_dir: str | Path | None,
+    cfg: SpeechTokenizerConfig,
+    log: Callable[[str], None] = partial(print, flush=True),
+) -> SpeechTokenizer:
     """Fit k-means on the log-mel frames of the dataset's train split, save the tokenizer artifact to
     `out_dir` (default DATA/tokenizer) and cache the units of every utterance, train and val, beside it."""
     cfg.validate()
@@ -103,14 +111,20 @@ def train_speech_tokenizer(data_dir: str | Path, out_dir: str | Path | None, cfg
         raise DataError(f"{data_dir} has no train utterance to fit the speech tokenizer on")
     frames = torch.cat(train_frames)  # (N, n_mels)
     t1 = time.perf_counter()
-    log(f"{len(train_frames)} train utterances, {frames.shape[0]} frames ({frames.shape[0] / cfg.mel.frame_rate:.0f} s) "
-        f"in {t1 - t0:.1f} s; k-means k={cfg.k} on {min(frames.shape[0], cfg.max_frames)} frames")
+    log(
+        f"{len(train_frames)} train utterances, {frames.shape[0]} frames ({frames.shape[0] / cfg.mel.frame_rate:.0f} s) "
+        f"in {t1 - t0:.1f} s; k-means k={cfg.k} on {min(frames.shape[0], cfg.max_frames)} frames"
+    )
     tok, result = fit_tokenizer(frames, cfg)
-    log(f"k-means: {len(result.inertia) - 1} iterations in {time.perf_counter() - t1:.1f} s, "
-        f"mse per dim {result.inertia[0] / cfg.mel.n_mels:.4f} -> {result.inertia[-1] / cfg.mel.n_mels:.4f}")
+    log(
+        f"k-means: {len(result.inertia) - 1} iterations in {time.perf_counter() - t1:.1f} s, "
+        f"mse per dim {result.inertia[0] / cfg.mel.n_mels:.4f} -> {result.inertia[-1] / cfg.mel.n_mels:.4f}"
+    )
     tok.save(out)
     units = [tok.encode_frames(f) for f in per_file]
     save_units(out / UNITS_FILE, units, data_dir)
-    log(f"wrote {out}: {sum(len(u) for u in units)} units for {len(units)} utterances, "
-        f"{sum(len(u) for u in units) / seconds:.2f} units per second of audio")
+    log(
+        f"wrote {out}: {sum(len(u) for u in units)} units for {len(units)} utterances, "
+        f"{sum(len(u) for u in units) / seconds:.2f} units per second of audio"
+    )
     return tok

@@ -42,9 +42,7 @@ from motfusion.tokenizer import (
 from motfusion.training.checkpoint import (
     CHECKPOINTS,
     STATE_FILE,
-    RunLock,
     check_resumable,
-    check_writable_dir,
     checkpoint_step,
     has_ema,
     latest_checkpoint,
@@ -54,7 +52,6 @@ from motfusion.training.checkpoint import (
     load_train_state,
     load_weights,
     save_checkpoint,
-    write_json,
 )
 from motfusion.training.distributed import (
     Silent,
@@ -67,6 +64,7 @@ from motfusion.training.distributed import (
     locate,
 )
 from motfusion.training.ema import EMA
+from motfusion.training.files import RunLock, check_writable_dir, write_json
 from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
 from motfusion.training.logging import TrainLogger
 from motfusion.training.loop import cosine_lr
@@ -118,10 +116,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 def build_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
     try:
-        return torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2))
+        return torch.optim.AdamW(
+            param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=True
+        )  # one kernel for all parameters: MoT has 2-3x dense's tensors
     except ValueError as e:  # torch's own range checks
-        raise ConfigError(f"the optimizer rejects train.lr={tcfg.lr}, train.beta1={tcfg.beta1}, "
-                          f"train.beta2={tcfg.beta2}, train.weight_decay={tcfg.weight_decay}: {e}") from None
+        raise ConfigError(
+            f"the optimizer rejects train.lr={tcfg.lr}, train.beta1={tcfg.beta1}, "
+            f"train.beta2={tcfg.beta2}, train.weight_decay={tcfg.weight_decay}: {e}"
+        ) from None
 
 
 def lr_at(step: int, tcfg: TrainConfig) -> float:
@@ -129,9 +131,19 @@ def lr_at(step: int, tcfg: TrainConfig) -> float:
     return cosine_lr(step, lr=tcfg.lr, steps=tcfg.steps, warmup=tcfg.warmup, min_lr=tcfg.min_lr)
 
 
-def train_step(model: nn.Module, objective: TransfusionObjective, optimizer: torch.optim.Optimizer,
-               batch: Batch, generator: torch.Generator, lr: float, grad_clip: float, *,
-               whole: GlobalBatch | None = None, world_size: int = 1, precision: str = "fp32") -> dict[str, float]:
+def train_step(
+    model: nn.Module,
+    objective: TransfusionObjective,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    generator: torch.Generator,
+    lr: float,
+    grad_clip: float,
+    *,
+    whole: GlobalBatch | None = None,
+    world_size: int = 1,
+    precision: str = "fp32",
+) -> dict[str, float]:
     """One optimizer update; returns the step's loss breakdown and its gradient norm before clipping.
 
     With several ranks, `model` is parallelized (ddp or fsdp, which average gradients over ranks),
@@ -155,8 +167,11 @@ def train_step(model: nn.Module, objective: TransfusionObjective, optimizer: tor
     if not all(math.isfinite(v) for v in values):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLossError(
-            "non-finite " + ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
-            + "; the step was not applied. Lower train.lr, raise train.warmup or lower train.grad_clip", stats)
+            "non-finite "
+            + ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
+            + "; the step was not applied. Lower train.lr, raise train.warmup or lower train.grad_clip",
+            stats,
+        )
     optimizer.step()
     return stats
 
@@ -184,8 +199,14 @@ class Run:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {"step": self.step, "elapsed_s": self.elapsed_s, "flops": self.flops, "bad_steps": self.bad_steps,
-                "packer": self.packer.state_dict(), "rng": rng}
+        return {
+            "step": self.step,
+            "elapsed_s": self.elapsed_s,
+            "flops": self.flops,
+            "bad_steps": self.bad_steps,
+            "packer": self.packer.state_dict(),
+            "rng": rng,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.elapsed_s = int(state["step"]), float(state["elapsed_s"])
@@ -221,11 +242,17 @@ def new_run(cfg: Config, world: World, run_dir: Path | None = None) -> Run:
     model = TransfusionModel(cfg.model, tokenizer.vocab_size).to(world.device).train()
     mode = parallel_mode(cfg.train, world.world_size)
     parallelize(model, cfg.train, world)  # before the optimizer: FSDP replaces the parameters
-    return Run(model=model, optimizer=build_optimizer(model, cfg.train),
-               ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
-               objective=TransfusionObjective(cfg.objective), generator=torch.Generator(device=world.device),
-               packer=make_packer(cfg, tokenizer, "train", world.rank, world.world_size), world=world, mode=mode,
-               device=world.device)
+    return Run(
+        model=model,
+        optimizer=build_optimizer(model, cfg.train),
+        ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
+        objective=TransfusionObjective(cfg.objective),
+        generator=torch.Generator(device=world.device),
+        packer=make_packer(cfg, tokenizer, "train", world.rank, world.world_size),
+        world=world,
+        mode=mode,
+        device=world.device,
+    )
 
 
 def _resume_point(run_dir: Path, resume: bool) -> Path | None:
@@ -233,15 +260,30 @@ def _resume_point(run_dir: Path, resume: bool) -> Path | None:
     if resume and ckpt is None:
         raise CheckpointError(f"nothing to resume: {run_dir} holds no checkpoint")
     if not resume and ckpt is not None:
-        raise CheckpointError(f"{run_dir} already holds checkpoints (latest {ckpt.name}); "
-                              "pass --resume to continue it, or choose another --out")
+        raise CheckpointError(
+            f"{run_dir} already holds checkpoints (latest {ckpt.name}); "
+            "pass --resume to continue it, or choose another --out"
+        )
     return ckpt
 
 
-def _record(step: int, stats: dict[str, float], lr: float, dt: float, counts: dict[str, int],
-            batch_tokens: int, elapsed_s: float) -> dict[str, Any]:
+def _record(
+    step: int,
+    stats: dict[str, float],
+    lr: float,
+    dt: float,
+    counts: dict[str, int],
+    batch_tokens: int,
+    elapsed_s: float,
+) -> dict[str, Any]:
     # tokens_per_s counts every (B, T) position the model computed; per modality, only real tokens.
-    record: dict[str, Any] = {"step": step, **stats, "lr": lr, "dt_ms": 1000 * dt, "tokens_per_s": batch_tokens / dt}
+    record: dict[str, Any] = {
+        "step": step,
+        **stats,
+        "lr": lr,
+        "dt_ms": 1000 * dt,
+        "tokens_per_s": batch_tokens / dt,
+    }
     for key, n in counts.items():
         record[key] = n
         record[key.replace("tokens/", "tokens_per_s/")] = n / dt
@@ -249,7 +291,9 @@ def _record(step: int, stats: dict[str, float], lr: float, dt: float, counts: di
     return record
 
 
-def _flops_record(flops: BatchFlops, cumulative: float, dt: float, peak: float | None, world_size: int) -> dict[str, float]:
+def _flops_record(
+    flops: BatchFlops, cumulative: float, dt: float, peak: float | None, world_size: int
+) -> dict[str, float]:
     """FLOPs per token per modality, the step's and the run's FLOPs (all ranks), and MFU where the
     device's peak is known."""
     record = {f"flops_per_token/{m}": v for m, v in flops.per_token().items()}
@@ -259,15 +303,28 @@ def _flops_record(flops: BatchFlops, cumulative: float, dt: float, peak: float |
     return record
 
 
-def _guarded_step(run: Run, batch: Batch, whole: GlobalBatch, lr: float, tcfg: TrainConfig,
-                  log: TrainLogger) -> dict[str, float]:
+def _guarded_step(
+    run: Run, batch: Batch, whole: GlobalBatch, lr: float, tcfg: TrainConfig, log: TrainLogger
+) -> dict[str, float]:
     """train_step, except that a non-finite step is skipped (no update) and counted in run.bad_steps."""
     try:
-        stats = train_step(run.model, run.objective, run.optimizer, batch, run.generator, lr, tcfg.grad_clip,
-                           whole=whole, world_size=run.world.world_size, precision=tcfg.precision)
+        stats = train_step(
+            run.model,
+            run.objective,
+            run.optimizer,
+            batch,
+            run.generator,
+            lr,
+            tcfg.grad_clip,
+            whole=whole,
+            world_size=run.world.world_size,
+            precision=tcfg.precision,
+        )
     except NonFiniteLossError as e:
         run.bad_steps += 1
-        log.info(f"step {run.step + 1}: skipped, {run.bad_steps} in a row (train.max_bad_steps={tcfg.max_bad_steps}): {e}")
+        log.info(
+            f"step {run.step + 1}: skipped, {run.bad_steps} in a row (train.max_bad_steps={tcfg.max_bad_steps}): {e}"
+        )
         return {**e.stats, "skipped": 1, "bad_steps": run.bad_steps}
     run.bad_steps = 0
     if run.ema is not None:
@@ -281,38 +338,49 @@ def _weights_finite(model: nn.Module) -> bool:
     return bool(torch.stack(flags).all()) if flags else True
 
 
-def _unsaveable(run: Run, done: int, applied: int, last: bool, ckpt: Path | None) -> NonFiniteLossError | None:
+def _unsaveable(
+    run: Run, done: int, applied: int, last: bool, ckpt: Path | None
+) -> NonFiniteLossError | None:
     """Why the weights must not be checkpointed: an update with a finite loss made them non-finite (a
     broken hyper-parameter), or, at the end of the run, every one of the `done` steps of this process
     was skipped. Collective: every rank gets the same answer."""
     then = f"the last good checkpoint is {ckpt}" if ckpt is not None else "no checkpoint was written"
     if any_rank(not _weights_finite(run.model)):
-        return NonFiniteLossError(f"step {run.step}: the weights became non-finite although the loss was finite, so "
-                                  "they were not saved; check train.lr, train.beta1, train.beta2, train.weight_decay "
-                                  f"and train.grad_clip; {then}")
+        return NonFiniteLossError(
+            f"step {run.step}: the weights became non-finite although the loss was finite, so "
+            "they were not saved; check train.lr, train.beta1, train.beta2, train.weight_decay "
+            f"and train.grad_clip; {then}"
+        )
     if last and done and not applied:
-        return NonFiniteLossError(f"all {done} steps up to step {run.step} were skipped (non-finite loss or gradient), "
-                                  f"so nothing was trained; lower train.lr or raise train.warmup; {then}")
+        return NonFiniteLossError(
+            f"all {done} steps up to step {run.step} were skipped (non-finite loss or gradient), "
+            f"so nothing was trained; lower train.lr or raise train.warmup; {then}"
+        )
     return None
 
 
 def _too_many_bad_steps(run: Run, ckpt: Path | None) -> NonFiniteLossError:
     then = f"--resume from {ckpt}" if ckpt is not None else "start again"
-    return NonFiniteLossError(f"stopped at step {run.step}: {run.bad_steps} steps in a row had a non-finite loss or "
-                              f"gradient (train.max_bad_steps); lower train.lr or raise train.warmup, then {then}")
+    return NonFiniteLossError(
+        f"stopped at step {run.step}: {run.bad_steps} steps in a row had a non-finite loss or "
+        f"gradient (train.max_bad_steps); lower train.lr or raise train.warmup, then {then}"
+    )
 
 
 def _next_batch(packer: Packer) -> Batch:
     try:
         return packer.next_batch()
-    except ValueError as e:  # sequence.Packer: a document longer than train.seq_len, which the config must fix
+    except (
+        ValueError
+    ) as e:  # sequence.Packer: a document longer than train.seq_len, which the config must fix
         if "train.seq_len" not in str(e):
             raise
         raise ConfigError(str(e)) from None
 
 
-def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | None,
-          stop: StopSignal) -> tuple[list[dict[str, Any]], Path | None]:
+def _loop(
+    run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | None, stop: StopSignal
+) -> tuple[list[dict[str, Any]], Path | None]:
     """Steps until train.steps, or until a stop signal (then checkpoints at once).
 
     Returns the logged records and the newest checkpoint."""
@@ -323,7 +391,9 @@ def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | N
     while run.step < tcfg.steps:
         t0 = time.perf_counter()
         batch = _next_batch(run.packer)  # (B / W, T): this rank's rows of the global batch, built on the host
-        whole, totals = locate(batch, counter.count(batch).as_counts())  # global denominators, tokens and FLOPs
+        whole, totals = locate(
+            batch, counter.count(batch).as_counts()
+        )  # global denominators, tokens and FLOPs
         flops = BatchFlops.from_counts(totals)
         counts = {f"tokens/{m}": n for m, n in flops.tokens.items()}
         step, lr = run.step + 1, lr_at(run.step + 1, tcfg)
@@ -331,12 +401,20 @@ def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | N
         stats = _guarded_step(run, batch.to(run.device), whole, lr, tcfg, log)
         applied += not stats["skipped"]
         dt = time.perf_counter() - t0
-        run.step, run.elapsed_s, run.flops = step, base_elapsed + time.perf_counter() - start, run.flops + flops.total
+        run.step, run.elapsed_s, run.flops = (
+            step,
+            base_elapsed + time.perf_counter() - start,
+            run.flops + flops.total,
+        )
         log.advance()
         if step % tcfg.log_every == 0 or step == tcfg.steps or stats["skipped"]:
             positions = batch.tokens.numel() * run.world.world_size  # (B, T) of the global batch
-            history.append({**_record(step, stats, lr, dt, counts, positions, run.elapsed_s),
-                            **_flops_record(flops, run.flops, dt, peak, run.world.world_size)})
+            history.append(
+                {
+                    **_record(step, stats, lr, dt, counts, positions, run.elapsed_s),
+                    **_flops_record(flops, run.flops, dt, peak, run.world.world_size),
+                }
+            )
             log.log(history[-1])
         if run.bad_steps >= tcfg.max_bad_steps:
             raise _too_many_bad_steps(run, ckpt)
@@ -345,8 +423,17 @@ def _loop(run: Run, cfg: Config, run_dir: Path, log: TrainLogger, ckpt: Path | N
             refusal = _unsaveable(run, step - first, applied, step == tcfg.steps, ckpt)
             if refusal is not None:
                 raise refusal
-            ckpt = save_checkpoint(run_dir, step, run.model, cfg, run.state_dict(), tcfg.keep_checkpoints,
-                                   optimizer=run.optimizer, sharded=run.mode == "fsdp", ema=run.ema)
+            ckpt = save_checkpoint(
+                run_dir,
+                step,
+                run.model,
+                cfg,
+                run.state_dict(),
+                tcfg.keep_checkpoints,
+                optimizer=run.optimizer,
+                sharded=run.mode == "fsdp",
+                ema=run.ema,
+            )
         if stopping:
             break
     return history, ckpt
@@ -360,13 +447,21 @@ def train(cfg: Config, out_dir: Path, resume: bool = False) -> TrainResult:
     one writer per run), and never checkpoints weights that hold inf or nan (docs/GUARANTEES.md). Under torchrun every process calls this (see the module
     docstring); a checkpoint resumes with any number of processes and any train.parallel.
     """
-    apply_image_repr(cfg.validate())  # model.image_channels: the image representation's (a VAE's latent channels)
+    apply_image_repr(
+        cfg.validate()
+    )  # model.image_channels: the image representation's (a VAE's latent channels)
     world = init_distributed(resolve_device(cfg.train.device))
     lock = RunLock(out_dir)
     try:
         _lock_run(lock, world)
-        notes = [f"took over {lock.path} from process {lock.stale}, which ended without releasing it "
-                 "(killed or crashed)"] if lock.stale else []
+        notes = (
+            [
+                f"took over {lock.path} from process {lock.stale}, which ended without releasing it "
+                "(killed or crashed)"
+            ]
+            if lock.stale
+            else []
+        )
         result = _train(cfg, Path(out_dir), resume, world, notes)
         barrier()  # no rank closes its connections while another may still be reading from them
         return result
@@ -386,7 +481,9 @@ def _lock_run(lock: RunLock, world: World) -> None:
         except CheckpointError as e:
             failure = e
     if any_rank(failure is not None):
-        raise failure or CheckpointError(f"rank 0 could not take the run directory {lock.run_dir}; see its error")
+        raise failure or CheckpointError(
+            f"rank 0 could not take the run directory {lock.run_dir}; see its error"
+        )
 
 
 def _train(cfg: Config, run_dir: Path, resume: bool, world: World, notes: list[str]) -> TrainResult:
@@ -401,41 +498,63 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World, notes: list[s
         try:
             run.load_state_dict(state)
         except KeyError as e:
-            raise CheckpointError(f"{ckpt / STATE_FILE}: key {e.args[0]!r} is missing; it cannot be resumed") from None
+            raise CheckpointError(
+                f"{ckpt / STATE_FILE}: key {e.args[0]!r} is missing; it cannot be resumed"
+            ) from None
         except (TypeError, ValueError, RuntimeError, IndexError, AttributeError) as e:
-            raise CheckpointError(f"{ckpt / STATE_FILE}: malformed training state ({e}); it cannot be resumed") from None
+            raise CheckpointError(
+                f"{ckpt / STATE_FILE}: malformed training state ({e}); it cannot be resumed"
+            ) from None
         if run.ema is not None and has_ema(ckpt):
             load_ema(run.ema, run.model, ckpt)
         elif run.ema is not None:
             run.ema.restart()
-            notes.append(f"{ckpt} has no moving average (train.ema was 0): it starts from the resumed weights")
-        notes.append(f"resuming from {ckpt} (step {checkpoint_step(ckpt)})"
-                     + (f"; changed since: {', '.join(changed)}" if changed else ""))
+            notes.append(
+                f"{ckpt} has no moving average (train.ema was 0): it starts from the resumed weights"
+            )
+        notes.append(
+            f"resuming from {ckpt} (step {checkpoint_step(ckpt)})"
+            + (f"; changed since: {', '.join(changed)}" if changed else "")
+        )
     logger: TrainLogger | Silent = Silent()  # rank 0 logs for every rank
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", cfg.to_dict())
-        logger = TrainLogger(run_dir, cfg.train.steps, run.step, tensorboard=cfg.train.tensorboard)
+        logger = TrainLogger(run_dir, cfg.train.steps, run.step, tracking=cfg.train, config=cfg.to_dict())
     with logger as log, StopSignal() as stop:
         for line in [_describe(run, cfg, run_dir), *notes]:
             log.info(line)
         history, ckpt = _loop(run, cfg, run_dir, log, ckpt, stop)
         stopped_by = stop.name if run.step < cfg.train.steps else None
         if stopped_by:
-            log.info(f"{stopped_by}: stopped after step {run.step}/{cfg.train.steps}, checkpoint {ckpt}; "
-                     f"continue with: motfusion train --out {run_dir} --resume")
+            log.info(
+                f"{stopped_by}: stopped after step {run.step}/{cfg.train.steps}, checkpoint {ckpt}; "
+                f"continue with: motfusion train --out {run_dir} --resume"
+            )
         else:
             log.info(f"done: step {run.step}, {run.elapsed_s:.1f} s of training, checkpoint {ckpt}")
-    return TrainResult(run_dir=run_dir, step=run.step, checkpoint=ckpt, elapsed_s=run.elapsed_s, metrics=history,
-                       stopped_by=stopped_by)
+    return TrainResult(
+        run_dir=run_dir,
+        step=run.step,
+        checkpoint=ckpt,
+        elapsed_s=run.elapsed_s,
+        metrics=history,
+        stopped_by=stopped_by,
+    )
 
 
 def _describe(run: Run, cfg: Config, run_dir: Path) -> str:
     m, t, W = run.model, cfg.train, run.world.world_size
     ranks = f" x {W} processes, parallel {run.mode}" if W > 1 else ""
-    extras = [name for name, on in (("activation checkpointing", t.activation_checkpointing),
-                                    ("compile", t.compile)) if on]
-    return (f"recipe {cfg.recipe}: {m.num_params() / 1e6:.2f}M params ({m.num_params(non_embedding=True) / 1e6:.2f}M "
-            f"non-embedding), untie={','.join(cfg.model.untie) or 'none'} | device {run.device}{ranks} | "
-            f"{t.precision}{''.join(', ' + e for e in extras)} | {t.batch_size}x{t.seq_len} tokens/step"
-            + (f" ({t.batch_size // W} rows per rank)" if W > 1 else "") + f" | {t.steps} steps -> {run_dir}")
+    extras = [
+        name
+        for name, on in (("activation checkpointing", t.activation_checkpointing), ("compile", t.compile))
+        if on
+    ]
+    return (
+        f"recipe {cfg.recipe}: {m.num_params() / 1e6:.2f}M params ({m.num_params(non_embedding=True) / 1e6:.2f}M "
+        f"non-embedding), untie={','.join(cfg.model.untie) or 'none'} | device {run.device}{ranks} | "
+        f"{t.precision}{''.join(', ' + e for e in extras)} | {t.batch_size}x{t.seq_len} tokens/step"
+        + (f" ({t.batch_size // W} rows per rank)" if W > 1 else "")
+        + f" | {t.steps} steps -> {run_dir}"
+    )

@@ -9,14 +9,13 @@ sample during training and from the posterior mean when measured.
 
 DIR receives the artifact (artifacts.py: weights.safetensors, config.json with the VAEConfig and its
 latent scale factor) and metrics.jsonl (one record per logged step, then a final one with val_psnr
-and scale_factor).
+and scale_factor), also sent to TensorBoard and W&B when the config's tracking keys ask.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sized
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +26,8 @@ from motfusion.codecs.diffusers_vae import AutoencoderKL
 from motfusion.codecs.vae import VAEConfig, build_vae, save_vae
 from motfusion.data.pipeline import EpochOrder, image_dataset
 from motfusion.errors import ConfigError
+from motfusion.training.logging import Tracker
 from motfusion.training.loop import LoopConfig, optimizer_step, train_loop
-
-METRICS_FILE = "metrics.jsonl"
 
 
 @dataclass
@@ -50,8 +48,9 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse)
 
 
-def vae_loss(model: AutoencoderKL, x: torch.Tensor, cfg: VAEConfig,
-             generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def vae_loss(
+    model: AutoencoderKL, x: torch.Tensor, cfg: VAEConfig, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """x (B, C, H, W) -> (loss, {"recon": per pixel value, "kl": nats per image})."""
     recon, posterior = model(x, generator)
     err = recon - x
@@ -62,11 +61,14 @@ def vae_loss(model: AutoencoderKL, x: torch.Tensor, cfg: VAEConfig,
 
 # ---- images ------------------------------------------------------------------------------------
 
+
 def image_batch(dataset, indices: list[int], image_size: int) -> torch.Tensor:
     """The images of `indices` -> (B, 3, S, S) in [-1, 1]."""
     images = torch.stack([dataset.sample(i).image for i in indices])
     if images.shape[1:] != (3, image_size, image_size):
-        raise ConfigError(f"the dataset gave images of shape {tuple(images.shape[1:])}, not (3, {image_size}, {image_size})")
+        raise ConfigError(
+            f"the dataset gave images of shape {tuple(images.shape[1:])}, not (3, {image_size}, {image_size})"
+        )
     return images
 
 
@@ -81,7 +83,7 @@ def evaluate_psnr(model: AutoencoderKL, dataset, cfg: VAEConfig, device: torch.d
     model.eval()
     indices, scores = first_indices(dataset, cfg.val_images), []
     for i in range(0, len(indices), cfg.batch_size):
-        x = image_batch(dataset, indices[i:i + cfg.batch_size], cfg.image_size).to(device)
+        x = image_batch(dataset, indices[i : i + cfg.batch_size], cfg.image_size).to(device)
         scores.append(psnr(model.decode(model.encode(x).mean).clamp(-1, 1), x))
     return torch.cat(scores).mean().item()
 
@@ -91,17 +93,28 @@ def latent_scale(model: AutoencoderKL, dataset, cfg: VAEConfig, device: torch.de
     """1 / std of the posterior means of the first `cfg.scale_images` images: scaled latents have unit std."""
     model.eval()
     indices = first_indices(dataset, cfg.scale_images)
-    latents = [model.encode(image_batch(dataset, indices[i:i + cfg.batch_size], cfg.image_size).to(device)).mean
-               for i in range(0, len(indices), cfg.batch_size)]
+    latents = [
+        model.encode(image_batch(dataset, indices[i : i + cfg.batch_size], cfg.image_size).to(device)).mean
+        for i in range(0, len(indices), cfg.batch_size)
+    ]
     return 1.0 / torch.cat(latents).std().item()
 
 
 # ---- training ----------------------------------------------------------------------------------
 
+
 def loop_config(cfg: VAEConfig) -> LoopConfig:
     """Warmup, then cosine decay to a tenth of the peak at the last step."""
-    return LoopConfig(name="vae", steps=cfg.steps, lr=cfg.lr, warmup=cfg.warmup, min_lr=cfg.lr / 10, betas=(0.9, 0.99),
-                      grad_clip=cfg.grad_clip, log_every=cfg.log_every)
+    return LoopConfig(
+        name="vae",
+        steps=cfg.steps,
+        lr=cfg.lr,
+        warmup=cfg.warmup,
+        min_lr=cfg.lr / 10,
+        betas=(0.9, 0.99),
+        grad_clip=cfg.grad_clip,
+        log_every=cfg.log_every,
+    )
 
 
 def train_vae(cfg: VAEConfig, out: Path, device: torch.device | str | None = None) -> VAEResult:
@@ -123,29 +136,44 @@ def train_vae(cfg: VAEConfig, out: Path, device: torch.device | str | None = Non
         return vae_loss(model, image_batch(train_set, indices, cfg.image_size).to(device), cfg, generator)
 
     out.mkdir(parents=True, exist_ok=True)
-    print(f"VAE {model.num_params() / 1e6:.2f}M params, widths {list(cfg.widths)}, {cfg.latent_channels} latent "
-          f"channels, {cfg.downsample}x downsampling | {cfg.dataset} {cfg.image_size}px | {cfg.steps} steps -> {out}")
+    print(
+        f"VAE {model.num_params() / 1e6:.2f}M params, widths {list(cfg.widths)}, {cfg.latent_channels} latent "
+        f"channels, {cfg.downsample}x downsampling | {cfg.dataset} {cfg.image_size}px | {cfg.steps} steps -> {out}"
+    )
     history: list[dict[str, Any]] = []
-    with (out / METRICS_FILE).open("w") as metrics_file:
+    with Tracker(out, tracking=cfg, config=asdict(cfg)) as tracker:
+
         def on_log(record: dict[str, float]) -> None:
             history.append({**record, "images_per_s": 1000 * cfg.batch_size / record["dt_ms"]})
-            metrics_file.write(json.dumps(history[-1]) + "\n")
-            metrics_file.flush()
+            tracker.log(history[-1])
 
         elapsed = train_loop(model.parameters(), step_loss, loop_config(cfg), on_log=on_log)[-1]["elapsed_s"]
         cfg.scale_factor = latent_scale(model, train_set, cfg, device)
         val_psnr = evaluate_psnr(model, val_set, cfg, device)
-        final = {"step": cfg.steps, "val_psnr": val_psnr, "val_images": len(first_indices(val_set, cfg.val_images)),
-                 "scale_factor": cfg.scale_factor, "elapsed_s": elapsed}
-        metrics_file.write(json.dumps(final) + "\n")
+        final = {
+            "step": cfg.steps,
+            "val_psnr": val_psnr,
+            "val_images": len(first_indices(val_set, cfg.val_images)),
+            "scale_factor": cfg.scale_factor,
+            "elapsed_s": elapsed,
+        }
+        tracker.log(final)
     save_vae(out, model, cfg)
-    print(f"val PSNR {val_psnr:.2f} dB on {final['val_images']} {cfg.dataset} val images | scale_factor "
-          f"{cfg.scale_factor:.4f} | {elapsed:.0f} s of training | wrote {out / WEIGHTS}")
+    print(
+        f"val PSNR {val_psnr:.2f} dB on {final['val_images']} {cfg.dataset} val images | scale_factor "
+        f"{cfg.scale_factor:.4f} | {elapsed:.0f} s of training | wrote {out / WEIGHTS}"
+    )
     return VAEResult(out, val_psnr, cfg.scale_factor, elapsed, history)
 
 
-def train_step(model: AutoencoderKL, optimizer: torch.optim.Optimizer, x: torch.Tensor, cfg: VAEConfig,
-               generator: torch.Generator, lr: float) -> dict[str, float]:
+def train_step(
+    model: AutoencoderKL,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    cfg: VAEConfig,
+    generator: torch.Generator,
+    lr: float,
+) -> dict[str, float]:
     """One update on the images x (B, C, H, W): {loss, recon, kl, grad_norm}."""
     model.train()
     loss, parts = vae_loss(model, x, cfg, generator)
