@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -31,10 +31,8 @@ from motfusion.config import Config
 from motfusion.data.espeak import normalize
 from motfusion.data.speech import read_speech_data
 from motfusion.errors import ConfigError, DataError
+from motfusion.sampling.generate import Generator
 from motfusion.sampling.speech import speech_to_text, text_to_units
-
-if TYPE_CHECKING:
-    from motfusion.sampling import Generator
 
 T = TypeVar("T")
 
