@@ -5,6 +5,7 @@ import random
 import pytest
 import torch
 
+from motfusion.cli import main
 from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
@@ -54,3 +55,17 @@ def random_batch(
                 used += len(enc)
         packed.append(row)
     return collate(packed, seq_len, tok.pad)
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_one_line(err: str, *phrases: str) -> None:
+    """The CLI's promise for a user's mistake: one line, no traceback, naming what to fix."""
+    assert err.startswith("motfusion: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err
+    for phrase in phrases:
+        assert str(phrase) in err, (phrase, err)

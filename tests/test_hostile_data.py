@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import assert_one_line, cli
 from PIL import Image as PILImage
 from PIL import ImageFile
 from tokenizers import Tokenizer as HFTokenizer
@@ -27,19 +28,6 @@ from motfusion.training.checkpoint import list_checkpoints
 
 FAST = ["train.tensorboard=false", "train.log_every=1", "data.val_fraction=0"]
 RULES = ImageRules(size=16, min_side=16, max_pixels=10_000_000)
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(err: str, *phrases: str) -> None:
-    assert err.startswith("motfusion: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert str(phrase) in err, (phrase, err)
 
 
 @pytest.fixture

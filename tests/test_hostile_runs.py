@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from conftest import assert_one_line, cli
 
 from motfusion.cli import main, os_error_text
 from motfusion.objectives import TransfusionObjective
@@ -30,20 +31,6 @@ from motfusion.training.logging import METRICS_FILE, parse_metrics, read_metrics
 
 FAST = ["train.tensorboard=false", "train.log_every=1", "train.warmup=0"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-
-
-def cli(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def assert_one_line(err: str, *phrases: str) -> None:
-    """The CLI's promise for a user's mistake: one line, no traceback, naming what to fix."""
-    assert err.startswith("motfusion: error: ") and err.count("\n") == 1, err
-    assert "Traceback" not in err
-    for phrase in phrases:
-        assert str(phrase) in err, (phrase, err)
 
 
 def snapshot(run: Path) -> dict:
