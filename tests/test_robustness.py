@@ -139,9 +139,30 @@ def test_a_second_signal_interrupts_at_once(tmp_path, monkeypatch):
         return real(step, tcfg)
 
     monkeypatch.setattr(trainer, "lr_at", lr_at)
+    before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train(small_cfg("train.steps=4"), tmp_path / "run")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before  # the handler from before the run is back
+
+
+def test_a_second_ctrl_c_interrupts_even_if_sigint_was_ignored(tmp_path, monkeypatch):
+    """A library that left SIGINT ignored must not swallow the second Ctrl-C (seen once in CI)."""
+    real = trainer.lr_at
+
+    def lr_at(step, tcfg):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return real(step, tcfg)
+
+    monkeypatch.setattr(trainer, "lr_at", lr_at)
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(small_cfg("train.steps=4"), tmp_path / "run")
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_logger_drops_records_after_the_resume_step_and_a_torn_last_line(tmp_path):

@@ -3,7 +3,8 @@
 Schedulers (SLURM, Kubernetes, spot instances) send SIGTERM some time before they kill a job, and
 Ctrl-C sends SIGINT. Here both only set a flag, which the training loop reads at the end of every
 step. A second signal while the first is pending is passed on to the handler that was there before
-(so Ctrl-C twice interrupts at once, e.g. when the file system hangs the checkpoint write).
+(so Ctrl-C twice interrupts at once, e.g. when the file system hangs the checkpoint write; a second
+SIGINT raises KeyboardInterrupt even if the handler before was SIG_IGN).
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ class StopSignal:
         if self.received is None:
             self.received = signal.Signals(signum)
             return
-        self._restore()  # a second signal: behave as if we had never been here
+        self._restore()  # a second signal: behave as if we had never been here...
+        if signum == signal.SIGINT:  # ...except that Ctrl-C twice always interrupts, whatever handler
+            raise KeyboardInterrupt  # was there before (a library may have left SIGINT ignored)
         signal.raise_signal(signum)
 
     def _restore(self) -> None:
