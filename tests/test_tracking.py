@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 from test_real_data import tiny_fashion
+from test_vae import TINY_VAE_ARGS
 
 from motfusion.cli import main
 from motfusion.config import TrackingConfig
@@ -190,26 +191,7 @@ def test_an_auxiliary_trainer_writes_metrics_jsonl_and_logs_to_wandb(tmp_path):
 
 
 def test_an_auxiliary_trainer_without_tracking_writes_only_metrics_jsonl(tmp_path):
-    assert (
-        main(
-            [
-                "train-vae",
-                "--dataset",
-                "shapes",
-                "--out",
-                str(tmp_path / "vae"),
-                "--steps",
-                "2",
-                "channels=8",
-                "norm_groups=4",
-                "batch_size=4",
-                "val_images=4",
-                "scale_images=8",
-                "log_every=1",
-            ]
-        )
-        == 0
-    )
+    assert main(["train-vae", "--dataset", "shapes", "--out", str(tmp_path / "vae"), *TINY_VAE_ARGS]) == 0
     records = read_metrics(tmp_path / "vae" / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 2] and "val_psnr" in records[-1]
     assert not (tmp_path / "vae" / "wandb").exists() and not list(

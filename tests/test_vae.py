@@ -339,28 +339,22 @@ def test_documents_carry_cached_scaled_posterior_means(vae_dir, tok):
     assert batch_images.shape[1:] == (4, 8, 8)
 
 
+# train-vae in seconds: 2 steps of a narrow VAE, a few images for the scale and the PSNR.
+TINY_VAE_ARGS = [
+    "--steps",
+    "2",
+    "channels=8",
+    "norm_groups=4",
+    "batch_size=4",
+    "val_images=4",
+    "scale_images=8",
+    "log_every=1",
+]
+
+
 def test_debug_recipe_on_latents_trains_and_generates_pixel_images(tmp_path, capsys):
     vae, run, samples = tmp_path / "vae", tmp_path / "run", tmp_path / "samples"
-    assert (
-        main(
-            [
-                "train-vae",
-                "--dataset",
-                "shapes",
-                "--out",
-                str(vae),
-                "--steps",
-                "2",
-                "channels=8",
-                "norm_groups=4",
-                "batch_size=4",
-                "val_images=4",
-                "scale_images=8",
-                "log_every=1",
-            ]
-        )
-        == 0
-    )
+    assert main(["train-vae", "--dataset", "shapes", "--out", str(vae), *TINY_VAE_ARGS]) == 0
     records = [json.loads(line) for line in (vae / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 2] and records[-1]["val_images"] == 4
     assert json.loads((vae / "config.json").read_text())["config"]["scale_factor"] == pytest.approx(

@@ -36,8 +36,8 @@ from motfusion.sampling.load import BUNDLED_SPEECH, BUNDLED_VAE, BUNDLED_VQ, def
 from motfusion.sampling.speech import speech_to_text, text_to_units
 from motfusion.sequence import Image, Units
 from motfusion.tokenizer import TOKENIZER_FILE, trained_vocab
+from motfusion.training.checkpoint import CONFIG_FILE, MODEL_FILE
 
-WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 ImageInput = PILImage.Image | str | Path | torch.Tensor  # a picture, a file, or (3, H, W) in [-1, 1]
 
 
@@ -113,7 +113,7 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
         model, cfg = self.generator.model, self.cfg
         text = json.dumps(cfg.to_dict(), indent=2) + "\n"
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        safetensors.torch.save_file(state, save_directory / WEIGHTS_FILE, metadata={"format": "pt"})
+        safetensors.torch.save_file(state, save_directory / MODEL_FILE, metadata={"format": "pt"})
         (save_directory / CONFIG_FILE).write_text(text)
         if trained_vocab(cfg.data.tokenizer):
             (save_directory / TOKENIZER_FILE).write_text(self.generator.tok.to_json())

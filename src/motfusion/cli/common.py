@@ -14,6 +14,7 @@ from motfusion.config import Config, read_config_file
 from motfusion.errors import ConfigError
 from motfusion.recipes import RECIPES, get_recipe
 from motfusion.sampling import SampleConfig
+from motfusion.sampling.load import default_device
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 def device_of(args: argparse.Namespace) -> torch.device:
     """--device, checked: auto picks cuda when available."""
     if args.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(default_device())
     try:
         device = torch.device(args.device)
     except RuntimeError:
