@@ -24,7 +24,7 @@ from motfusion.report import (
     write_html,
 )
 from motfusion.sampling import Generator, SampleConfig
-from motfusion.sampling.load import load_generator
+from motfusion.sampling.load import default_device, load_generator
 from motfusion.training.checkpoint import checkpoint_step, latest_checkpoint
 from motfusion.training.trainer import train
 
@@ -52,7 +52,7 @@ def run_demo(
     train_s = read_metrics(out / "metrics.jsonl")[-1]["elapsed_s"]
 
     print("evaluating: text to image on held-out prompts, image to text on held-out images ...")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device()
     gen, cfg = load_generator(out, device, sample_cfg)
     ev = evaluate_shapes(gen, n_single=n_single, n_prompts=n_prompts, n_captions=n_captions, seed=seed)
     report = write_report(out, cfg, gen, ev, seed)
