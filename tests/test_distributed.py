@@ -59,6 +59,7 @@ def run_cfg(*overrides: str):
 
 
 ALIGN = ["objective.contrastive_weight=0.5", "model.align_dim=16"]
+EDIT = ["data.dataset=shapes-edit", "data.edit_share=1.0"]  # clean source images: no noise, no loss
 
 
 def curve(run_dir: Path, extra: tuple[str, ...] = ()) -> list[list[float]]:
@@ -134,6 +135,7 @@ def _rank_main(rank: int, port: int, root: Path) -> None:
         train(run_cfg("train.parallel=ddp"), root / "ddp")
         train(run_cfg("train.parallel=fsdp"), root / "fsdp")
         train(run_cfg("train.parallel=fsdp", *ALIGN), root / "fsdp_align")
+        train(run_cfg("train.parallel=fsdp", *EDIT), root / "fsdp_edit")
         train(run_cfg("train.parallel=fsdp"), root / "one_to_fsdp", resume=True)
         train(run_cfg("train.parallel=ddp"), root / "one_to_ddp", resume=True)
         for mode in ("ddp", "fsdp"):
@@ -177,6 +179,7 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     train(run_cfg(), root / "one")
     train(run_cfg(*ALIGN), root / "one_align")
+    train(run_cfg(*EDIT), root / "one_edit")
     rewind(root / "one", root / "one_to_fsdp")
     rewind(root / "one", root / "one_to_ddp")
     spawn_two_ranks(root)
@@ -197,6 +200,11 @@ def test_contrastive_loss_over_two_ranks_is_that_of_one_process(runs):
     assert_same_curve(
         curve(runs / "one_align", ("loss/contrastive",)), curve(runs / "fsdp_align", ("loss/contrastive",))
     )
+
+
+def test_editing_over_two_ranks_is_that_of_one_process(runs):
+    """Edit documents: the clean sources are counted out of the image loss over the global batch."""
+    assert_same_curve(curve(runs / "fsdp_edit"), curve(runs / "one_edit"))
 
 
 def test_fsdp_gives_the_losses_of_ddp(runs):

@@ -182,6 +182,8 @@ class DataConfig:
     # data.dataset=speech:DIR (data/speech.py): text->speech and speech->text, with shapes mixed in.
     speech_text_first_prob: float = 0.5  # a speech document is text->speech, else speech->text
     speech_shapes_share: float = 0.5  # share of shapes text-image documents in the speech dataset
+    # data.dataset=shapes-edit (data/edits.py): editing triples, with ordinary shapes documents mixed in.
+    edit_share: float = 0.75  # share of editing documents
 
     def validate(self) -> None:
         _check_types(self, "data")
@@ -214,6 +216,7 @@ class DataConfig:
             0.0 <= self.speech_text_first_prob <= 1.0 and 0.0 <= self.speech_shapes_share < 1.0,
             "data.speech_text_first_prob must be in [0, 1] and data.speech_shapes_share in [0, 1)",
         )
+        _check(0.0 <= self.edit_share <= 1.0, "data.edit_share must be in [0, 1]")
 
 
 @dataclass(kw_only=True)
@@ -248,6 +251,7 @@ class TrainConfig(TrackingConfig):
     beta2: float = 0.95
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of the weights' moving average that sampling uses (0: none); training/ema.py
+    init_from: str = ""  # a run or checkpoint whose weights (not optimizer, not step) a new run starts from
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 3

@@ -13,8 +13,10 @@ from pathlib import Path
 import torch
 
 from motfusion.config import Config
+from motfusion.data.edits import EDIT_DATASETS
 from motfusion.data.images import to_pil
-from motfusion.evaluation.shapes_suite import evaluate_shapes
+from motfusion.data.shapes import render
+from motfusion.evaluation.shapes_suite import EditEval, evaluate_edits, evaluate_shapes
 from motfusion.report import (
     display_scale,
     plot_losses,
@@ -56,9 +58,11 @@ def run_demo(
     gen, cfg = load_generator(out, device, sample_cfg)
     ev = evaluate_shapes(gen, n_single=n_single, n_prompts=n_prompts, n_captions=n_captions, seed=seed)
     report = write_report(out, cfg, gen, ev, seed)
+    edits = evaluate_edits(gen, n=n_captions, seed=seed) if cfg.data.dataset in EDIT_DATASETS else None
     history = read_metrics(out / "metrics.jsonl")
     metrics = {
         **ev.metrics,
+        **(edits.metrics if edits else {}),
         "final_loss/text": smooth([r["loss/text"] for r in history])[-1],
         "final_loss/image": smooth([r["loss/image"] for r in history])[-1],
         "steps": history[-1]["step"],
@@ -80,11 +84,18 @@ def run_demo(
     }
     forms = {"single-object prompts (geneval_single)": ev.metrics["geneval_single"], **forms}
     write_html(
-        report, f"motfusion demo: {out}", metrics, *_html_rows(report, ev, cfg.data.image_size), forms=forms
+        report,
+        f"motfusion demo: {out}",
+        metrics,
+        *_html_rows(report, ev, cfg.data.image_size),
+        forms=forms,
+        edits=_edit_rows(report, edits, cfg.data.image_size) if edits else None,
     )
     print(
         f"geneval (single object) {metrics['geneval_single']:.3f} | geneval (all forms) {metrics['geneval']:.3f} | "
-        f"caption_accuracy {metrics['caption_accuracy']:.3f} | {metrics['wall_clock_seconds']:.0f} s"
+        f"caption_accuracy {metrics['caption_accuracy']:.3f}"
+        + (f" | edit_accuracy {metrics['edit_accuracy']:.3f}" if edits else "")
+        + f" | {metrics['wall_clock_seconds']:.0f} s"
     )
     print(f"report: {report / 'index.html'}")
     return metrics
@@ -118,3 +129,19 @@ def _html_rows(report: Path, ev, image_size: int) -> tuple[list[dict], list[dict
         to_pil(image, scale).save(report / name)
         i2t.append({"file": name, "truth": truth, "caption": caption, "ok": ok})
     return t2i, i2t
+
+
+def _edit_rows(report: Path, ev: EditEval, image_size: int) -> list[dict]:
+    """Each held-out edit's source, output and target as files, and edits.png: the first GRID_PROMPTS."""
+    scale = display_scale(image_size)
+    rows, grid = [], []
+    for i, (edit, source, output, ok) in enumerate(zip(ev.edits, ev.sources, ev.outputs, ev.ok)):
+        pictures = (source, output, render(edit.target))
+        names = [f"images/edit_{i:03d}_{part}.png" for part in ("source", "output", "target")]
+        for name, picture in zip(names, pictures):
+            to_pil(picture, scale).save(report / name)
+        rows.append({"instruction": edit.instruction, "files": names, "ok": ok})
+        grid.append(list(pictures))
+    n = min(GRID_PROMPTS, len(rows))
+    sample_grid([r["instruction"] for r in rows[:n]], grid[:n], report / "edits.png", scale=scale)
+    return rows

@@ -36,6 +36,7 @@ class GlobalBatch:
     image_offset: int = 0  # global index of this rank's first image
     unit_targets: dict[str, int] = field(default_factory=dict)  # the other discrete heads' LM targets
     ranks: int = 1  # processes that share the global batch
+    clean_images: int = 0  # of `images`, those that are clean context (no noise, no loss)
     image_shape: tuple[
         int, ...
     ] = ()  # (C, H, W): the largest image of the global batch (noise is drawn at it)
@@ -53,7 +54,13 @@ class GlobalBatch:
             images=batch.images.shape[0],
             unit_targets=counts,
             image_shape=tuple(batch.images.shape[1:]),
+            clean_images=int(batch.image_clean.sum()),
         )
+
+    @property
+    def scored_images(self) -> int:
+        """The image loss's denominator: the images that are noised and scored."""
+        return self.images - self.clean_images
 
 
 class TransfusionObjective:
@@ -101,11 +108,13 @@ class TransfusionObjective:
         x0 = batch.images  # (N, C, H, W)
         N = x0.shape[0]
         whole = whole or GlobalBatch.of(batch)
+        clean = batch.image_clean  # (N,) context images: the model sees them clean, at t = 0
         if N:
             t, noise = self.draw(batch, whole, generator)
+            t = t.masked_fill(clean, 0.0)
         else:  # nothing to noise; x0 is a (0, C, 1, 1) placeholder
             t, noise = torch.zeros(0, device=x0.device), x0
-        x_t = self.process.add_noise(x0, noise, t)
+        x_t = torch.where(clean[:, None, None, None], x0, self.process.add_noise(x0, noise, t))
         out = model(batch, x_t, t)
 
         zero = out.hidden.sum() * 0  # keeps the graph connected when a modality is absent
@@ -122,7 +131,8 @@ class TransfusionObjective:
                         for rows, H, W, _ in batch.groups()
                     ]
                 )
-                parts["image"] = per_image.sum() / whole.images
+                per_image = per_image.masked_fill(clean, 0.0)  # scored: noised images only
+                parts["image"] = per_image.sum() / max(whole.scored_images, 1)
             else:
                 parts["image"] = zero
             loss = loss + self.cfg.image_loss_weight * parts["image"]

@@ -28,9 +28,10 @@ from PIL import Image as PILImage
 from motfusion.codecs.audio import resample
 from motfusion.codecs.speech import SpeechTokenizer, resolve_speech_dirs, speech_tokenizer_of
 from motfusion.config import Config
+from motfusion.data.edits import EDIT_DATASETS
 from motfusion.data.images import to_pil
 from motfusion.data.scan import ImageRules, read_image, to_pixels
-from motfusion.sampling.batches import captions_in_batches, images_in_batches
+from motfusion.sampling.batches import captions_in_batches, edits_in_batches, images_in_batches
 from motfusion.sampling.generate import Generator, SampleConfig
 from motfusion.sampling.load import BUNDLED_SPEECH, BUNDLED_VAE, BUNDLED_VQ, default_device, load_generator
 from motfusion.sampling.speech import speech_to_text, text_to_units
@@ -126,6 +127,20 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
                 resolve_speech_dirs(cfg.data.dataset.partition(":")[2])[1], save_directory / BUNDLED_SPEECH
             )
 
+    @property
+    def capabilities(self) -> frozenset[str]:
+        """What this model can do: text_to_image, caption, interleaved (any model with images), speech
+        (a speech tower), edit (trained on editing documents, with diffusion images)."""
+        model = self.generator.model
+        can = {"interleaved"}
+        if model.image is not None or "image" in model.discrete:
+            can |= {"text_to_image", "caption"}
+        if "speech" in model.discrete:
+            can.add("speech")
+        if model.image is not None and self.cfg.data.dataset.partition(":")[0] in EDIT_DATASETS:
+            can.add("edit")
+        return frozenset(can)
+
     # ---- the verbs --------------------------------------------------------------------------
 
     def _rng(self, seed: int) -> torch.Generator:
@@ -177,6 +192,32 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
         images = images if isinstance(images, list) else [images]
         pixels = torch.stack([self._pixels(x) for x in images])  # (B, 3, S, S)
         return captions_in_batches(self.generator, pixels, self._rng(seed), batch_size)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: list[ImageInput] | ImageInput,
+        instructions: list[str] | str,
+        seed: int = 0,
+        steps: int | None = None,
+        guidance: float | None = None,
+        batch_size: int = 32,
+    ) -> list[PILImage.Image]:
+        """Image editing: each picture with its instruction -> the edited picture. One picture is
+        edited by every instruction; otherwise pictures and instructions pair up in order."""
+        images = images if isinstance(images, list) else [images]
+        instructions = [instructions] if isinstance(instructions, str) else instructions
+        if len(images) == 1:
+            images = images * len(instructions)
+        if len(images) != len(instructions):
+            raise ValueError(
+                f"{len(images)} pictures for {len(instructions)} instructions: give one, or one each"
+            )
+        pixels = torch.stack([self._pixels(x) for x in images])
+        out = edits_in_batches(
+            self._sampler(steps=steps, guidance=guidance), pixels, instructions, self._rng(seed), batch_size
+        )
+        return [to_pil(x, scale=1) for x in out]
 
     @torch.no_grad()
     def interleaved(self, prompt: str, seed: int = 0) -> list[str | PILImage.Image | Units]:

@@ -110,6 +110,19 @@ def demo_long() -> Config:
     return cfg
 
 
+@recipe("demo-edit")
+def demo_edit() -> Config:
+    """Image editing (Transfusion 4.4): fine-tunes the `make demo` model (runs/demo) on shapes-edit
+    triples, [BOI source EOI] instruction [BOI target EOI] with the source clean, a quarter of the
+    documents still ordinary shapes ones so text to image and captioning stay. Weights come from
+    runs/demo (train.init_from); optimizer and schedule start fresh."""
+    cfg = demo()
+    cfg.data.dataset = "shapes-edit"
+    cfg.train.init_from = "runs/demo"
+    cfg.train.steps, cfg.train.lr, cfg.train.warmup = 1200, 1e-3, 50
+    return cfg
+
+
 @recipe("speech-demo")
 def speech_demo() -> Config:
     """The demo model with a third tower, for speech units: text->speech and speech->text documents

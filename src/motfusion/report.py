@@ -121,9 +121,10 @@ def write_html(
     t2i: list[dict],
     i2t: list[dict],
     forms: dict[str, float] | None = None,
+    edits: list[dict] | None = None,
 ) -> Path:
     """index.html beside loss.png and samples.png; t2i rows: {prompt, files, ok}; i2t: {file, truth, caption, ok};
-    `forms`: geneval per caption form."""
+    `forms`: geneval per caption form; `edits` rows: {instruction, files (source, output, target), ok}."""
     esc = html.escape
     mark = lambda ok: "&#10003;" if ok else "&#10007;"
     summary = "".join(
@@ -143,6 +144,18 @@ def write_html(
         f"<tr><td><img src='{esc(r['file'])}'></td><td>{esc(r['truth'])}</td><td>{mark(r['ok'])} {esc(r['caption'])}</td></tr>"
         for r in i2t
     )
+    edit_rows = "".join(
+        f"<tr><td>{mark(r['ok'])} {esc(r['instruction'])}</td><td>"
+        + "".join(f"<img src='{esc(f)}'>" for f in r["files"])
+        + "</td></tr>"
+        for r in edits or []
+    )
+    editing = (
+        "<h2>Image editing</h2><p>Held-out edits: instruction (&#10003; when the scene checker reads the output "
+        f"as exactly the target scene); source, output, target.</p><table>{edit_rows}</table>"
+        if edits
+        else ""
+    )
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>{esc(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em}} td{{padding:4px 10px;vertical-align:middle}}
 img{{image-rendering:pixelated;margin:2px}} table{{border-collapse:collapse}} tr:nth-child(even){{background:#f4f4f4}}</style>
@@ -155,6 +168,7 @@ satisfying every clause of the prompt.</p><table>{per_form}</table>
 <h2>Text to image</h2><p>Prompt (&#10003; when the scene checker finds every clause in the first sample) and samples.</p><table>{gen}</table>
 <h2>Image to text</h2><p>Held-out image, its true caption, the model's caption (&#10003; when all its clauses match the scene).</p>
 <table><tr><th>image</th><th>true caption</th><th>generated</th></tr>{cap}</table>
+{editing}
 </body></html>"""
     path = out / "index.html"
     path.write_text(page)

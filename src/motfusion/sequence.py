@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 import torch
@@ -82,6 +82,7 @@ class Text:
 @dataclass(frozen=True)
 class Image:
     pixels: torch.Tensor  # (C, H, W) in [-1, 1]
+    clean: bool = False  # context only (an edit's source): never noised, no diffusion loss
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,7 @@ class EncodedDoc:
     image_slot: list[int]  # k for the k-th image's patches in this doc, -1 elsewhere
     images: list[torch.Tensor]
     image_first: list[bool]  # the image precedes its caption (gets the noise cap)
+    image_clean: list[bool] = field(default_factory=list)  # the image is clean context (Image.clean)
     caption: int = 0  # a key of the document's text (0: none): equal texts, equal keys
 
     def __len__(self) -> int:
@@ -182,6 +184,7 @@ def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int, close:
     b.doc.image_first = [
         not any(is_text[:i]) and any(is_text[i + 1 :]) for i, seg in enumerate(doc) if isinstance(seg, Image)
     ]
+    b.doc.image_clean = [seg.clean for seg in doc if isinstance(seg, Image)]
     b.doc.caption = caption_key(" ".join(seg.text for seg in doc if isinstance(seg, Text)))
     return b.doc
 
@@ -219,6 +222,7 @@ class Batch:
     images: torch.Tensor  # (N, C, H, W) clean images
     image_index: torch.Tensor  # (N, L) flat positions of each image's patches, raster order
     image_first: torch.Tensor  # (N,) bool: image precedes its caption
+    image_clean: torch.Tensor  # (N,) bool: clean context, neither noised nor scored (an edit's source)
     image_caption: torch.Tensor  # (N,) int64: caption_key of each image's document (0: no text)
     image_order: torch.Tensor  # (N,) each image's index in document order, before grouping by size
     modality_index: dict[str, torch.Tensor]  # name -> flat positions of that input modality
@@ -260,7 +264,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
     image = torch.full((B, T), -1, dtype=torch.long)
     targets = torch.full((B, T), IGNORE, dtype=torch.long)
     target_modality = torch.full((B, T), -1, dtype=torch.long)
-    images, image_first, image_index, image_caption = [], [], [], []
+    images, image_first, image_index, image_caption, image_clean = [], [], [], [], []
     for b, docs in enumerate(rows):
         start = 0
         for d, enc in enumerate(docs):
@@ -279,6 +283,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
                 image_index.append(b * T + start + (slot == k).nonzero().squeeze(1))
                 images.append(pixels)
             image_first += enc.image_first
+            image_clean += enc.image_clean or [False] * len(enc.images)
             image_caption += [enc.caption] * len(enc.images)
             start += n
     # Images of one size become contiguous: the model and the loss run each size as one tensor.
@@ -292,6 +297,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
     image = renumber[image]  # -1 stays -1
     images, image_index = [images[i] for i in order], [image_index[i] for i in order]
     image_first, image_caption = [image_first[i] for i in order], [image_caption[i] for i in order]
+    image_clean = [image_clean[i] for i in order]
     flat_modality, flat_target = modality.view(-1), target_modality.view(-1)
     return Batch(
         tokens=tokens,
@@ -303,6 +309,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
         images=_stack_padded(images),
         image_index=_stack_padded(image_index) if image_index else torch.zeros(0, 1, dtype=torch.long),
         image_first=torch.tensor(image_first, dtype=torch.bool),
+        image_clean=torch.tensor(image_clean, dtype=torch.bool),
         image_caption=torch.tensor(image_caption, dtype=torch.long),
         image_order=torch.tensor(order, dtype=torch.long),
         image_groups=_image_groups(images, image_index),

@@ -35,6 +35,12 @@ def generate_arguments(p: argparse.ArgumentParser) -> None:
     mode.add_argument(
         "--transcribe", action="append", type=Path, metavar="WAV", help="speech to text (repeat for a batch)"
     )
+    p.add_argument(
+        "--edit",
+        type=Path,
+        metavar="IMG",
+        help="image editing: edit this PNG/JPEG by each --prompt instruction",
+    )
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--batch-size", type=int, default=32, help="images generated (or captioned) at a time")
     p.add_argument(
@@ -52,6 +58,10 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.n <= 0 or args.batch_size <= 0:
         raise ConfigError(f"--n={args.n} and --batch-size={args.batch_size} must be positive")
     samples = sample_config(args)
+    if args.edit is not None and not args.prompt:
+        raise ConfigError(
+            "--edit IMG needs the instruction as --prompt, e.g. --prompt 'make the red circle blue'"
+        )
     if args.speak is not None:  # where the output goes is checked before any work
         check_writable_dir(args.out.parent if args.out.suffix.lower() == ".wav" else args.out, "--out")
     elif args.prompt or args.interleaved is not None:
@@ -71,8 +81,11 @@ def run_generate(args: argparse.Namespace) -> None:
     elif args.interleaved is not None:
         _interleaved(m.interleaved(args.interleaved, args.seed), args.out)
     else:
-        pictures = m.generate_images(args.prompt, n=args.n, seed=args.seed, batch_size=args.batch_size)
         prompts = [p for p in args.prompt for _ in range(args.n)]
+        if args.edit is not None:
+            pictures = m.edit(args.edit, prompts, seed=args.seed, batch_size=args.batch_size)
+        else:
+            pictures = m.generate_images(args.prompt, n=args.n, seed=args.seed, batch_size=args.batch_size)
         for i, (prompt, pic) in enumerate(zip(prompts, pictures)):
             path = args.out / f"{i:03d}_{slug(prompt)}.png"
             upscale(pic).save(path)

@@ -14,6 +14,7 @@ image space, and `document`, the data-side transform that puts a document's imag
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 
 import torch
@@ -48,8 +49,12 @@ class ImageRepr:
         return Image(self.encode(pixels[None])[0])
 
     def document(self, doc: Document) -> Document:
-        """A document with each of its images in the model's space."""
-        return [self.segment(seg.pixels) if isinstance(seg, Image) else seg for seg in doc]
+        """A document with each of its images in the model's space (a clean image stays clean)."""
+        return [self._convert(seg) if isinstance(seg, Image) else seg for seg in doc]
+
+    def _convert(self, image: Image) -> Segment:
+        seg = self.segment(image.pixels)
+        return dataclasses.replace(seg, clean=image.clean) if isinstance(seg, Image) else seg
 
     def to(self, device: torch.device | str) -> ImageRepr:
         return self

@@ -25,6 +25,7 @@ from motfusion.data.documents import (
     document_rng,
     split_seed,
 )
+from motfusion.data.edits import EDIT_DATASETS, ShapesEditDataset
 from motfusion.data.emoji import EMOJI_FONT, EmojiDataset
 from motfusion.data.fashion import FASHION_DIR, FashionDataset
 from motfusion.data.shapes import ShapesDataset
@@ -60,6 +61,10 @@ def _shapes(cfg: Config, split: str, arg: str) -> Dataset:
     )
 
 
+def _shapes_edit(cfg: Config, split: str, arg: str) -> Dataset:
+    return ShapesEditDataset(_shapes(cfg, split, arg), cfg.data, cfg.objective)
+
+
 def _fashion(cfg: Config, split: str, arg: str) -> Dataset:
     return FashionDataset(root=Path(arg) if arg else FASHION_DIR, split=split, image_size=cfg.data.image_size)
 
@@ -83,6 +88,7 @@ def _speech(cfg: Config, split: str, arg: str) -> Dataset:
 
 
 DATASETS["shapes"] = _shapes
+DATASETS[EDIT_DATASETS[0]] = _shapes_edit
 DATASETS["fashion"] = _fashion
 DATASETS["emoji"] = _emoji
 DATASETS["manifest"] = _manifest

@@ -122,12 +122,12 @@ def diameter(size: str, image_size: int) -> int:
     return 2 * int(SIZE_FRACTION[size] * image_size / 2) + 1
 
 
-def _margin(image_size: int) -> int:
+def border_margin(image_size: int) -> int:
     """Minimum distance between an object and the image border."""
     return max(1, image_size // 32)
 
 
-def _gap(image_size: int) -> int:
+def object_gap(image_size: int) -> int:
     """Minimum distance between two bounding boxes, so objects never touch."""
     return max(1, round(image_size / 16))
 
@@ -185,7 +185,7 @@ def _place(rng: np.random.Generator, image_size: int, diameters: list[int]) -> l
     Each box is drawn uniformly among the positions that keep a gap to the boxes
     already placed; returns None when some box has nowhere to go.
     """
-    lo, gap = _margin(image_size), _gap(image_size)
+    lo, gap = border_margin(image_size), object_gap(image_size)
     corners: list[tuple[int, int]] = []
     for d in diameters:
         starts = np.arange(lo, image_size - lo - d + 1)

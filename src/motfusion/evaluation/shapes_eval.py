@@ -12,6 +12,7 @@ circles") asks for exactly that many objects of its shape and color.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections import Counter
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from motfusion.data.edits import EDIT_KINDS, EditTriple
 from motfusion.data.shapes import (
     BACKGROUND,
     COLORS,
@@ -46,6 +48,8 @@ COLOR_THRESHOLD = 0.3
 # Looser than the caption margins in shapes.py, so that true captions always check.
 CHECK_REGION_MARGIN = 0.1
 CHECK_RELATION_MARGIN = 0.1
+# An object the edit did not move must be read within this distance (image fractions) of its place.
+EDIT_POSITION_TOLERANCE = 0.1
 
 
 # ---------------------------------------------------------------------------- scene reader
@@ -299,3 +303,51 @@ def caption_accuracy(captions: list[str], scenes: list[Scene]) -> dict[str, floa
     summary = _summarize("caption_accuracy", results)
     summary["parse_rate"] = sum(s is not None for s in specs) / max(len(specs), 1)
     return summary
+
+
+# ---------------------------------------------------------------------------- edits
+
+
+def _same(found: ShapeObject, wanted: ShapeObject, region: str | None) -> bool:
+    """Same shape, color and size; and at its place (or, for a moved or added object, in its region)."""
+    if (found.shape, found.color, found.size) != (wanted.shape, wanted.color, wanted.size):
+        return False
+    if region is not None:
+        return in_region(found, region, CHECK_REGION_MARGIN)
+    return math.hypot(found.x - wanted.x, found.y - wanted.y) <= EDIT_POSITION_TOLERANCE
+
+
+def _all_found(wanted: list[tuple[ShapeObject, str | None]], found: tuple[ShapeObject, ...]) -> bool:
+    """Whether each wanted object matches a different found one (scenes hold at most 3 objects)."""
+    return any(
+        all(_same(found[j], w, region) for j, (w, region) in zip(pick, wanted))
+        for pick in itertools.permutations(range(len(found)), len(wanted))
+    )
+
+
+def edit_check(edit: EditTriple, scene: Scene) -> dict[str, bool]:
+    """ "exact": `scene` (read from the edited image) is the target scene, object for object; "untouched":
+    every object the edit should have left alone is still there, unchanged (other objects allowed)."""
+    wanted = [(o, edit.region if i == edit.edited else None) for i, o in enumerate(edit.target.objects)]
+    kept = [w for i, w in enumerate(wanted) if i != edit.edited]
+    return {
+        "exact": len(scene.objects) == len(wanted) and _all_found(wanted, scene.objects),
+        "untouched": _all_found(kept, scene.objects),
+    }
+
+
+def edit_accuracy(edits: list[EditTriple], images: list[torch.Tensor]) -> dict[str, float]:
+    """edit_accuracy: the share of edited images read as exactly their target scene, overall and per kind
+    of edit; edit_untouched: of the edits that leave some object alone, the share whose untouched
+    objects stayed as they were."""
+    results = [edit_check(e, read_scene(im)) for e, im in zip(edits, images, strict=True)]
+    kept = [r["untouched"] for r in results if r["untouched"] is not None]
+    metrics = {
+        "edit_accuracy": sum(r["exact"] for r in results) / max(len(results), 1),
+        "edit_untouched": sum(kept) / len(kept) if kept else float("nan"),
+    }
+    for kind in EDIT_KINDS:
+        of_kind = [r["exact"] for e, r in zip(edits, results) if e.kind == kind]
+        metrics[f"edit_accuracy/{kind}"] = sum(of_kind) / len(of_kind) if of_kind else float("nan")
+    metrics["n"] = len(results)
+    return metrics

@@ -1,4 +1,4 @@
-"""The shapes evaluation suite: generate from held-out prompts and images, and score with the checker."""
+"""The shapes evaluation suites: generate from held-out prompts, images and edits, and score with the checker."""
 
 from __future__ import annotations
 
@@ -6,22 +6,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from motfusion.data.edits import EditTriple, edit_prompts
 from motfusion.data.shapes import (
     FORMS,
     ShapesDataset,
     caption_form,
     eval_prompts,
+    render,
     single_object_prompts,
 )
 from motfusion.evaluation.shapes_eval import (
     caption_accuracy,
     check,
+    edit_accuracy,
+    edit_check,
     geneval,
     parse_caption,
     read_scene,
 )
 from motfusion.sampling import Generator
-from motfusion.sampling.batches import captions_in_batches, images_in_batches
+from motfusion.sampling.batches import captions_in_batches, edits_in_batches, images_in_batches
 
 
 @dataclass
@@ -93,3 +97,23 @@ def evaluate_shapes(
         captions,
         caption_ok,
     )
+
+
+@dataclass
+class EditEval:
+    metrics: dict[str, float]
+    edits: list[EditTriple] = field(default_factory=list)
+    sources: list[torch.Tensor] = field(default_factory=list)  # pixels (3, H, W), one per edit
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    ok: list[bool] = field(default_factory=list)  # read as exactly the target scene
+
+
+def evaluate_edits(gen: Generator, *, n: int = 64, seed: int = 0, batch_size: int = 32) -> EditEval:
+    """edit_accuracy on `n` held-out edits (data/edits.py edit_prompts), and the share whose untouched
+    objects stayed as they were."""
+    g = torch.Generator(device=gen.device).manual_seed(seed)
+    edits = edit_prompts(n, seed=seed, image_size=gen.image_size)
+    sources = torch.stack([render(e.source) for e in edits])
+    outputs = list(edits_in_batches(gen, sources, [e.instruction for e in edits], g, batch_size))
+    ok = [edit_check(e, read_scene(im))["exact"] for e, im in zip(edits, outputs)]
+    return EditEval(edit_accuracy(edits, outputs), edits, list(sources), outputs, ok)

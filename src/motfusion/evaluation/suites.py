@@ -15,7 +15,7 @@ from motfusion.errors import ConfigError
 from motfusion.evaluation.classifier import load_classifier
 from motfusion.evaluation.clip import load_clip
 from motfusion.evaluation.image_metrics import evaluate_emoji, evaluate_fashion
-from motfusion.evaluation.shapes_suite import evaluate_shapes
+from motfusion.evaluation.shapes_suite import evaluate_edits, evaluate_shapes
 from motfusion.evaluation.speech import evaluate_speech
 from motfusion.sampling import Generator
 
@@ -30,6 +30,10 @@ class SuiteOptions:
 
 def _shapes(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
     return evaluate_shapes(gen, n_single=o.n, n_prompts=o.n, n_captions=o.n, seed=o.seed).metrics
+
+
+def _edit(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
+    return evaluate_edits(gen, n=o.n, seed=o.seed).metrics
 
 
 def _fashion(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
@@ -48,6 +52,7 @@ def _speech(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
 
 SUITES: dict[str, Callable[[Generator, Config, SuiteOptions], dict[str, float]]] = {
     "shapes": _shapes,  # geneval (single object, every caption form) and caption accuracy
+    "edit": _edit,  # edit_accuracy on held-out shapes edits, and edit_untouched
     "fashion": _fashion,  # FID on classifier features, class accuracy, CLIP score, caption accuracy
     "emoji": _emoji,  # CLIP score of generated emoji against the real ones' ceiling
     "speech": _speech,  # speech-to-text CER and text-to-speech unit error rate

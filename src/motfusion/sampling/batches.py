@@ -41,3 +41,22 @@ def captions_in_batches(
             out += gen.captions(images[i : i + batch_size].to(gen.device), generator)
             bar.update(len(out) - bar.n)
     return out
+
+
+def edits_in_batches(
+    gen: Generator,
+    images: torch.Tensor,
+    instructions: list[str],
+    generator: torch.Generator | None = None,
+    batch_size: int = 32,
+    desc: str = "editing",
+) -> torch.Tensor:
+    """Image editing: source pixels (N, 3, H, W) in [-1, 1] and an instruction each -> edited pixels."""
+    out = []
+    with tqdm(total=len(instructions), desc=desc, unit="image", disable=None, leave=False) as bar:
+        for i in range(0, len(instructions), batch_size):
+            chunk = instructions[i : i + batch_size]
+            sources = images[i : i + batch_size].to(gen.device)
+            out.append(gen.decode_images(gen.edit(sources, chunk, generator)).cpu())
+            bar.update(len(chunk))
+    return torch.cat(out) if out else torch.zeros(0, 3, gen.image_size, gen.image_size)

@@ -54,6 +54,7 @@ class Chunk:
             images=self.images,
             image_index=torch.stack(image_index) if image_index else self.tokens.new_zeros(0, 1),
             image_first=torch.zeros(len(image_index), dtype=torch.bool, device=self.tokens.device),
+            image_clean=torch.zeros(len(image_index), dtype=torch.bool, device=self.tokens.device),
             image_caption=torch.zeros(len(image_index), dtype=torch.long, device=self.tokens.device),
             image_order=torch.arange(len(image_index), device=self.tokens.device),
             image_groups=(ImageGroup(0, len(image_index), *self.images.shape[-2:], image_index[0].numel()),)

@@ -5,6 +5,7 @@
   an unconditional prompt (BOS, BOI) per image as extra rows of the same batch, so each step is one
   forward pass of 2B rows.
 - `generate_captions`: image in (clean, t = 0), caption out, with a KV cache.
+- `edit`: source image (clean) and instruction in, edited image out by diffusion, guided on the instruction.
 - `generate_interleaved`: sample text; when the model emits BOI, generate an image, append EOI, go on.
 
 Discrete spans (images as VQ codes, speech units) are sampled with the head of their own modality:
@@ -248,12 +249,16 @@ class Generator:
     def guided_prompt(self, prompts: list[str]) -> tuple[Context, Context | None]:
         """A context after each prompt's BOI, and what `denoise` and `span` take as `uncond`: with
         guidance, the same context, whose rows B..2B-1 hold the unconditional prompts (BOS, BOI)."""
-        docs = [self._encode([Text(p)], then=[self.tok.boi]) for p in prompts]
+        return self._guided([[Text(p)] for p in prompts], [[] for _ in prompts])
+
+    def _guided(
+        self, conditional: list[list[Segment]], unconditional: list[list[Segment]]
+    ) -> tuple[Context, Context | None]:
+        """Each conditional prompt, then BOI; with guidance, the unconditional ones as rows B..2B-1."""
         guided = self.cfg.guidance != 1.0
-        if guided:
-            docs += [self._encode([], then=[self.tok.boi])] * len(prompts)
+        docs = conditional + (unconditional if guided else [])
         ctx = Context(self.model, self.cfg.use_cache)
-        ctx.run(ctx.prompt(docs, self.tok.pad))
+        ctx.run(ctx.prompt([self._encode(d, then=[self.tok.boi]) for d in docs], self.tok.pad))
         return ctx, ctx if guided else None
 
     # ---- decoding modes -----------------------------------------------------------------------
@@ -271,6 +276,29 @@ class Generator:
             raise ValueError("`noise` is a diffusion starting point; this model samples images as VQ codes")
         codes = self.span(ctx, uncond, "image", generator, length=self.tokens_per_image)
         return self.repr.decode(torch.tensor(codes))  # (B, C, H, W)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: torch.Tensor,
+        instructions: list[str],
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Image editing (data/edits.py): source pixels (B, 3, H, W) in [-1, 1] and one instruction each
+        -> the edited images, in the model's image space like `images`' output. The layout is the
+        training one, [BOI source EOI] instruction [BOI ...; guidance is on the instruction: the
+        unconditional rows keep the source ([BOI source EOI] [BOI ...), as edits were trained with
+        their instruction dropped."""
+        if self.repr.discrete:
+            raise ValueError(
+                "editing samples the edited image by diffusion; this model's images are VQ codes"
+            )
+        sources = self._image_segments(self.encode_images(images))
+        ctx, uncond = self._guided(
+            [[src, Text(p)] for src, p in zip(sources, instructions, strict=True)], [[src] for src in sources]
+        )
+        return self.denoise(ctx, uncond, len(instructions), generator, noise)
 
     @torch.no_grad()
     def captions(self, images: torch.Tensor, generator: torch.Generator | None = None) -> list[str]:

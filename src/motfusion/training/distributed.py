@@ -146,8 +146,8 @@ def locate(batch: Batch, counts: dict[str, int]) -> tuple[GlobalBatch, dict[str,
     targets = {m: idx.numel() for m, idx in batch.loss_index.items()}  # same keys and order on every rank
     C, H, W = batch.images.shape[1:]
     table = all_gather_ints(
-        [batch.images.shape[0], *targets.values(), *counts.values(), H, W]
-    )  # (W, 1 + M + K + 2)
+        [batch.images.shape[0], *targets.values(), *counts.values(), int(batch.image_clean.sum()), H, W]
+    )  # (W, 1 + M + K + 3)
     rank = dist.get_rank() if is_distributed() else 0
     totals = [sum(column) for column in zip(*table)]
     lm = dict(zip(targets, totals[1:]))
@@ -158,8 +158,9 @@ def locate(batch: Batch, counts: dict[str, int]) -> tuple[GlobalBatch, dict[str,
         unit_targets=lm,
         ranks=len(table),
         image_shape=(C, max(row[-2] for row in table), max(row[-1] for row in table)),
+        clean_images=totals[-3],
     )
-    return whole, dict(zip(counts, totals[1 + len(targets) : -2]))
+    return whole, dict(zip(counts, totals[1 + len(targets) : -3]))
 
 
 class Silent:

@@ -14,7 +14,9 @@ process (up to float rounding). Rank 0 logs; checkpoints are collective (trainin
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import shutil
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -41,9 +43,11 @@ from motfusion.tokenizer import (
 )
 from motfusion.training.checkpoint import (
     CHECKPOINTS,
+    CONFIG_FILE,
     STATE_FILE,
     check_resumable,
     checkpoint_step,
+    config_diff,
     has_ema,
     latest_checkpoint,
     load_config,
@@ -51,6 +55,7 @@ from motfusion.training.checkpoint import (
     load_optimizer,
     load_train_state,
     load_weights,
+    resolve_checkpoint,
     save_checkpoint,
 )
 from motfusion.training.distributed import (
@@ -228,7 +233,16 @@ def prepare_tokenizer(cfg: Config, run_dir: Path, world: World) -> None:
     if n is not None and world.is_main and not path.is_file():
         run_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".tmp-{TOKENIZER_FILE}")
-        train_bpe(training_texts(cfg, TOKENIZER_TEXTS), n, tmp)
+        if cfg.train.init_from:  # the weights' own tokenizer: its embeddings are for those tokens
+            source = resolve_checkpoint(Path(cfg.train.init_from)) / TOKENIZER_FILE
+            if not source.is_file():
+                raise CheckpointError(
+                    f"train.init_from={cfg.train.init_from}: {source} is missing, but "
+                    f"data.tokenizer={cfg.data.tokenizer} needs the tokenizer those weights were trained with"
+                )
+            shutil.copyfile(source, tmp)
+        else:
+            train_bpe(training_texts(cfg, TOKENIZER_TEXTS), n, tmp)
         tmp.replace(path)
     barrier()
 
@@ -252,6 +266,27 @@ def new_run(cfg: Config, world: World, run_dir: Path | None = None) -> Run:
         world=world,
         mode=mode,
         device=world.device,
+    )
+
+
+def init_weights(run: Run, source: str) -> str:
+    """train.init_from: start from another run's weights (its moving average where it has one: the
+    weights it samples with). The optimizer, step, data and moving average start fresh. Returns a
+    line for the log."""
+    ckpt = resolve_checkpoint(Path(source))
+    saved = load_config(ckpt).to_dict()["model"]
+    changed = config_diff(saved, dataclasses.asdict(run.model.cfg), "model.")
+    if changed:
+        raise CheckpointError(
+            f"train.init_from={source}: its model differs in {', '.join(changed)}; set those keys as "
+            f"in {ckpt / CONFIG_FILE}"
+        )
+    ema = has_ema(ckpt)
+    load_weights(run.model, ckpt, ema=ema)
+    if run.ema is not None:
+        run.ema.restart()
+    return (
+        f"weights from {ckpt} ({'moving average' if ema else 'raw weights'}); optimizer and step start fresh"
     )
 
 
@@ -490,6 +525,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, world: World, notes: list[s
     ckpt = _resume_point(run_dir, resume)
     prepare_tokenizer(cfg, run_dir, world)
     run = new_run(cfg, world, run_dir)
+    if ckpt is None and cfg.train.init_from:
+        notes.append(init_weights(run, cfg.train.init_from))
     if ckpt is not None:
         changed = check_resumable(load_config(ckpt), cfg)
         state = load_train_state(ckpt)
