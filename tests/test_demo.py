@@ -46,3 +46,21 @@ def test_demo_writes_report(tmp_path, capsys):
     # A second run reuses the finished training and evaluates again.
     assert main(args) == 0
     assert "reusing the finished run" in capsys.readouterr().out
+
+
+def test_a_stopped_demo_does_not_evaluate_and_exits_like_train(tmp_path, monkeypatch):
+    """Ctrl-C during the demo's training: checkpointed by the trainer, then exit 130 at once, not
+    minutes of evaluating a half-trained model (it used to go on to the evaluation)."""
+    import motfusion.demo as demo
+    from motfusion.training.trainer import TrainResult
+
+    def stopped(cfg, out, resume=False):
+        return TrainResult(run_dir=out, step=3, checkpoint=None, elapsed_s=1.0, stopped_by="SIGINT")
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated after a stop")
+
+    monkeypatch.setattr(demo, "train", stopped)
+    monkeypatch.setattr(demo, "evaluate_shapes", no_evaluation)
+    assert main(["demo", "--recipe", "debug", "--out", str(tmp_path / "demo"), "--steps", "6"]) == 130
+    assert not (tmp_path / "demo" / "report").exists()

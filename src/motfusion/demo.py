@@ -44,11 +44,16 @@ def run_demo(
     n_captions: int = 64,
     seed: int = 0,
 ) -> dict:
+    """Train (or continue) `cfg` into `out`, evaluate, write out/report/; returns the report's metrics,
+    or {"stopped_by": SIGNAL} when a signal stopped the training (it is checkpointed; rerun to go on)."""
     start = time.perf_counter()
     out = Path(out)
     ckpt = latest_checkpoint(out)
     if ckpt is None or checkpoint_step(ckpt) < cfg.train.steps:
-        train(cfg, out, resume=ckpt is not None)
+        result = train(cfg, out, resume=ckpt is not None)
+        if result.stopped_by:  # Ctrl-C or a scheduler's stop: no evaluation of a half-trained model
+            print(f"the demo stops before its evaluation; `motfusion demo --out {out}` continues it")
+            return {"stopped_by": result.stopped_by}
     else:
         print(f"reusing the finished run in {out} ({ckpt.name}); delete it to train again")
     train_s = read_metrics(out / "metrics.jsonl")[-1]["elapsed_s"]

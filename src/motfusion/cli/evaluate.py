@@ -79,9 +79,10 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-eval", type=int, default=64, help="held-out prompts and images per metric")
 
 
-def run_demo_command(args: argparse.Namespace) -> None:
+def run_demo_command(args: argparse.Namespace) -> int:
+    """Like train: stopped by Ctrl-C it exits 130, by SIGTERM 0, in both cases before evaluating."""
     n = args.n_eval
-    run_demo(
+    metrics = run_demo(
         config_from_args(args),
         args.out,
         SampleConfig(steps=args.sample_steps, guidance=args.guidance),
@@ -89,6 +90,7 @@ def run_demo_command(args: argparse.Namespace) -> None:
         n_prompts=n,
         n_captions=n,
     )
+    return 130 if metrics.get("stopped_by") == "SIGINT" else 0
 
 
 def plot_arguments(p: argparse.ArgumentParser) -> None:
