@@ -126,14 +126,28 @@ def test_init_from_another_architecture_is_one_clear_line(base, capsys, tmp_path
     assert_one_line(err, "train.init_from", "model.dim")
 
 
-def test_an_edit_samples_the_same_with_and_without_the_cache(base):
+def test_instruction_first_keeps_each_target_patch_a_fixed_distance_from_its_source(tok):
+    edits = [e for e in edit_prompts(40) if e.kind != "add"]
+    short, long = min(edits, key=lambda e: len(e.instruction)), max(edits, key=lambda e: len(e.instruction))
+
+    def gap(edit, layout):
+        enc = encode_document(edit_document(edit, layout=layout), tok, patch_size=8)
+        slots = torch.tensor(enc.image_slot)
+        return int((slots == 1).nonzero()[0]) - int((slots == 0).nonzero()[0])
+
+    assert gap(short, "instruction-first") == gap(long, "instruction-first") == 16 + 2
+    assert gap(short, "source-first") < gap(long, "source-first")
+
+
+@pytest.mark.parametrize("layout", ["source-first", "instruction-first"])
+def test_an_edit_samples_the_same_with_and_without_the_cache(base, layout):
     model, cfg, tok = load_model(base / "edit")
     sources = torch.stack([render(e.source) for e in edit_prompts(2)])
     instructions = [e.instruction for e in edit_prompts(2)]
     noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     out = [
         Generator(model, tok, cfg.objective, 32, SampleConfig(steps=3, use_cache=c)).edit(
-            sources, instructions, noise=noise
+            sources, instructions, noise=noise, layout=layout
         )
         for c in (True, False)
     ]

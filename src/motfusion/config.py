@@ -184,6 +184,7 @@ class DataConfig:
     speech_shapes_share: float = 0.5  # share of shapes text-image documents in the speech dataset
     # data.dataset=shapes-edit (data/edits.py): editing triples, with ordinary shapes documents mixed in.
     edit_share: float = 0.75  # share of editing documents
+    edit_layout: str = "source-first"  # [BOI source EOI] instruction [BOI target EOI]; or instruction-first
 
     def validate(self) -> None:
         _check_types(self, "data")
@@ -217,6 +218,10 @@ class DataConfig:
             "data.speech_text_first_prob must be in [0, 1] and data.speech_shapes_share in [0, 1)",
         )
         _check(0.0 <= self.edit_share <= 1.0, "data.edit_share must be in [0, 1]")
+        _check(
+            self.edit_layout in ("source-first", "instruction-first"),
+            f"data.edit_layout={self.edit_layout!r}: choose 'source-first' or 'instruction-first'",
+        )
 
 
 @dataclass(kw_only=True)

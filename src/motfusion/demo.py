@@ -63,7 +63,11 @@ def run_demo(
     gen, cfg = load_generator(out, device, sample_cfg)
     ev = evaluate_shapes(gen, n_single=n_single, n_prompts=n_prompts, n_captions=n_captions, seed=seed)
     report = write_report(out, cfg, gen, ev, seed)
-    edits = evaluate_edits(gen, n=n_captions, seed=seed) if cfg.data.dataset in EDIT_DATASETS else None
+    edits = (
+        evaluate_edits(gen, n=n_captions, seed=seed, layout=cfg.data.edit_layout)
+        if cfg.data.dataset in EDIT_DATASETS
+        else None
+    )
     history = read_metrics(out / "metrics.jsonl")
     metrics = {
         **ev.metrics,

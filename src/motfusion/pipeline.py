@@ -215,7 +215,12 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
             )
         pixels = torch.stack([self._pixels(x) for x in images])
         out = edits_in_batches(
-            self._sampler(steps=steps, guidance=guidance), pixels, instructions, self._rng(seed), batch_size
+            self._sampler(steps=steps, guidance=guidance),
+            pixels,
+            instructions,
+            self._rng(seed),
+            batch_size,
+            self.cfg.data.edit_layout,
         )
         return [to_pil(x, scale=1) for x in out]
 

@@ -46,6 +46,7 @@ from motfusion.sequence import Document, Image, Text
 
 EDIT_DATASETS = ("shapes-edit",)  # the datasets whose documents teach editing
 EDIT_KINDS = ("recolor", "move", "add", "remove", "resize")
+EDIT_LAYOUTS = ("source-first", "instruction-first")
 MOVE_REGIONS = ("left", "right", "top", "bottom")
 
 
@@ -220,13 +221,26 @@ class ShapesEditDataset:
         edit = self.triple(index, rng) if rng.random() < self.data_cfg.edit_share else None
         if edit is None:
             return document_for(self.scenes.sample(index), rng, self.data_cfg, self.objective_cfg)
-        return edit_document(edit, drop_instruction=rng.random() < self.objective_cfg.cfg_dropout)
+        drop = rng.random() < self.objective_cfg.cfg_dropout
+        return edit_document(edit, drop_instruction=drop, layout=self.data_cfg.edit_layout)
 
 
-def edit_document(edit: EditTriple, drop_instruction: bool = False) -> Document:
+def edit_document(edit: EditTriple, drop_instruction: bool = False, layout: str = "source-first") -> Document:
+    """The edit as a document in `layout` (EDIT_LAYOUTS); without its instruction: [source] [target]."""
     source = Image(render(edit.source), clean=True)
     target = Image(render(edit.target))
-    return [source, target] if drop_instruction else [source, Text(edit.instruction), target]
+    if drop_instruction:
+        return [source, target]
+    return edit_prompt(source, edit.instruction, layout) + [target]
+
+
+def edit_prompt(source: Image, instruction: str, layout: str) -> Document:
+    """What precedes the edited image: "source-first" (Transfusion 4.4) is [BOI source EOI] instruction;
+    "instruction-first" is instruction [BOI source EOI], so that each target patch sits a fixed
+    distance after its source patch whatever the instruction's length."""
+    if layout not in EDIT_LAYOUTS:
+        raise ValueError(f"edit layout {layout!r}: choose one of {EDIT_LAYOUTS}")
+    return [source, Text(instruction)] if layout == "source-first" else [Text(instruction), source]
 
 
 def edit_prompts(n: int, seed: int = 0, image_size: int = 32) -> list[EditTriple]:

@@ -108,12 +108,14 @@ class EditEval:
     ok: list[bool] = field(default_factory=list)  # read as exactly the target scene
 
 
-def evaluate_edits(gen: Generator, *, n: int = 64, seed: int = 0, batch_size: int = 32) -> EditEval:
+def evaluate_edits(
+    gen: Generator, *, n: int = 64, seed: int = 0, batch_size: int = 32, layout: str = "source-first"
+) -> EditEval:
     """edit_accuracy on `n` held-out edits (data/edits.py edit_prompts), and the share whose untouched
-    objects stayed as they were."""
+    objects stayed as they were; `layout`: the model's data.edit_layout."""
     g = torch.Generator(device=gen.device).manual_seed(seed)
     edits = edit_prompts(n, seed=seed, image_size=gen.image_size)
     sources = torch.stack([render(e.source) for e in edits])
-    outputs = list(edits_in_batches(gen, sources, [e.instruction for e in edits], g, batch_size))
+    outputs = list(edits_in_batches(gen, sources, [e.instruction for e in edits], g, batch_size, layout))
     ok = [edit_check(e, read_scene(im))["exact"] for e, im in zip(edits, outputs)]
     return EditEval(edit_accuracy(edits, outputs), edits, list(sources), outputs, ok)

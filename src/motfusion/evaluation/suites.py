@@ -33,7 +33,7 @@ def _shapes(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
 
 
 def _edit(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
-    return evaluate_edits(gen, n=o.n, seed=o.seed).metrics
+    return evaluate_edits(gen, n=o.n, seed=o.seed, layout=cfg.data.edit_layout).metrics
 
 
 def _fashion(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:

@@ -49,14 +49,16 @@ def edits_in_batches(
     instructions: list[str],
     generator: torch.Generator | None = None,
     batch_size: int = 32,
+    layout: str = "source-first",
     desc: str = "editing",
 ) -> torch.Tensor:
-    """Image editing: source pixels (N, 3, H, W) in [-1, 1] and an instruction each -> edited pixels."""
+    """Image editing: source pixels (N, 3, H, W) in [-1, 1] and an instruction each -> edited pixels;
+    `layout`: the model's data.edit_layout."""
     out = []
     with tqdm(total=len(instructions), desc=desc, unit="image", disable=None, leave=False) as bar:
         for i in range(0, len(instructions), batch_size):
             chunk = instructions[i : i + batch_size]
             sources = images[i : i + batch_size].to(gen.device)
-            out.append(gen.decode_images(gen.edit(sources, chunk, generator)).cpu())
+            out.append(gen.decode_images(gen.edit(sources, chunk, generator, layout=layout)).cpu())
             bar.update(len(chunk))
     return torch.cat(out) if out else torch.zeros(0, 3, gen.image_size, gen.image_size)

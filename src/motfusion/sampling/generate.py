@@ -22,6 +22,7 @@ import torch
 
 from motfusion.codecs.image import ImageRepr, Pixels
 from motfusion.config import ObjectiveConfig
+from motfusion.data.edits import edit_prompt
 from motfusion.diffusion import cfg as guide
 from motfusion.diffusion import make_process, make_sampler
 from motfusion.models.transfusion import TransfusionModel
@@ -284,19 +285,21 @@ class Generator:
         instructions: list[str],
         generator: torch.Generator | None = None,
         noise: torch.Tensor | None = None,
+        layout: str = "source-first",
     ) -> torch.Tensor:
         """Image editing (data/edits.py): source pixels (B, 3, H, W) in [-1, 1] and one instruction each
-        -> the edited images, in the model's image space like `images`' output. The layout is the
-        training one, [BOI source EOI] instruction [BOI ...; guidance is on the instruction: the
-        unconditional rows keep the source ([BOI source EOI] [BOI ...), as edits were trained with
-        their instruction dropped."""
+        -> the edited images, in the model's image space like `images`' output. `layout` is the one
+        the model was trained with (data.edit_layout), e.g. [BOI source EOI] instruction [BOI ...;
+        guidance is on the instruction: the unconditional rows keep the source ([BOI source EOI]
+        [BOI ...), as edits were trained with their instruction dropped."""
         if self.repr.discrete:
             raise ValueError(
                 "editing samples the edited image by diffusion; this model's images are VQ codes"
             )
         sources = self._image_segments(self.encode_images(images))
         ctx, uncond = self._guided(
-            [[src, Text(p)] for src, p in zip(sources, instructions, strict=True)], [[src] for src in sources]
+            [edit_prompt(src, p, layout) for src, p in zip(sources, instructions, strict=True)],
+            [[src] for src in sources],
         )
         return self.denoise(ctx, uncond, len(instructions), generator, noise)
 
