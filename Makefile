@@ -5,9 +5,10 @@ STAMP := $(VENV)/.installed
 DEV_STAMP := $(VENV)/.installed-dev
 
 # Debian packages the tests read: espeak-ng and fortunes (speech), dataset-fashion-mnist and
-# fonts-noto-color-emoji (real image datasets). `make test` installs the missing ones when it runs
-# as root on a machine with apt-get.
-DEB_PACKAGES := espeak-ng fortunes dataset-fashion-mnist fonts-noto-color-emoji
+# fonts-noto-color-emoji (real image datasets), chromium and chromium-driver (the `serve` page, driven
+# by selenium in tests/test_serve.py). `make test` installs the missing ones when it runs as root on a
+# machine with apt-get.
+DEB_PACKAGES := espeak-ng fortunes dataset-fashion-mnist fonts-noto-color-emoji chromium chromium-driver
 
 .PHONY: demo test lint install clean debs bench
 

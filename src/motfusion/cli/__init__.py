@@ -37,6 +37,7 @@ COMMANDS = {  # name -> (module in motfusion.cli, help line)
         "generate",
         "sample from a checkpoint: text to image, image to text, interleaved, or speech",
     ),
+    "serve": ("serve", "a web playground on a checkpoint: its tasks in a browser, on localhost"),
     "train": ("train", "train a model (or --resume one)"),
     "export": ("train", "write a checkpoint's weights and config as one .safetensors file to share"),
     "recipes": ("train", "list the named recipes and their sizes"),

@@ -1,0 +1,32 @@
+"""`motfusion serve`: the web playground of serve.py over one checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+
+from motfusion.cli.common import Command, add_ckpt_argument, add_device_argument, device_of
+from motfusion.errors import ConfigError
+from motfusion.pipeline import MotFusion
+from motfusion.serve import run
+
+
+def serve_arguments(p: argparse.ArgumentParser) -> None:
+    add_ckpt_argument(p)
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: this machine only; 0.0.0.0 opens it to the network)",
+    )
+    p.add_argument("--port", type=int, default=7860, help="port to listen on; 0 picks a free one")
+    add_device_argument(p)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port={args.port}: use 0 to 65535 (0 picks a free port)")
+    run(MotFusion.load(args.ckpt, device_of(args)), args.host, args.port, name=str(args.ckpt))
+
+
+COMMANDS = {
+    "serve": Command(serve_arguments, run_serve),
+}
