@@ -21,6 +21,7 @@ triples (`edit_prompts`) are the held-out set that `motfusion eval --suite edit`
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -47,6 +48,7 @@ from motfusion.sequence import Document, Image, Text
 EDIT_DATASETS = ("shapes-edit",)  # the datasets whose documents teach editing
 EDIT_KINDS = ("recolor", "move", "add", "remove", "resize")
 EDIT_LAYOUTS = ("source-first", "instruction-first")
+_PROBE = ShapeObject("circle", "red", "small", 0.5, 0.5)  # placement only reads a box's center
 MOVE_REGIONS = ("left", "right", "top", "bottom")
 
 
@@ -69,16 +71,31 @@ def _box(obj: ShapeObject, n: int) -> tuple[int, int, int]:
     return round(obj.x * n - d / 2), round(obj.y * n - d / 2), d
 
 
-def _fits(x0: int, y0: int, d: int, others: list[ShapeObject], n: int) -> bool:
-    """Whether a box at (x0, y0) of side d is inside the margins and keeps the gap to every other box."""
+def _free(d: int, others: list[ShapeObject], n: int) -> np.ndarray:
+    """(y0, x0) -> whether a box of side d there is inside the margins and keeps the gap to every other
+    box: a boolean (n - d + 1, n - d + 1) grid of top-left corners."""
     lo, gap = border_margin(n), object_gap(n)
-    if min(x0, y0) < lo or max(x0, y0) + d > n - lo:
-        return False
+    starts = np.arange(n - d + 1)
+    inside = (starts >= lo) & (starts + d <= n - lo)
+    free = inside[:, None] & inside[None, :]
     for o in others:
         bx, by, bd = _box(o, n)
-        if not (x0 + d + gap <= bx or x0 >= bx + bd + gap or y0 + d + gap <= by or y0 >= by + bd + gap):
-            return False
-    return True
+        clear_x = (starts + d + gap <= bx) | (starts >= bx + bd + gap)
+        clear_y = (starts + d + gap <= by) | (starts >= by + bd + gap)
+        free &= clear_y[:, None] | clear_x[None, :]
+    return free
+
+
+@functools.lru_cache(maxsize=256)
+def _in_region(d: int, region: str, n: int) -> np.ndarray:
+    """(y0, x0) -> whether a box of side d there is clearly inside `region` (the caption margin)."""
+    corners = range(n - d + 1)
+    return np.array(
+        [
+            [in_region(_at(_PROBE, x0, y0, d, n), region, CAPTION_REGION_MARGIN) for x0 in corners]
+            for y0 in corners
+        ]
+    )
 
 
 def _at(obj: ShapeObject, x0: int, y0: int, d: int, n: int) -> ShapeObject:
@@ -90,15 +107,10 @@ def _place_in(
 ) -> ShapeObject | None:
     """`obj` moved to a free spot, uniform among those clearly inside `region`; None if there is none."""
     d = diameter(obj.size, n)
-    spots = [
-        (x0, y0)
-        for y0 in range(n - d + 1)
-        for x0 in range(n - d + 1)
-        if _fits(x0, y0, d, others, n) and in_region(_at(obj, x0, y0, d, n), region, CAPTION_REGION_MARGIN)
-    ]
-    if not spots:
+    spots = np.flatnonzero(_free(d, others, n) & _in_region(d, region, n))  # row-major: y0, then x0
+    if not spots.size:
         return None
-    x0, y0 = spots[int(rng.integers(len(spots)))]
+    y0, x0 = divmod(int(spots[rng.integers(spots.size)]), n - d + 1)
     return _at(obj, x0, y0, d, n)
 
 
@@ -151,7 +163,8 @@ def _resize(scene: Scene, i: int, rng: np.random.Generator) -> EditTriple | None
     size = SIZES[1 - SIZES.index(obj.size)]
     d = diameter(size, n)
     x0, y0 = round(obj.x * n - d / 2), round(obj.y * n - d / 2)  # the same center
-    if not _fits(x0, y0, d, [o for k, o in enumerate(scene.objects) if k != i], n):
+    free = _free(d, [o for k, o in enumerate(scene.objects) if k != i], n)
+    if not (0 <= min(x0, y0) and max(x0, y0) <= n - d and free[y0, x0]):
         return None
     target = _with(scene, i, _at(replace(obj, size=size), x0, y0, d, n))
     return EditTriple(scene, f"make the {_name(obj)} {size}", target, "resize", i)
