@@ -331,6 +331,7 @@ def test_greedy_spans_agree_with_scoring_the_encoded_sequence(tokens_generator, 
         enc.tokens += local[: len(ids)]
         enc.modality += [IMAGE if modality == "image" else SPEECH] * len(ids)
         enc.image_slot += [-1] * len(ids)
+        enc.learned += [True] * len(ids)
         b = collate([[enc]], len(enc), tok.pad)
         hidden = gen.model(b, b.images, torch.zeros(0)).hidden[0]
         n = len(ids) + (

@@ -77,12 +77,13 @@ SPEECH = register_modality("speech", start="<bosp>", end="<eosp>", model_closes=
 @dataclass(frozen=True)
 class Text:
     text: str
+    context: bool = False  # given, not learned (an edit's instruction): no next-token loss on it
 
 
 @dataclass(frozen=True)
 class Image:
     pixels: torch.Tensor  # (C, H, W) in [-1, 1]
-    clean: bool = False  # context only (an edit's source): never noised, no diffusion loss
+    context: bool = False  # given, not learned (an edit's source): clean (never noised), no diffusion loss
 
 
 @dataclass(frozen=True)
@@ -108,7 +109,9 @@ class EncodedDoc:
     image_slot: list[int]  # k for the k-th image's patches in this doc, -1 elsewhere
     images: list[torch.Tensor]
     image_first: list[bool]  # the image precedes its caption (gets the noise cap)
-    image_clean: list[bool] = field(default_factory=list)  # the image is clean context (Image.clean)
+    image_clean: list[bool] = field(default_factory=list)  # the image is clean context (Image.context)
+    learned: list[bool] = field(default_factory=list)  # per position: may be a next-token target (False:
+    # a context Text's tokens); empty: all
     caption: int = 0  # a key of the document's text (0: none): equal texts, equal keys
 
     def __len__(self) -> int:
@@ -125,14 +128,15 @@ class DocBuilder:
         self.tok, self.patch_size = tokenizer, patch_size
         self.doc = EncodedDoc([], [], [], [], [])
 
-    def add(self, tokens: list[int], modality: int, slot: int = -1) -> None:
+    def add(self, tokens: list[int], modality: int, slot: int = -1, learned: bool = True) -> None:
         self.doc.tokens += tokens
         self.doc.modality += [modality] * len(tokens)
         self.doc.image_slot += [slot] * len(tokens)
+        self.doc.learned += [learned] * len(tokens)
 
 
 def _encode_text(b: DocBuilder, seg: Text) -> None:
-    b.add(b.tok.encode(seg.text), TEXT)
+    b.add(b.tok.encode(seg.text), TEXT, learned=not seg.context)
 
 
 def _encode_image(b: DocBuilder, seg: Image) -> None:
@@ -184,7 +188,7 @@ def encode_document(doc: Document, tokenizer: Tokenizer, patch_size: int, close:
     b.doc.image_first = [
         not any(is_text[:i]) and any(is_text[i + 1 :]) for i, seg in enumerate(doc) if isinstance(seg, Image)
     ]
-    b.doc.image_clean = [seg.clean for seg in doc if isinstance(seg, Image)]
+    b.doc.image_clean = [seg.context for seg in doc if isinstance(seg, Image)]
     b.doc.caption = caption_key(" ".join(seg.text for seg in doc if isinstance(seg, Text)))
     return b.doc
 
@@ -355,10 +359,11 @@ def _lm_targets(enc: EncodedDoc) -> tuple[torch.Tensor, torch.Tensor]:
       the model closes that modality's spans: then the span's own head predicts SPAN_END there.
     """
     tok, mod, slot = (torch.tensor(x) for x in (enc.tokens, enc.modality, enc.image_slot))
+    learned = torch.tensor(enc.learned) if enc.learned else torch.ones_like(tok, dtype=torch.bool)
     continuous = slot >= 0
     closes = (mod[:-1] != TEXT) & (mod[1:] == TEXT)  # i ends a span; i + 1 is its end marker
     model_closes = torch.tensor([spec.model_closes for spec in SPECS.values()])[mod[:-1]]
-    keep = ~continuous[:-1] & ~continuous[1:] & (~closes | model_closes)
+    keep = ~continuous[:-1] & ~continuous[1:] & (~closes | model_closes) & learned[1:]
     targets, heads = torch.full_like(tok, IGNORE), torch.full_like(tok, -1)
     targets[:-1] = torch.where(keep, torch.where(closes, SPAN_END, tok[1:]), IGNORE)
     heads[:-1] = torch.where(keep, torch.where(closes, mod[:-1], mod[1:]), -1)

@@ -49,12 +49,12 @@ class ImageRepr:
         return Image(self.encode(pixels[None])[0])
 
     def document(self, doc: Document) -> Document:
-        """A document with each of its images in the model's space (a clean image stays clean)."""
+        """A document with each of its images in the model's space (a context image stays context)."""
         return [self._convert(seg) if isinstance(seg, Image) else seg for seg in doc]
 
     def _convert(self, image: Image) -> Segment:
         seg = self.segment(image.pixels)
-        return dataclasses.replace(seg, clean=image.clean) if isinstance(seg, Image) else seg
+        return dataclasses.replace(seg, context=image.context) if isinstance(seg, Image) else seg
 
     def to(self, device: torch.device | str) -> ImageRepr:
         return self

@@ -4,8 +4,10 @@ Transfusion (section 4.4) fine-tunes on editing examples laid out as one sequenc
 
     [BOI source EOI] instruction [BOI target EOI]
 
-The source is clean context (`Image(clean=True)`: no noise, no diffusion loss; its patches still
-attend to each other bidirectionally); the target is diffused and scored as usual. An edit changes
+The source and the instruction are context (`Image(context=True)`: clean, no diffusion loss, its
+patches still attend to each other both ways; `Text(context=True)`: no next-token loss); the target
+is diffused and scored as usual. The instruction must not be learned: after an image, the model
+would write instructions where it should caption. An edit changes
 one object of a shapes scene, named by its color and shape (only objects whose kind is unique in the
 scene are edited, so the name is never ambiguous):
 
@@ -240,7 +242,7 @@ class ShapesEditDataset:
 
 def edit_document(edit: EditTriple, drop_instruction: bool = False, layout: str = "source-first") -> Document:
     """The edit as a document in `layout` (EDIT_LAYOUTS); without its instruction: [source] [target]."""
-    source = Image(render(edit.source), clean=True)
+    source = Image(render(edit.source), context=True)
     target = Image(render(edit.target))
     if drop_instruction:
         return [source, target]
@@ -253,7 +255,8 @@ def edit_prompt(source: Image, instruction: str, layout: str) -> Document:
     distance after its source patch whatever the instruction's length."""
     if layout not in EDIT_LAYOUTS:
         raise ValueError(f"edit layout {layout!r}: choose one of {EDIT_LAYOUTS}")
-    return [source, Text(instruction)] if layout == "source-first" else [Text(instruction), source]
+    text = Text(instruction, context=True)
+    return [source, text] if layout == "source-first" else [text, source]
 
 
 def edit_prompts(n: int, seed: int = 0, image_size: int = 32) -> list[EditTriple]:

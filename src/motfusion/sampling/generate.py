@@ -109,6 +109,7 @@ class Generator:
         enc.tokens += list(then)
         enc.modality += [TEXT] * len(then)
         enc.image_slot += [-1] * len(then)
+        enc.learned += [True] * len(then)
         return enc
 
     def _logits(self, out, modality: str = "text") -> torch.Tensor:
