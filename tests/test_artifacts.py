@@ -211,7 +211,7 @@ def test_a_wrong_directory_says_what_it_holds(tmp_path):
         load_vae(checkpoint)
     with pytest.raises(FileNotFoundError, match="does not hold a speech unit codec.*train-speech-tokenizer"):
         SpeechTokenizer.load(tmp_path / "empty")
-    assert set(KINDS) == {"vae", "vq", "speech-units", "classifier", "clip"}
+    assert set(KINDS) == {"vae", "vq", "speech-units", "classifier", "clip", "asr-judge", "unit-vocoder"}
 
 
 # ---- the schedule and the loop -----------------------------------------------------------------

@@ -43,6 +43,8 @@ INTERMIXED = {
     "plot": (["r1", "--out", "o.png", "r2"], "runs", ["r1", "r2"]),
     "compare": (["dense", "--out", "o", "mot"], "mot", "mot"),
     "train-speech-tokenizer": (["k=8", "--data", "d", "iters=3"], "overrides", ["k=8", "iters=3"]),
+    "train-unit-vocoder": (["steps=2", "--data", "d", "seed=1"], "overrides", ["steps=2", "seed=1"]),
+    "train-asr-judge": (["steps=2", "--data", "d", "seed=1"], "overrides", ["steps=2", "seed=1"]),
     **{
         name: (["steps=2", "--out", "o", "seed=1"], "overrides", ["steps=2", "seed=1"])
         for name in ("train-vae", "train-vq", "train-classifier", "train-clip")

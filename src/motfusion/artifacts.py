@@ -30,6 +30,8 @@ KINDS = {  # kind -> what it is, for messages
     "speech-units": "a speech unit codec (motfusion train-speech-tokenizer)",
     "classifier": "a Fashion-MNIST classifier (motfusion train-classifier)",
     "clip": "a CLIP model (motfusion train-clip)",
+    "asr-judge": "a CTC speech recogniser (motfusion train-asr-judge)",
+    "unit-vocoder": "a speech unit decoder (motfusion train-unit-vocoder)",
 }
 
 # The older layouts, kind -> (weights file, JSON file). Their JSON is the config itself (vae, vq,

@@ -47,6 +47,9 @@ COMMANDS = {  # name -> (module in motfusion.cli, help line)
         "auxiliary",
         "fit k-means speech units on a speech dataset and cache its units",
     ),
+    "train-unit-vocoder": ("auxiliary", "train the speech codec's decoder from units to log-mel frames"),
+    "train-asr-judge": ("auxiliary", "train the CTC speech recogniser behind wer_judge on a speech dataset"),
+    "eval-speech-codec": ("auxiliary", "the judge's WER on val audio resynthesized through the speech codec"),
     "train-vae": ("auxiliary", "train the small KL-VAE on an image dataset, for data.image_repr=latents"),
     "train-vq": (
         "auxiliary",

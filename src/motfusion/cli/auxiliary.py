@@ -1,5 +1,7 @@
-"""The commands that make what a run needs besides the model: speech data and its unit codec, the
-VAE and the VQ-VAE image codecs, and the judge models of evaluation (classifier, CLIP).
+"""The commands that make what a run needs besides the model: speech data and its unit codec (with
+its trained decoder), the VAE and the VQ-VAE image codecs, and the judge models of evaluation
+(classifier, CLIP, the speech recogniser); and `eval-speech-codec`, which has the speech judge
+score the unit codec alone.
 
 Each `train-*` command writes one artifact directory (`--out DIR`, see artifacts.py) and takes
 `key=value` overrides of that artifact's config dataclass, parsed like a run's config; a few
@@ -15,16 +17,25 @@ from pathlib import Path
 from typing import Any
 
 from motfusion.cli.common import Command, csv
-from motfusion.codecs.speech import SpeechTokenizerConfig
+from motfusion.codecs.asr import DEFAULT_SUBDIR as JUDGE_SUBDIR
+from motfusion.codecs.asr import AsrConfig, load_judge
+from motfusion.codecs.speech import DEFAULT_SUBDIR as CODEC_SUBDIR
+from motfusion.codecs.speech import SpeechTokenizer, SpeechTokenizerConfig
+from motfusion.codecs.unit_decoder import UnitDecoderConfig
 from motfusion.codecs.vae import VAEConfig
 from motfusion.codecs.vq import VQConfig
 from motfusion.config import apply_overrides
 from motfusion.data.espeak import SOURCES, VOICES, make_speech_data
 from motfusion.data.fashion import FASHION_DIR
 from motfusion.data.pipeline import image_dataset
+from motfusion.errors import ConfigError
+from motfusion.evaluation.asr_judge import codec_table, evaluate_codec, evaluate_judge
 from motfusion.evaluation.classifier import ClassifierConfig, fit_fashion_classifier
 from motfusion.evaluation.clip import ClipConfig, fit_clip
+from motfusion.training.asr_judge import train_asr_judge
+from motfusion.training.files import check_writable_file, write_json
 from motfusion.training.speech_units import train_speech_tokenizer
+from motfusion.training.unit_vocoder import train_unit_vocoder
 from motfusion.training.vae import train_vae
 from motfusion.training.vq import train_vq
 
@@ -103,6 +114,10 @@ SPEECH_FLAGS = [
 ]
 
 
+# The trainers of training/loop.py without flags of their own (the classifier, the judge, the decoder).
+LOOP_FLAGS = [Flag("--steps", "steps"), Flag("--batch-size", "batch_size"), Flag("--seed", "seed")]
+
+
 def speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
     artifact_arguments(
@@ -116,6 +131,71 @@ def speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
 
 def run_speech_tokenizer(args: argparse.Namespace) -> None:
     train_speech_tokenizer(args.data, args.out, config_from(args, SpeechTokenizerConfig(), SPEECH_FLAGS))
+
+
+def data_and_codec_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
+    p.add_argument("--codec", type=Path, help="the speech tokenizer's directory (default: DATA/tokenizer)")
+
+
+def unit_vocoder_arguments(p: argparse.ArgumentParser) -> None:
+    data_and_codec_arguments(p)
+    artifact_arguments(
+        p,
+        UnitDecoderConfig,
+        LOOP_FLAGS,
+        "decoder directory (default: CODEC/decoder, where the codec loads it from)",
+        out_required=False,
+    )
+
+
+def run_unit_vocoder(args: argparse.Namespace) -> None:
+    codec = args.codec or args.data / CODEC_SUBDIR
+    train_unit_vocoder(args.data, codec, args.out, config_from(args, UnitDecoderConfig(), LOOP_FLAGS))
+
+
+def asr_judge_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
+    artifact_arguments(
+        p,
+        AsrConfig,
+        LOOP_FLAGS,
+        "judge directory, with metrics.json (default: DATA/asr-judge, where eval --suite speech finds it)",
+        out_required=False,
+    )
+
+
+def run_asr_judge(args: argparse.Namespace) -> None:
+    out = args.out or args.data / JUDGE_SUBDIR
+    judge = train_asr_judge(args.data, out, config_from(args, AsrConfig(), LOOP_FLAGS))
+    metrics = evaluate_judge(judge, args.data)
+    write_json(out / "metrics.json", metrics)
+    print(
+        f"val, real audio ({metrics['n']} utterances): wer_judge {metrics['wer_judge']:.3f} | "
+        f"cer_judge {metrics['cer_judge']:.3f} -> {out / 'metrics.json'}"
+    )
+
+
+def codec_eval_arguments(p: argparse.ArgumentParser) -> None:
+    data_and_codec_arguments(p)
+    p.add_argument("--judge", type=Path, help="a train-asr-judge directory (default: DATA/asr-judge)")
+    p.add_argument(
+        "--n", type=int, default=100, help="val utterances (Griffin-Lim takes ~0.4 s each per row)"
+    )
+    p.add_argument("--out", type=Path, help="JSON file for the table (default: CODEC/eval_codec.json)")
+
+
+def run_codec_eval(args: argparse.Namespace) -> None:
+    if args.n <= 0:
+        raise ConfigError(f"--n={args.n} must be positive")
+    codec = args.codec or args.data / CODEC_SUBDIR
+    out = args.out or codec / "eval_codec.json"
+    check_writable_file(out, "--out")
+    judge, tok = load_judge(args.judge or args.data / JUDGE_SUBDIR), SpeechTokenizer.load(codec)
+    results = evaluate_codec(judge, tok, args.data, args.n)
+    write_json(out, results)
+    print(codec_table(results))
+    print(f"wrote {out}")
 
 
 VAE_FLAGS = [
@@ -157,21 +237,18 @@ def run_vq(args: argparse.Namespace) -> None:
     train_vq(config_from(args, VQConfig(), VQ_FLAGS), args.out)
 
 
-CLASSIFIER_FLAGS = [Flag("--steps", "steps"), Flag("--batch-size", "batch_size"), Flag("--seed", "seed")]
-
-
 def classifier_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", type=Path, default=FASHION_DIR, help="folder with the Fashion-MNIST IDX files")
     artifact_arguments(
         p,
         ClassifierConfig,
-        CLASSIFIER_FLAGS,
+        LOOP_FLAGS,
         "directory for the classifier (weights.safetensors, config.json)",
     )
 
 
 def run_classifier(args: argparse.Namespace) -> None:
-    fit_fashion_classifier(config_from(args, ClassifierConfig(), CLASSIFIER_FLAGS), args.out, root=args.data)
+    fit_fashion_classifier(config_from(args, ClassifierConfig(), LOOP_FLAGS), args.out, root=args.data)
 
 
 CLIP_FLAGS = [
@@ -198,6 +275,9 @@ def run_clip(args: argparse.Namespace) -> None:
 COMMANDS = {
     "make-speech-data": Command(speech_data_arguments, run_speech_data),
     "train-speech-tokenizer": Command(speech_tokenizer_arguments, run_speech_tokenizer),
+    "train-unit-vocoder": Command(unit_vocoder_arguments, run_unit_vocoder),
+    "train-asr-judge": Command(asr_judge_arguments, run_asr_judge),
+    "eval-speech-codec": Command(codec_eval_arguments, run_codec_eval),
     "train-vae": Command(vae_arguments, run_vae),
     "train-vq": Command(vq_arguments, run_vq),
     "train-classifier": Command(classifier_arguments, run_classifier),

@@ -10,15 +10,19 @@ log-mel frames themselves: acoustic rather than semantic units, same rate and vo
   unit sequence decodes back to audio of the right duration, which text-to-speech needs. With
   `dedup=True` runs collapse to one unit (shorter sequences, durations lost); the unit error rate
   in evaluation/speech.py always compares deduplicated sequences.
-- Decoding: units -> centroid log-mel frames -> `MelVocoder` (Griffin-Lim) -> waveform.
+- Decoding: units -> log-mel frames -> `MelVocoder` (Griffin-Lim) -> waveform. The frames are the
+  units' centroids, or, when the tokenizer directory holds a trained decoder in `decoder/`
+  (codecs/unit_decoder.py, `motfusion train-unit-vocoder`), that network's finer frames.
 - Saved as an artifact (artifacts.py, kind "speech-units": weights.safetensors with centroids,
   mean and std, config.json); the tokenizer of a dataset also caches every utterance's units
-  beside it in `units.safetensors` (flat ids + offsets).
+  beside it in `units.safetensors` (flat ids + offsets). Saving new centroids over a directory
+  removes the decoder there, which was trained for the old ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,12 +31,14 @@ import torch
 
 from motfusion.artifacts import kind_of, load_artifact, save_artifact
 from motfusion.codecs.audio import LogMel, MelConfig, read_wav
+from motfusion.codecs.unit_decoder import KIND as DECODER_KIND
+from motfusion.codecs.unit_decoder import UnitDecoder, load_unit_decoder, save_unit_decoder
 from motfusion.codecs.vocoder import MelVocoder, VocoderConfig
 from motfusion.config import Config, dataclass_from_dict
 from motfusion.errors import ConfigError, DataError
 from motfusion.sequence import SEGMENT_ENCODERS, Units
 
-KIND, UNITS_FILE = "speech-units", "units.safetensors"
+KIND, UNITS_FILE, DECODER_SUBDIR = "speech-units", "units.safetensors", "decoder"
 
 
 # ---- k-means ---------------------------------------------------------------------------------
@@ -96,17 +102,37 @@ def dedup(units: torch.Tensor) -> torch.Tensor:
 
 
 class SpeechTokenizer:
-    """WAV <-> units. `centroids` (K, n_mels) live in the standardized log-mel space."""
+    """WAV <-> units. `centroids` (K, n_mels) live in the standardized log-mel space; `decoder`, if
+    any, decodes units to frames in place of the centroids."""
 
     def __init__(
-        self, cfg: SpeechTokenizerConfig, centroids: torch.Tensor, mean: torch.Tensor, std: torch.Tensor
+        self,
+        cfg: SpeechTokenizerConfig,
+        centroids: torch.Tensor,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        decoder: UnitDecoder | None = None,
     ):
         if centroids.shape != (cfg.k, cfg.mel.n_mels):
             raise DataError(
                 f"centroids of shape {tuple(centroids.shape)} do not match k={cfg.k}, n_mels={cfg.mel.n_mels}"
             )
+        if decoder is not None and (decoder.cfg.k, decoder.cfg.n_mels) != (cfg.k, cfg.mel.n_mels):
+            raise ConfigError(
+                f"a unit decoder for k={decoder.cfg.k}, n_mels={decoder.cfg.n_mels} cannot decode "
+                f"units of k={cfg.k}, n_mels={cfg.mel.n_mels}"
+            )
+        if decoder is not None and cfg.mel.hop % decoder.cfg.upsample:
+            raise ConfigError(
+                f"mel hop {cfg.mel.hop} is not divisible by decoder upsample {decoder.cfg.upsample}"
+            )
         self.cfg, self.centroids, self.mean, self.std = cfg, centroids, mean, std
+        self.decoder = decoder
         self.log_mel = LogMel(cfg.mel)
+
+    def with_decoder(self, decoder: UnitDecoder | None) -> SpeechTokenizer:
+        """The same units with another decoder (None: the centroids)."""
+        return SpeechTokenizer(self.cfg, self.centroids, self.mean, self.std, decoder)
 
     @property
     def vocab_size(self) -> int:
@@ -132,19 +158,45 @@ class SpeechTokenizer:
     def encode_file(self, path: str | Path) -> torch.Tensor:
         return self.encode(read_wav(path, self.sample_rate))
 
-    def decode_mel(self, units: torch.Tensor) -> torch.Tensor:
-        """(T,) -> (n_mels, T) log-mel of the units' centroids."""
+    def _check_ids(self, units: torch.Tensor) -> None:
         if units.numel() and (int(units.min()) < 0 or int(units.max()) >= self.cfg.k):
             raise ValueError(
                 f"unit ids must be in [0, {self.cfg.k}), got [{int(units.min())}, {int(units.max())}]"
             )
+
+    def decode_mel(self, units: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (n_mels, T) log-mel of the units' centroids."""
+        self._check_ids(units)
         return (self.centroids[units] * self.std + self.mean).T
 
+    def _decoder(self) -> UnitDecoder:
+        if self.decoder is None:
+            raise ConfigError("this speech codec has no trained decoder: run motfusion train-unit-vocoder")
+        return self.decoder
+
+    @property
+    def fine_mel(self) -> MelConfig:
+        """The frames the decoder writes: the codec's mel at hop / upsample."""
+        return dataclasses.replace(self.cfg.mel, hop=self.cfg.mel.hop // self._decoder().cfg.upsample)
+
+    @torch.no_grad()
+    def decoder_mel(self, units: torch.Tensor) -> torch.Tensor:
+        """(T,) -> (n_mels, r * (T - 1) + 1) log-mel at hop / r from the decoder (r its upsample):
+        frame r * t is unit t's, the frames between lead to unit t + 1's."""
+        self._check_ids(units)
+        r = self._decoder().cfg.upsample
+        frames = self.decoder(units.long()[None].to(self.centroids.device))[0]  # (n_mels, r * T) standardized
+        return frames[:, : r * (len(units) - 1) + 1] * self.std[:, None] + self.mean[:, None]
+
     def decode(self, units: torch.Tensor, vocoder: VocoderConfig | None = None) -> torch.Tensor:
-        """(T,) units -> (S,) waveform at `sample_rate` (Griffin-Lim); fewer than 2 units: silence."""
+        """(T,) units -> (S,) waveform at `sample_rate` (Griffin-Lim on the decoder's frames, or on the
+        centroids' without one); fewer than 2 units: silence. Both give hop * (T - 1) samples."""
         if units.numel() < 2:
             return torch.zeros(self.cfg.mel.hop * max(units.numel(), 1))
-        return MelVocoder(self.cfg.mel, vocoder)(self.decode_mel(units))
+        if self.decoder is None:
+            return MelVocoder(self.cfg.mel, vocoder)(self.decode_mel(units))
+        fine = dataclasses.replace(vocoder or VocoderConfig(), upsample=1)  # the frames are fine already
+        return MelVocoder(self.fine_mel, fine)(self.decoder_mel(units))
 
     def reconstruction_mse(self, wave: torch.Tensor) -> float:
         """Mean squared error, in standardized log-mel, between the frames and their centroids."""
@@ -154,12 +206,18 @@ class SpeechTokenizer:
     # ---- persistence ----
 
     def save(self, out_dir: str | Path) -> None:
-        save_artifact(
+        """The artifact, and the decoder in OUT/decoder (a decoder already there is removed when
+        this tokenizer has none: it was trained for other centroids)."""
+        out = save_artifact(
             out_dir,
             KIND,
             {"centroids": self.centroids, "mean": self.mean, "std": self.std},
             self.cfg.to_dict(),
         )
+        if self.decoder is not None:
+            save_unit_decoder(self.decoder, out / DECODER_SUBDIR, self.centroids)
+        elif kind_of(out / DECODER_SUBDIR) == DECODER_KIND:
+            shutil.rmtree(out / DECODER_SUBDIR)
 
     @classmethod
     def load(cls, directory: str | Path) -> SpeechTokenizer:
@@ -170,7 +228,11 @@ class SpeechTokenizer:
             f"train a speech tokenizer with `motfusion train-speech-tokenizer --data DATA --out {directory}`",
         )
         t = artifact.tensors
-        return cls(SpeechTokenizerConfig.from_dict(artifact.config), t["centroids"], t["mean"], t["std"])
+        decoder_dir = Path(directory) / DECODER_SUBDIR
+        decoder = load_unit_decoder(decoder_dir, t["centroids"]) if kind_of(decoder_dir) else None
+        return cls(
+            SpeechTokenizerConfig.from_dict(artifact.config), t["centroids"], t["mean"], t["std"], decoder
+        )
 
 
 # ---- a dataset's tokenizer and its cached units ---------------------------------------------

@@ -1,4 +1,4 @@
-"""Speech metrics: edit distance, character error rate, unit error rate.
+"""Speech metrics: edit distance, character and word error rates, unit error rate, and the judge's.
 
 - CER of speech-to-text: character-level Levenshtein distance between the transcript and the
   reference text (both normalized as the dataset normalizes them), summed over utterances and
@@ -9,6 +9,13 @@
   unit, which removes durations) and then aligned by edit distance:
   UER = Levenshtein(dedup(hyp), dedup(ref)) / len(dedup(ref)), and unit accuracy = max(0, 1 - UER).
   The reference is one espeak-ng voice, so even a perfect speaker in another voice scores below 1.
+- WER: the same at the level of words (split on spaces after normalization), as jiwer counts it.
+- `wer_judge` / `cer_judge`: the error rates of a separate CTC recogniser (codecs/asr.py, trained
+  on the dataset's real audio) transcribing speech decoded to audio. For text-to-speech, the
+  suite's generated units go through the codec (its decoder when it has one) and the judge reads
+  them against the prompts: `speech_tts_wer_judge`. The judge comes from DATA/asr-judge, where
+  `motfusion train-asr-judge --data DATA` puts it, when it is there (or from `judge=`); its own
+  error rates on the real audio (evaluation/asr_judge.py) are the floor to compare with.
 - Speech validation loss (`val_loss/speech`) comes from the objective's per-modality breakdown on
   val batches (motfusion.evaluation.image_metrics.validation_losses).
 """
@@ -16,12 +23,18 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 
+from motfusion.artifacts import kind_of
+from motfusion.codecs.asr import DEFAULT_SUBDIR as JUDGE_SUBDIR
+from motfusion.codecs.asr import KIND as JUDGE_KIND
+from motfusion.codecs.asr import AsrJudge, load_judge
 from motfusion.codecs.speech import (
     UNITS_FILE,
+    SpeechTokenizer,
     dedup,
     load_units,
     resolve_speech_dirs,
@@ -65,6 +78,35 @@ def cer(hyps: Sequence[str], refs: Sequence[str], normalized: bool = True) -> fl
     return error_rate(hyps, refs)
 
 
+def wer(hyps: Sequence[str], refs: Sequence[str], normalized: bool = True) -> float:
+    """Word error rate: word-level edit distances summed over utterances / total reference words."""
+    if normalized:
+        hyps, refs = [normalize(h) for h in hyps], [normalize(r) for r in refs]
+    return error_rate([h.split() for h in hyps], [r.split() for r in refs])
+
+
+def judge_scores(judge: AsrJudge, waves: Sequence[torch.Tensor], texts: Sequence[str]) -> dict[str, float]:
+    """The judge transcribes `waves` (16 kHz); its WER and CER against `texts`."""
+    heard = judge.transcribe(list(waves))
+    return {"wer_judge": wer(heard, texts), "cer_judge": cer(heard, texts)}
+
+
+def judge_units(
+    judge: AsrJudge, stok: SpeechTokenizer, units: Sequence[torch.Tensor], texts: Sequence[str]
+) -> dict[str, float]:
+    """Speech units (text-to-speech's output, one (T_i,) per text) -> audio by the codec (its
+    decoder when it has one) -> the judge's WER and CER against `texts`."""
+    return judge_scores(judge, [stok.decode(u.cpu()) for u in units], texts)
+
+
+def find_judge(data_dir: Path, judge: str | Path | None = None) -> Path | None:
+    """`judge` if given (it must hold one), else DATA/asr-judge if it holds one, else None."""
+    if judge is not None:
+        return Path(judge)
+    default = Path(data_dir) / JUDGE_SUBDIR
+    return default if kind_of(default) == JUDGE_KIND else None
+
+
 def unit_error_rate(hyps: Sequence[Sequence[int]], refs: Sequence[Sequence[int]]) -> float:
     """Edit distance between run-collapsed unit sequences / collapsed reference length."""
     collapse = lambda units: dedup(torch.as_tensor(list(units), dtype=torch.long)).tolist()
@@ -72,10 +114,17 @@ def unit_error_rate(hyps: Sequence[Sequence[int]], refs: Sequence[Sequence[int]]
 
 
 def evaluate_speech(
-    gen: Generator, cfg: Config, *, n: int = 64, seed: int = 0, batch_size: int = 16
+    gen: Generator,
+    cfg: Config,
+    *,
+    n: int = 64,
+    seed: int = 0,
+    batch_size: int = 16,
+    judge: str | Path | None = None,
 ) -> dict[str, float]:
     """Speech-to-text CER and text-to-speech unit error rate on the first `n` val utterances of the
-    run's speech dataset; the references are the units of espeak-ng's recordings (cached)."""
+    run's speech dataset; the references are the units of espeak-ng's recordings (cached). With a
+    judge (`judge`, or DATA/asr-judge), also the judge's WER and CER on the spoken units' audio."""
     name, _, arg = cfg.data.dataset.partition(":")
     if name != "speech":
         raise ConfigError(
@@ -96,7 +145,7 @@ def evaluate_speech(
         limit = 2 * max(len(r) for r in refs[i : i + batch_size]) + 10
         spoken += text_to_units(gen, stok, texts[i : i + batch_size], g, max_units=limit)
     uer = unit_error_rate(spoken, refs)
-    return {
+    metrics = {
         "speech_cer": cer(transcripts, texts),
         "speech_unit_error_rate": uer,
         "speech_unit_accuracy": max(0.0, 1.0 - uer),
@@ -104,3 +153,8 @@ def evaluate_speech(
         / sum(len(u) for u in refs),  # generated / reference units
         "speech_n": float(len(val)),
     }
+    judge_dir = find_judge(data_dir, judge)
+    if judge_dir is not None:
+        scores = judge_units(load_judge(judge_dir), stok, spoken, texts)
+        metrics.update({f"speech_tts_{k}": v for k, v in scores.items()})
+    return metrics
