@@ -223,8 +223,10 @@ class ShapesEditDataset:
     """Editing documents, with ordinary shapes documents mixed in (`data.edit_share` are edits) so a
     fine-tuned model keeps its text-to-image and captioning.
 
-    An edit's instruction is dropped with probability `objective.cfg_dropout` (classifier-free
-    guidance on the instruction): the unconditional edit is [source] [target], as at sampling time."""
+    Edits keep their instruction: an edit without one, [source] [target], taught the model that a
+    clean image at the start of a document is followed by BOI, and it then opened images where it
+    should caption (caption_accuracy 0.41 -> 0.00). Sampling guides against the unconditional
+    text-to-image prompt instead, which the ordinary documents' caption dropout trains."""
 
     def __init__(self, scenes: ShapesDataset, data_cfg: DataConfig, objective_cfg: ObjectiveConfig):
         self.scenes, self.data_cfg, self.objective_cfg = scenes, data_cfg, objective_cfg
@@ -236,17 +238,13 @@ class ShapesEditDataset:
         edit = self.triple(index, rng) if rng.random() < self.data_cfg.edit_share else None
         if edit is None:
             return document_for(self.scenes.sample(index), rng, self.data_cfg, self.objective_cfg)
-        drop = rng.random() < self.objective_cfg.cfg_dropout
-        return edit_document(edit, drop_instruction=drop, layout=self.data_cfg.edit_layout)
+        return edit_document(edit, layout=self.data_cfg.edit_layout)
 
 
-def edit_document(edit: EditTriple, drop_instruction: bool = False, layout: str = "source-first") -> Document:
-    """The edit as a document in `layout` (EDIT_LAYOUTS); without its instruction: [source] [target]."""
+def edit_document(edit: EditTriple, layout: str = "source-first") -> Document:
+    """The edit as a document in `layout` (EDIT_LAYOUTS)."""
     source = Image(render(edit.source), context=True)
-    target = Image(render(edit.target))
-    if drop_instruction:
-        return [source, target]
-    return edit_prompt(source, edit.instruction, layout) + [target]
+    return edit_prompt(source, edit.instruction, layout) + [Image(render(edit.target))]
 
 
 def edit_prompt(source: Image, instruction: str, layout: str) -> Document:

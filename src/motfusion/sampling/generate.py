@@ -291,8 +291,8 @@ class Generator:
         """Image editing (data/edits.py): source pixels (B, 3, H, W) in [-1, 1] and one instruction each
         -> the edited images, in the model's image space like `images`' output. `layout` is the one
         the model was trained with (data.edit_layout), e.g. [BOI source EOI] instruction [BOI ...;
-        guidance is on the instruction: the unconditional rows keep the source ([BOI source EOI]
-        [BOI ...), as edits were trained with their instruction dropped."""
+        the unconditional rows of guidance are text to image's (BOS, BOI): edits are trained with
+        their instruction always (data/edits.py says why)."""
         if self.repr.discrete:
             raise ValueError(
                 "editing samples the edited image by diffusion; this model's images are VQ codes"
@@ -300,7 +300,7 @@ class Generator:
         sources = self._image_segments(self.encode_images(images))
         ctx, uncond = self._guided(
             [edit_prompt(src, p, layout) for src, p in zip(sources, instructions, strict=True)],
-            [[src] for src in sources],
+            [[] for _ in sources],
         )
         return self.denoise(ctx, uncond, len(instructions), generator, noise)
 
