@@ -111,7 +111,7 @@ class EncodedDoc:
     image_first: list[bool]  # the image precedes its caption (gets the noise cap)
     image_clean: list[bool] = field(default_factory=list)  # the image is clean context (Image.context)
     learned: list[bool] = field(default_factory=list)  # per position: may be a next-token target (False:
-    # a context Text's tokens); empty: all
+    # a context Text's tokens)
     caption: int = 0  # a key of the document's text (0: none): equal texts, equal keys
 
     def __len__(self) -> int:
@@ -287,7 +287,7 @@ def collate(rows: list[list[EncodedDoc]], seq_len: int, pad_id: int) -> Batch:
                 image_index.append(b * T + start + (slot == k).nonzero().squeeze(1))
                 images.append(pixels)
             image_first += enc.image_first
-            image_clean += enc.image_clean or [False] * len(enc.images)
+            image_clean += enc.image_clean
             image_caption += [enc.caption] * len(enc.images)
             start += n
     # Images of one size become contiguous: the model and the loss run each size as one tensor.
@@ -359,7 +359,7 @@ def _lm_targets(enc: EncodedDoc) -> tuple[torch.Tensor, torch.Tensor]:
       the model closes that modality's spans: then the span's own head predicts SPAN_END there.
     """
     tok, mod, slot = (torch.tensor(x) for x in (enc.tokens, enc.modality, enc.image_slot))
-    learned = torch.tensor(enc.learned) if enc.learned else torch.ones_like(tok, dtype=torch.bool)
+    learned = torch.tensor(enc.learned, dtype=torch.bool)
     continuous = slot >= 0
     closes = (mod[:-1] != TEXT) & (mod[1:] == TEXT)  # i ends a span; i + 1 is its end marker
     model_closes = torch.tensor([spec.model_closes for spec in SPECS.values()])[mod[:-1]]
