@@ -5,6 +5,8 @@ import dataclasses
 import pytest
 import torch
 
+from motfusion.config import Config
+from motfusion.models.layers import grid_positions
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
 from motfusion.recipes import get_recipe
@@ -135,3 +137,31 @@ def test_a_mixed_batch_trains(tok):
         train_step(model, obj, opt, b, torch.Generator().manual_seed(0), 3e-3, 1.0)["loss"] for _ in range(20)
     ]
     assert losses[-1] < 0.7 * losses[0]
+
+
+def test_grid_positions_encode_row_and_column():
+    """Half the channels depend on the row only, half on the column only, and no two patches match."""
+    e = grid_positions(3, 5, 16).view(3, 5, 16)
+    assert torch.equal(e[:, :, :8], e[:, :1, :8].expand(3, 5, 8))  # row half: the same along a row
+    assert torch.equal(e[:, :, 8:], e[:1, :, 8:].expand(3, 5, 8))  # column half: the same down a column
+    assert torch.cdist(e.view(15, 16), e.view(15, 16)).add(torch.eye(15)).min() > 0.1
+
+
+def test_grid_pos_moves_the_image_tokens_and_old_configs_load_without_it(tok):
+    """With the same weights, model.grid_pos changes every image's prediction; a config saved before the
+    key existed (no model.grid_pos) loads as False, so an old checkpoint keeps meaning what it meant."""
+    cfg = get_recipe("debug")
+    torch.manual_seed(0)
+    model = TransfusionModel(cfg.model, tok.vocab_size).eval()
+    torch.nn.init.normal_(model.image.proj_out.weight, std=0.05)
+    b, _ = mixed(tok)
+    t = torch.full((len(SIZES),), 500.0)
+    with torch.no_grad():
+        with_pos = model(b, b.images, t).image
+        model.cfg = dataclasses.replace(cfg.model, grid_pos=False)
+        without = model(b, b.images, t).image
+    assert cfg.model.grid_pos and (with_pos - without).abs().flatten(1).max(dim=1).values.min() > 1e-4
+    saved = cfg.to_dict()
+    del saved["model"]["grid_pos"]
+    assert Config.from_dict(saved).model.grid_pos is False
+    assert Config.from_dict(cfg.to_dict()).model.grid_pos is True

@@ -41,6 +41,9 @@ class ModelConfig:
     unet_channels: int = 32  # the U-Net's width at full resolution (doubles per level, up to 4x)
     unet_blocks: int = 1  # residual blocks per resolution, in each of the down and up paths
     unet_pooled: bool = False  # the image's mean hidden state conditions every up block (with the timestep)
+    # A fixed 2D sin-cos embedding of each patch's row and column, added to the image tokens (DiT). Saved
+    # configs from before it existed load with False (Config.from_dict), so their weights mean the same.
+    grid_pos: bool = True
     image_channels: int = 3
     vae: str = (
         ""  # with data.image_repr=latents: a motfusion train-vae directory or a diffusers AutoencoderKL one
@@ -80,6 +83,10 @@ class ModelConfig:
         _check(
             self.dim % self.n_heads == 0,
             f"model.dim={self.dim} must be divisible by model.n_heads={self.n_heads}",
+        )
+        _check(
+            not self.grid_pos or self.dim % 4 == 0,
+            f"model.dim={self.dim} must be divisible by 4 for model.grid_pos (or set model.grid_pos=false)",
         )
         _check(self.head_dim % 2 == 0, f"model.dim / model.n_heads = {self.head_dim} must be even for RoPE")
         bad = sorted(set(self.untie) - set(UNTIE_CHOICES))
@@ -358,7 +365,12 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        return cls().merge(d).validate()
+        """A saved config (config.json, a checkpoint's). Keys added since it was saved keep their
+        default, except model.grid_pos: a model saved before it existed was trained without it."""
+        cfg = cls()
+        if "grid_pos" not in d.get("model", {"grid_pos": True}):
+            cfg.model.grid_pos = False
+        return cfg.merge(d).validate()
 
     def merge(self, d: dict[str, Any]) -> Config:
         """Set the values of a nested dict in place ({"train": {"lr": 1e-3}}, as a config.json or a

@@ -35,6 +35,24 @@ def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.T
     return angles.cos(), angles.sin()
 
 
+def grid_positions(rows: int, cols: int, dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Fixed 2D sin-cos embedding of a rows x cols patch grid in raster order -> (rows * cols, dim).
+
+    The first half of the channels encodes the row, the second the column (as in MAE and DiT), at
+    frequencies 1 / 100^(i / (dim / 4)): the shortest wavelength is 2 pi patches, so neighbours differ.
+    The sequence's 1D RoPE alone tells an image token its raster index, not its row and column."""
+    if dim % 4:
+        raise ValueError(f"a 2D position embedding needs dim divisible by 4, got {dim}")
+    freqs = 1.0 / 100 ** (torch.arange(dim // 4, device=device, dtype=torch.float32) / (dim // 4))
+    r, c = torch.meshgrid(
+        torch.arange(rows, device=device, dtype=torch.float32),
+        torch.arange(cols, device=device, dtype=torch.float32),
+        indexing="ij",
+    )
+    angles = [axis.reshape(-1, 1) * freqs for axis in (r, c)]  # (rows * cols, dim / 4) each
+    return torch.cat([f(a) for a in angles for f in (torch.sin, torch.cos)], dim=1)  # (rows * cols, dim)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) by angle i. x: (B, T, H, hd); cos, sin: (B, T, hd // 2).
 

@@ -19,7 +19,7 @@ from motfusion.config import ModelConfig
 from motfusion.errors import ConfigError
 from motfusion.models.adapters import LinearPatcher, TokenAdapter
 from motfusion.models.attention import SeqMeta, build_mask, resolve_backend
-from motfusion.models.layers import rope_angles
+from motfusion.models.layers import grid_positions, rope_angles
 from motfusion.models.moe import MoEFFN
 from motfusion.models.mot import MoTBackbone
 from motfusion.models.unet import UNetPatcher
@@ -115,6 +115,9 @@ class TransfusionModel(nn.Module):
         skips = []  # the U-Net's skips of each group, for predict
         for rows, H, W, idx in groups:
             patches, s = self.image.embed(images[rows, :, :H, :W], t[rows])  # (n, L, D)
+            if self.cfg.grid_pos:
+                k = self.cfg.patch_size
+                patches = patches + grid_positions(H // k, W // k, D, patches.device)  # (L, D) broadcast
             h = h.view(B * T, D).index_copy(0, idx.flatten(), patches.flatten(0, 1)).view(B, T, D)
             skips.append(s)
 
