@@ -3,14 +3,16 @@
 # three seeds, demo-long, and the n = 256 evaluations. Each `motfusion demo` trains (or resumes, or
 # reuses a finished run) and writes RUN/report/metrics.json; benchmarks/demo_table.py makes the
 # tables. The screening rows were run with the recipe of their time (the demo recipe then was
-# `small`); the overrides below reproduce them on top of today's demo recipe.
-#   benchmarks/demo_sweep.sh screen | full | seeds | long | eval
+# `small`); the overrides below reproduce them on top of today's demo recipe. OLD is what the rows of
+# screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps.
+#   benchmarks/demo_sweep.sh screen | full | seeds | grid | long | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
 demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false "$@"; }
-LINEAR="model.patcher=linear model.unet_pooled=false data.caption_first_prob=0.8"
-UNET="data.caption_first_prob=0.8 train.ema=0.99"
+OLD="model.grid_pos=false"
+LINEAR="$OLD model.patcher=linear model.unet_pooled=false data.caption_first_prob=0.8"
+UNET="$OLD data.caption_first_prob=0.8 train.ema=0.99"
 
 screen() {
     demo s_lin8w 500 $LINEAR model.patch_size=8 train.ema=0
@@ -22,16 +24,25 @@ screen() {
 }
 
 full() {
-    demo f_cap80 1100 data.caption_first_prob=0.8
-    demo f_ln 1100 data.caption_first_prob=0.8 objective.flow_timesteps=logit_normal
-    demo f_cap60 1100 data.caption_first_prob=0.6
-    demo f_cap70 1100                                   # the demo recipe, seed 0
-    demo f_cap70_ln 1100 objective.flow_timesteps=logit_normal
+    demo f_cap80 1100 $OLD data.caption_first_prob=0.8
+    demo f_ln 1100 $OLD data.caption_first_prob=0.8 objective.flow_timesteps=logit_normal
+    demo f_cap60 1100 $OLD data.caption_first_prob=0.6
+    demo f_cap70 1100 $OLD                              # the demo recipe of its time, seed 0
+    demo f_cap70_ln 1100 $OLD objective.flow_timesteps=logit_normal
 }
 
 seeds() {
-    demo seed1 1100 train.seed=1
-    demo seed2 1100 train.seed=2
+    demo seed1 1100 $OLD train.seed=1
+    demo seed2 1100 $OLD train.seed=2
+}
+
+grid() {  # equal training time: steps scaled by each setting's step time alone (711 ms at patch 8)
+    demo p4 1950 $OLD model.patch_size=4             # 400 ms per step, 32 images per step instead of ~90
+    demo L8 980 $OLD model.n_layers=8                # 796 ms
+    demo pos 1100                                    # model.grid_pos (now the default)
+    demo p4pos 1950 model.patch_size=4
+    demo pos_b4 2200 train.batch_size=4
+    demo pos_cap60 1100 data.caption_first_prob=0.6
 }
 
 long() {
@@ -47,6 +58,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; full) full ;; seeds) seeds ;; long) long ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|full|seeds|long|eval" >&2; exit 2 ;;
+    screen) screen ;; full) full ;; seeds) seeds ;; grid) grid ;; long) long ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|full|seeds|grid|long|eval" >&2; exit 2 ;;
 esac

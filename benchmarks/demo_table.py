@@ -19,8 +19,9 @@ COLUMNS = (
     "geneval_single",
     "geneval",
     "caption_accuracy",
-    "geneval_single/color",
     "geneval_single/shape",
+    "geneval_single/position",
+    "geneval_single/size",
     "geneval_single/objects",
 )
 
