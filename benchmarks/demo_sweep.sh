@@ -43,6 +43,7 @@ grid() {  # equal training time: steps scaled by each setting's step time alone 
     demo p4pos 1950 model.patch_size=4
     demo pos_b4 2200 train.batch_size=4
     demo pos_cap60 1100 data.caption_first_prob=0.6
+    demo w8 1770 model.unet_channels=8               # 563 ms per step: as much training time as make demo
 }
 
 long() {
