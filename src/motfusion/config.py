@@ -368,7 +368,7 @@ class Config:
         """A saved config (config.json, a checkpoint's). Keys added since it was saved keep their
         default, except model.grid_pos: a model saved before it existed was trained without it."""
         cfg = cls()
-        if "grid_pos" not in d.get("model", {"grid_pos": True}):
+        if "model" in d and "grid_pos" not in d["model"]:
             cfg.model.grid_pos = False
         return cfg.merge(d).validate()
 

@@ -118,8 +118,12 @@ SPEECH_FLAGS = [
 LOOP_FLAGS = [Flag("--steps", "steps"), Flag("--batch-size", "batch_size"), Flag("--seed", "seed")]
 
 
-def speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+def speech_dir_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
+
+
+def speech_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+    speech_dir_argument(p)
     artifact_arguments(
         p,
         SpeechTokenizerConfig,
@@ -134,7 +138,7 @@ def run_speech_tokenizer(args: argparse.Namespace) -> None:
 
 
 def data_and_codec_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
+    speech_dir_argument(p)
     p.add_argument("--codec", type=Path, help="the speech tokenizer's directory (default: DATA/tokenizer)")
 
 
@@ -155,7 +159,7 @@ def run_unit_vocoder(args: argparse.Namespace) -> None:
 
 
 def asr_judge_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, type=Path, help="a directory written by make-speech-data")
+    speech_dir_argument(p)
     artifact_arguments(
         p,
         AsrConfig,
