@@ -4,13 +4,15 @@
 # reuses a finished run) and writes RUN/report/metrics.json; benchmarks/demo_table.py makes the
 # tables. The screening rows were run with the recipe of their time (the demo recipe then was
 # `small`); the overrides below reproduce them on top of today's demo recipe. OLD is what the rows of
-# screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps.
-#   benchmarks/demo_sweep.sh screen | full | seeds | grid | long | eval
+# screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
+# that state positions half the time (PREV, which the grid and levers rows add).
+#   benchmarks/demo_sweep.sh screen | full | seeds | grid | levers | long | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
 demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false "$@"; }
-OLD="model.grid_pos=false"
+PREV="data.caption_position_prob=0.5"               # the recipe before descriptive captions
+OLD="model.grid_pos=false $PREV"
 LINEAR="$OLD model.patcher=linear model.unet_pooled=false data.caption_first_prob=0.8"
 UNET="$OLD data.caption_first_prob=0.8 train.ema=0.99"
 
@@ -31,19 +33,32 @@ full() {
     demo f_cap70_ln 1100 $OLD objective.flow_timesteps=logit_normal
 }
 
-seeds() {
+seeds() {  # the recipe of its time (seed 0: f_cap70), and today's (seed 0: make demo's runs/demo)
     demo seed1 1100 $OLD train.seed=1
     demo seed2 1100 $OLD train.seed=2
+    demo demo_seed1 1400 train.seed=1
+    demo demo_seed2 1400 train.seed=2
 }
 
 grid() {  # equal training time: steps scaled by each setting's step time alone (711 ms at patch 8)
     demo p4 1950 $OLD model.patch_size=4             # 400 ms per step, 32 images per step instead of ~90
     demo L8 980 $OLD model.n_layers=8                # 796 ms
-    demo pos 1100                                    # model.grid_pos (now the default)
-    demo p4pos 1950 model.patch_size=4
-    demo pos_b4 2200 train.batch_size=4
-    demo pos_cap60 1100 data.caption_first_prob=0.6
-    demo w8 1770 model.unet_channels=8               # 563 ms per step: as much training time as make demo
+    demo pos 1100 $PREV  # model.grid_pos (now the default)
+    demo p4pos 1950 model.patch_size=4 $PREV
+    demo pos_b4 2200 train.batch_size=4 $PREV
+    demo pos_cap60 1100 data.caption_first_prob=0.6 $PREV
+    demo w8 1770 model.unet_channels=8 $PREV  # 563 ms per step: as much training time as make demo
+}
+
+levers() {  # 1,400 steps each, on the recipe with grid positions (make demo's of its time)
+    demo lr4 1400 train.lr=4e-3 $PREV
+    demo lr1 1400 train.lr=1e-3 train.min_lr=5e-5 $PREV
+    demo fold2 2030 model.unet_fold=2 $PREV  # 0.69 of the step time; stopped at step 1,060
+    demo detail 1400 data.caption_size_prob=1.0 data.caption_position_prob=1.0
+    demo detail08 1400 data.caption_size_prob=0.8 data.caption_position_prob=0.8
+    demo detail08_ilw15 1400 data.caption_size_prob=0.8 data.caption_position_prob=0.8 objective.image_loss_weight=15
+    demo pos1 1400 data.caption_position_prob=1.0
+    demo pos1_ilw15 1400 data.caption_position_prob=1.0 objective.image_loss_weight=15
 }
 
 long() {
@@ -51,7 +66,7 @@ long() {
 }
 
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
-    for run in f_cap70 seed1 seed2; do
+    for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2; do
         [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
     done
     [ -f "$R/f_cap70/eval_n256_raw.json" ] || $M eval --ckpt "$R/f_cap70" --n 256 --val-batches 2 --raw-weights \
@@ -59,6 +74,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; full) full ;; seeds) seeds ;; grid) grid ;; long) long ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|full|seeds|grid|long|eval" >&2; exit 2 ;;
+    screen) screen ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
 esac

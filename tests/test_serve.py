@@ -392,8 +392,8 @@ def test_serve_command_binds_localhost_and_prints_its_url(edit_run):
         assert status == 200 and "edit" in info["capabilities"]
     finally:
         proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=30)
-    assert proc.returncode == 0 and out.strip() == "stopped"
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0 and out.strip() == "stopped", (proc.returncode, out, err)
 
 
 def test_serve_command_errors_are_one_line(edit_run, capsys):

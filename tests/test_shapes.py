@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from motfusion.data.shapes import (
+    CAPTION_REGION_MARGIN,
     FORMS,
     MAX_CAPTION_CHARS,
+    POSITION_PHRASES,
     Mention,
     Relation,
     Scene,
@@ -15,6 +17,7 @@ from motfusion.data.shapes import (
     caption_text,
     diameter,
     eval_prompts,
+    in_region,
     render,
     single_object_prompts,
 )
@@ -94,6 +97,22 @@ def test_captions_parse_and_are_true():
         assert all(check(spec, scene).values()), caption
         forms.add(caption_form(parts))
     assert forms == set(FORMS)
+
+
+def test_caption_size_and_position_probs_set_what_a_caption_states():
+    """Both 1: every single object's caption states its size, and its position whenever it is in a
+    clear region; 0: never. Scenes do not depend on them, and the captions stay true."""
+    full, bare = (ShapesDataset(single_object_prob=1.0, size_prob=p, position_prob=p) for p in (1.0, 0.0))
+    clear = 0
+    for i in range(200):
+        (scene, parts), (bare_scene, bare_parts) = full.draw(i), bare.draw(i)
+        assert scene == bare_scene and all(check(parse_caption(caption_text(parts)), scene).values())
+        regions = [r for r in POSITION_PHRASES if in_region(scene.objects[0], r, CAPTION_REGION_MARGIN)]
+        (mention,), (bare_mention,) = parts, bare_parts
+        assert mention.size == scene.objects[0].size and (mention.position is not None) == bool(regions)
+        assert bare_mention.size is None and bare_mention.position is None
+        clear += bool(regions)
+    assert 50 < clear < 200  # both kinds of scene were seen
 
 
 def test_example_captions():

@@ -15,10 +15,10 @@ from motfusion.training.trainer import build_optimizer, train_step
 UNET = ["model.patcher=unet", "model.unet_channels=8", "model.unet_pooled=true"]  # as the demo recipe
 
 
-def patcher(k: int, dim: int = 16, blocks: int = 1, pooled: bool = False) -> UNetPatcher:
+def patcher(k: int, dim: int = 16, blocks: int = 1, pooled: bool = False, fold: int = 1) -> UNetPatcher:
     """A small U-Net whose output conv is random (the model zero-initialises it), so everything shows."""
     torch.manual_seed(k)
-    u = UNetPatcher(channels=3, patch_size=k, dim=dim, width=8, blocks=blocks, pooled=pooled)
+    u = UNetPatcher(channels=3, patch_size=k, dim=dim, width=8, blocks=blocks, pooled=pooled, fold=fold)
     torch.nn.init.normal_(u.proj_out.weight, std=0.1)
     return u
 
@@ -30,17 +30,47 @@ def run(u: UNetPatcher, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "H, W, k", [(16, 16, 2), (32, 32, 4), (64, 64, 8), (32, 16, 8), (16, 32, 4), (8, 8, 1)]
+    "H, W, k, fold",
+    [
+        (16, 16, 2, 1),
+        (32, 32, 4, 1),
+        (64, 64, 8, 1),
+        (32, 16, 8, 1),
+        (16, 32, 4, 1),
+        (8, 8, 1, 1),
+        (32, 32, 8, 2),
+        (32, 16, 8, 4),
+        (16, 16, 4, 4),
+    ],
 )
-def test_shapes_and_tokens_per_image(H, W, k):
-    u = patcher(k, blocks=2)
+def test_shapes_and_tokens_per_image(H, W, k, fold):
+    u = patcher(k, blocks=2, fold=fold)
     x, t = torch.randn(2, 3, H, W), torch.tensor([10.0, 900.0])
     tokens, skips = u.embed(x, t)
     assert tokens.shape == (2, u.tokens_per_image(H, W), 16) and u.tokens_per_image(H, W) == (H // k) * (
         W // k
     )
-    assert [f.shape[-2:] for f in skips.features] == [(H >> i, W >> i) for i in range(u.levels)]
+    assert u.levels == (k // fold).bit_length() - 1  # model.unet_fold drops the levels finer than H / fold
+    assert [f.shape[-2:] for f in skips.features] == [
+        (H // fold >> i, W // fold >> i) for i in range(u.levels)
+    ]
     assert u.predict(tokens, H, W, skips).shape == x.shape
+
+
+def test_folded_unet_sees_and_draws_every_pixel():
+    """With model.unet_fold=2 every pixel of a 2x2 block enters through its own channel and leaves
+    through its own output channel: perturbing any one input pixel moves the output at all four
+    positions of its block, and in each of the three color channels."""
+    u = patcher(8, fold=2).eval()
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([500.0])
+    with torch.no_grad():
+        ref = run(u, x, t)
+        for dy in (0, 1):
+            for dx in (0, 1):
+                moved = x.clone()
+                moved[0, 1, 6 + dy, 6 + dx] += 1.0
+                block = (run(u, moved, t) - ref)[0, :, 6:8, 6:8].abs()  # (C, 2, 2)
+                assert (block > 1e-5).all(), f"pixel offset ({dy}, {dx}) is lost in the fold"
 
 
 def test_every_skip_reaches_the_output():
@@ -88,9 +118,9 @@ def test_pooled_conditioning_is_an_added_path():
         assert (moved.abs().flatten(1).max(dim=1).values > 1e-3).all()
 
 
-@pytest.mark.parametrize("pooled", [False, True])
-def test_gradient_reaches_every_parameter(pooled):
-    u = patcher(4, blocks=2, pooled=pooled)
+@pytest.mark.parametrize("pooled, fold", [(False, 1), (True, 1), (True, 2)])
+def test_gradient_reaches_every_parameter(pooled, fold):
+    u = patcher(4, blocks=2, pooled=pooled, fold=fold)
     run(u, torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0])).pow(2).mean().backward()
     silent = [n for n, p in u.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert not silent
@@ -149,6 +179,8 @@ def test_cached_sampling_equals_recompute(tok):
         ("model.patcher=conv", "model.patcher"),
         ("model.patch_size=12", "power of 2"),
         ("model.unet_blocks=0", "model.unet_blocks"),
+        ("model.unet_fold=3", "model.unet_fold"),
+        ("model.unet_fold=8", "model.unet_fold"),
     ],
 )
 def test_bad_unet_config_names_the_key(override, message):

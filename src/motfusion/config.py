@@ -41,6 +41,7 @@ class ModelConfig:
     unet_channels: int = 32  # the U-Net's width at full resolution (doubles per level, up to 4x)
     unet_blocks: int = 1  # residual blocks per resolution, in each of the down and up paths
     unet_pooled: bool = False  # the image's mean hidden state conditions every up block (with the timestep)
+    unet_fold: int = 1  # f > 1: f x f pixels folded into channels first; the U-Net starts at 1/f resolution
     # A fixed 2D sin-cos embedding of each patch's row and column, added to the image tokens (DiT). Saved
     # configs from before it existed load with False (Config.from_dict), so their weights mean the same.
     grid_pos: bool = True
@@ -114,6 +115,12 @@ class ModelConfig:
                 self.unet_channels > 0 and self.unet_blocks > 0,
                 "model.unet_channels and model.unet_blocks must be positive",
             )
+            _check(
+                self.unet_fold > 0
+                and self.unet_fold & (self.unet_fold - 1) == 0
+                and self.unet_fold <= self.patch_size,
+                f"model.unet_fold={self.unet_fold} must be a power of 2 up to model.patch_size={self.patch_size}",
+            )
         _check("text" in self.towers, "model.towers must map the 'text' modality to a tower")
         _check(
             "text" not in self.vocab_sizes and all(n > 0 for n in self.vocab_sizes.values()),
@@ -181,6 +188,10 @@ class DataConfig:
     caption_first_prob: float = 0.8  # else the image comes first (captioning)
     max_objects: int = 3
     single_object_prob: float = 0.5
+    # shapes: the chance that a caption states an object's size, and its position where one is clear.
+    # The evaluation's prompts and captions keep 0.5 (evaluation/shapes_suite.py).
+    caption_size_prob: float = 0.5
+    caption_position_prob: float = 0.5
     # User data (manifest:PATH, folder:PATH): checked once before training, see data/user.py.
     on_bad_sample: str = "error"  # error: stop naming the first bad file; skip: train on the rest
     val_fraction: float = 0.05  # share of samples held out for val, chosen by a hash of each sample
@@ -197,6 +208,8 @@ class DataConfig:
         _check_types(self, "data")
         _check(self.max_objects > 0, "data.max_objects must be positive")
         _check(0.0 <= self.single_object_prob <= 1.0, "data.single_object_prob must be in [0, 1]")
+        for key in ("caption_size_prob", "caption_position_prob"):
+            _check(0.0 <= getattr(self, key) <= 1.0, f"data.{key} must be in [0, 1]")
         _check(
             bool(self.dataset), "data.dataset must name a dataset, e.g. shapes"
         )  # resolved in data.pipeline

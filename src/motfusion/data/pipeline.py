@@ -58,6 +58,8 @@ def _shapes(cfg: Config, split: str, arg: str) -> Dataset:
         split=split,
         max_objects=d.max_objects,
         single_object_prob=d.single_object_prob,
+        size_prob=d.caption_size_prob,
+        position_prob=d.caption_position_prob,
     )
 
 

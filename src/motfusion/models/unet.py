@@ -25,7 +25,9 @@ from motfusion.models.adapters import TimestepEmbedding
 
 @dataclass
 class Skips:
-    features: list[torch.Tensor]  # level i: (N, C_i, H / 2^i, W / 2^i), for every level above the patch grid
+    features: list[
+        torch.Tensor
+    ]  # level i: (N, C_i, H / (f 2^i), W / (f 2^i)), each level above the patch grid
     time: torch.Tensor  # (N, E) the conditioning every block reads
 
 
@@ -70,22 +72,36 @@ class Level(nn.Module):
 class UNetPatcher(nn.Module):
     """Same interface as LinearPatcher, except that `embed` also returns the `Skips` that `predict` takes.
 
-    Level i works at resolution H / 2^i with width `width * 2^min(i, 2)`; level log2(k) is the patch grid.
+    A level at resolution H / 2^j has width `width * 2^min(j, 2)`; resolution H / k is the patch grid.
+    With `fold` f > 1 each f x f block of pixels is folded into channels first (pixel unshuffle) and
+    unfolded from the output: the same U-Net without its levels finer than H / f, which on 32px
+    images are the most expensive ones.
     """
 
     def __init__(
-        self, *, channels: int, patch_size: int, dim: int, width: int, blocks: int, pooled: bool = False
+        self,
+        *,
+        channels: int,
+        patch_size: int,
+        dim: int,
+        width: int,
+        blocks: int,
+        pooled: bool = False,
+        fold: int = 1,
     ):
         super().__init__()
         if patch_size < 1 or patch_size & (patch_size - 1):
             raise ValueError(f"the U-Net patcher needs a power-of-2 model.patch_size, got {patch_size}")
-        self.k, self.channels = patch_size, channels
-        self.levels = patch_size.bit_length() - 1
-        widths = [width * 2 ** min(i, 2) for i in range(self.levels + 1)]
+        if fold < 1 or fold & (fold - 1) or fold > patch_size:
+            raise ValueError(f"the U-Net's fold must be a power of 2 up to model.patch_size, got {fold}")
+        self.k, self.channels, self.fold = patch_size, channels, fold
+        first = fold.bit_length() - 1  # log2 of the first level's downsampling
+        self.levels = patch_size.bit_length() - 1 - first
+        widths = [width * 2 ** min(j, 2) for j in range(first, first + self.levels + 1)]
         time_dim = 4 * width
         self.time = TimestepEmbedding(time_dim)
 
-        self.stem = nn.Conv2d(channels, widths[0], 3, padding=1)
+        self.stem = nn.Conv2d(channels * fold**2, widths[0], 3, padding=1)
         self.down = nn.ModuleList(Level(c, c, blocks, time_dim) for c in widths)
         self.downsample = nn.ModuleList(
             nn.Conv2d(a, b, 3, stride=2, padding=1) for a, b in zip(widths, widths[1:])
@@ -108,7 +124,9 @@ class UNetPatcher(nn.Module):
             for a, b in zip(widths, widths[1:])
         )
         self.out_norm = group_norm(widths[0])
-        self.proj_out = nn.Conv2d(widths[0], channels, 3, padding=1)  # zero-initialised by the model
+        self.proj_out = nn.Conv2d(
+            widths[0], channels * fold**2, 3, padding=1
+        )  # zero-initialised by the model
 
     def tokens_per_image(self, height: int, width: int) -> int:
         return (height // self.k) * (width // self.k)
@@ -116,13 +134,13 @@ class UNetPatcher(nn.Module):
     def embed(self, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, Skips]:
         """x_t: (N, C, H, W) noisy images, t: (N,) -> tokens (N, L, D) in raster order, and the skips."""
         time = F.silu(self.time(t))  # (N, E)
-        x = self.stem(x_t)  # (N, C_0, H, W)
+        x = self.stem(F.pixel_unshuffle(x_t, self.fold))  # (N, C_0, H / f, W / f)
         features = []
         for i, level in enumerate(self.down):
-            x = level(x, time)  # (N, C_i, H / 2^i, W / 2^i)
+            x = level(x, time)  # (N, C_i, H / (f 2^i), W / (f 2^i))
             if i < self.levels:
                 features.append(x)
-                x = self.downsample[i](x)  # (N, C_i+1, H / 2^(i+1), W / 2^(i+1))
+                x = self.downsample[i](x)  # (N, C_i+1, H / (f 2^(i+1)), W / (f 2^(i+1)))
         tokens = self.to_tokens(x).flatten(2).transpose(1, 2)  # (N, H/k * W/k, D)
         return tokens + self.time_to_tokens(time)[:, None, :], Skips(features, time)
 
@@ -133,6 +151,6 @@ class UNetPatcher(nn.Module):
         x = h.transpose(1, 2).reshape(N, D, height // self.k, width // self.k)  # (N, D, H/k, W/k)
         x = self.up[self.levels](self.from_tokens(x), time)  # (N, C_n, H/k, W/k) at the patch grid
         for i in reversed(range(self.levels)):
-            x = self.upsample[i](x)  # (N, C_i, H / 2^i, W / 2^i)
+            x = self.upsample[i](x)  # (N, C_i, H / (f 2^i), W / (f 2^i))
             x = self.up[i](torch.cat((x, skips.features[i]), dim=1), time)
-        return self.proj_out(F.silu(self.out_norm(x)))  # (N, C, H, W)
+        return F.pixel_shuffle(self.proj_out(F.silu(self.out_norm(x))), self.fold)  # (N, C, H, W)
