@@ -59,6 +59,8 @@ levers() {  # 1,400 steps each, on the recipe with grid positions (make demo's o
     demo detail08_ilw15 1400 data.caption_size_prob=0.8 data.caption_position_prob=0.8 objective.image_loss_weight=15
     demo pos1 1400 data.caption_position_prob=1.0
     demo pos1_ilw15 1400 data.caption_position_prob=1.0 objective.image_loss_weight=15
+    demo size08_s0 1400 data.caption_size_prob=0.8
+    demo size08_s1 1400 data.caption_size_prob=0.8 train.seed=1
 }
 
 long() {
@@ -66,7 +68,7 @@ long() {
 }
 
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
-    for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2; do
+    for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
         [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
     done
     [ -f "$R/f_cap70/eval_n256_raw.json" ] || $M eval --ckpt "$R/f_cap70" --n 256 --val-batches 2 --raw-weights \
