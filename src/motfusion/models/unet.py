@@ -25,9 +25,8 @@ from motfusion.models.adapters import TimestepEmbedding
 
 @dataclass
 class Skips:
-    features: list[
-        torch.Tensor
-    ]  # level i: (N, C_i, H / (f 2^i), W / (f 2^i)), each level above the patch grid
+    # level i: (N, C_i, H / (f 2^i), W / (f 2^i)), for every level above the patch grid
+    features: list[torch.Tensor]
     time: torch.Tensor  # (N, E) the conditioning every block reads
 
 
@@ -124,9 +123,8 @@ class UNetPatcher(nn.Module):
             for a, b in zip(widths, widths[1:])
         )
         self.out_norm = group_norm(widths[0])
-        self.proj_out = nn.Conv2d(
-            widths[0], channels * fold**2, 3, padding=1
-        )  # zero-initialised by the model
+        # Zero-initialised by the model; its f^2 output channels per color are unfolded into pixels.
+        self.proj_out = nn.Conv2d(widths[0], channels * fold**2, 3, padding=1)
 
     def tokens_per_image(self, height: int, width: int) -> int:
         return (height // self.k) * (width // self.k)
