@@ -5,13 +5,15 @@
 # tables. The screening rows were run with the recipe of their time (the demo recipe then was
 # `small`); the overrides below reproduce them on top of today's demo recipe. OLD is what the rows of
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
-# that state positions half the time (PREV, which the grid and levers rows add).
+# that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
+# CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
 #   benchmarks/demo_sweep.sh screen | full | seeds | grid | levers | long | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
 demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false "$@"; }
-PREV="data.caption_position_prob=0.5"               # the recipe before descriptive captions
+FP32="train.precision=fp32"                        # the recipe before train.precision=auto
+PREV="data.caption_position_prob=0.5 $FP32"         # ... and before descriptive captions
 OLD="model.grid_pos=false $PREV"
 LINEAR="$OLD model.patcher=linear model.unet_pooled=false data.caption_first_prob=0.8"
 UNET="$OLD data.caption_first_prob=0.8 train.ema=0.99"
@@ -33,11 +35,13 @@ full() {
     demo f_cap70_ln 1100 $OLD objective.flow_timesteps=logit_normal
 }
 
-seeds() {  # the recipe of its time (seed 0: f_cap70), and today's (seed 0: make demo's runs/demo)
+seeds() {  # the recipes of their time (seed 0: f_cap70; make demo's) and today's (seed 0: runs/demo)
     demo seed1 1100 $OLD train.seed=1
     demo seed2 1100 $OLD train.seed=2
-    demo demo_seed1 1400 train.seed=1
-    demo demo_seed2 1400 train.seed=2
+    demo demo_seed1 1400 train.seed=1 $FP32
+    demo demo_seed2 1400 train.seed=2 $FP32
+    demo bf16_seed1 2000 train.seed=1
+    demo bf16_seed2 2000 train.seed=2
 }
 
 grid() {  # equal training time: steps scaled by each setting's step time alone (711 ms at patch 8)
@@ -54,13 +58,13 @@ levers() {  # 1,400 steps each, on the recipe with grid positions (make demo's o
     demo lr4 1400 train.lr=4e-3 $PREV
     demo lr1 1400 train.lr=1e-3 train.min_lr=5e-5 $PREV
     demo fold2 2030 model.unet_fold=2 $PREV  # 0.69 of the step time; stopped at step 1,060
-    demo detail 1400 data.caption_size_prob=1.0 data.caption_position_prob=1.0
-    demo detail08 1400 data.caption_size_prob=0.8 data.caption_position_prob=0.8
-    demo detail08_ilw15 1400 data.caption_size_prob=0.8 data.caption_position_prob=0.8 objective.image_loss_weight=15
-    demo pos1 1400 data.caption_position_prob=1.0
-    demo pos1_ilw15 1400 data.caption_position_prob=1.0 objective.image_loss_weight=15
-    demo size08_s0 1400 data.caption_size_prob=0.8
-    demo size08_s1 1400 data.caption_size_prob=0.8 train.seed=1
+    demo detail 1400 data.caption_size_prob=1.0 data.caption_position_prob=1.0 $FP32
+    demo detail08 1400 data.caption_size_prob=0.8 data.caption_position_prob=0.8 $FP32
+    demo detail08_ilw15 1400 data.caption_size_prob=0.8 data.caption_position_prob=0.8 objective.image_loss_weight=15 $FP32
+    demo pos1 1400 data.caption_position_prob=1.0 $FP32
+    demo pos1_ilw15 1400 data.caption_position_prob=1.0 objective.image_loss_weight=15 $FP32
+    demo size08_s0 1400 data.caption_size_prob=0.8 $FP32
+    demo size08_s1 1400 data.caption_size_prob=0.8 train.seed=1 $FP32
 }
 
 long() {
@@ -68,7 +72,7 @@ long() {
 }
 
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
-    for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
+    for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 bf16_seed1 bf16_seed2 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
         [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
     done
     [ -f "$R/f_cap70/eval_n256_raw.json" ] || $M eval --ckpt "$R/f_cap70" --n 256 --val-batches 2 --raw-weights \

@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,10 +19,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import random_batch
 from torch.distributed.tensor import DTensor
 
 from motfusion.data.pipeline import make_packer
 from motfusion.errors import ConfigError
+from motfusion.models.attention import DocumentBuckets, SeqMeta, attend, dense_mask, document_buckets
+from motfusion.models.layers import RMSNorm
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
 from motfusion.recipes import get_recipe
@@ -38,7 +42,7 @@ from motfusion.training.checkpoint import (
 )
 from motfusion.training.distributed import World, locate
 from motfusion.training.logging import read_metrics
-from motfusion.training.parallelize import parallel_mode, parallelize
+from motfusion.training.parallelize import autocast, parallel_mode, parallelize, resolve_precision
 from motfusion.training.trainer import build_optimizer, train, train_step
 
 STEPS = [
@@ -400,3 +404,63 @@ def test_bf16_autocast_trains_on_cpu(tok):
     assert seen == [torch.bfloat16]
     assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 for p in bf16.parameters())
     assert stats[1]["loss"] == pytest.approx(stats[0]["loss"], rel=1e-2)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "documents"])
+def test_attention_stays_fp32_on_cpu_under_bf16_autocast(tok, backend):
+    """CPU bf16 autocast: attention computes in fp32 on the bf16 q, k, v (torch's bf16 CPU flash
+    attention is ten times slower backward) and returns bf16; the same numbers as fp32 attention."""
+    batch = random_batch(tok, seed=0)
+    B, T = batch.shape
+    meta = SeqMeta(batch.doc, batch.image, torch.arange(T).expand(B, T))
+    mask = (
+        document_buckets(meta, True, min_saving=1.0)
+        if backend == "documents"
+        else dense_mask(meta, meta, True)
+    )
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, 2, T, 8, generator=gen).bfloat16().requires_grad_() for _ in range(3))
+
+    def run(q, k, v):
+        if isinstance(mask, DocumentBuckets):  # positions flat: (N, H, hd)
+            flat = [t.transpose(1, 2).reshape(B * T, 2, 8) for t in (q, k, v)]
+            return mask.attend(*flat).view(B, T, 2, 8).transpose(1, 2)
+        return attend(q, k, v, mask)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = run(q, k, v)
+    y.float().square().sum().backward()
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, run(q.float(), k.float(), v.float()).bfloat16(), rtol=0, atol=0)
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_precision_auto_is_bf16_only_where_bf16_is_fast(monkeypatch):
+    """train.precision=auto: bf16 on a CPU with AMX, fp32 on one without (there bf16 is 1.1-11 times
+    slower than fp32); fp32 and bf16 stay as they are, and other values are a config error."""
+    cpu = torch.device("cpu")
+    for amx, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert resolve_precision("auto", cpu) == expected
+        assert autocast("auto", cpu).fast_dtype == torch.bfloat16
+        with autocast("auto", cpu):
+            assert torch.is_autocast_enabled("cpu") == (expected == "bf16")
+        assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    cfg = get_recipe("debug")
+    cfg.train.precision = "fp16"
+    with pytest.raises(ConfigError, match="choose fp32, bf16 or auto"):
+        cfg.validate()
+
+
+def test_rms_norm_computes_in_fp32_and_returns_the_input_dtype():
+    """Under bf16 autocast the norms read a matmul's bf16 output: RMSNorm upcasts (no mixed-dtype
+    warning from torch's unfused fallback) and hands back bf16, equal to the fp32 norm rounded."""
+    norm = RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        y = norm(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, norm(x.float()).bfloat16(), rtol=0, atol=0)

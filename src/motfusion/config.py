@@ -286,7 +286,9 @@ class TrainConfig(TrackingConfig):
     tensorboard: bool = True  # event files beside metrics.jsonl (the other tracking keys: TrackingConfig)
     # Several processes (torchrun): batch_size is the GLOBAL batch, split evenly over the ranks.
     parallel: str = "auto"  # auto: ddp with several processes, none with one; or ddp, fsdp (FSDP2)
-    precision: str = "fp32"  # or bf16: forward and loss under bfloat16 autocast (CUDA and CPU)
+    # or bf16: forward and loss under bfloat16 autocast (CUDA and CPU); auto: bf16 where it is fast
+    # (CUDA with bf16, a CPU with AMX), else fp32 (training/parallelize.py has the measurements)
+    precision: str = "fp32"
     activation_checkpointing: bool = False  # recompute each block's activations in backward
     compile: bool = False  # torch.compile each block's forward
 
@@ -320,7 +322,10 @@ class TrainConfig(TrackingConfig):
             self.parallel in ("auto", "none", "ddp", "fsdp"),
             f"train.parallel={self.parallel!r}: choose auto, none, ddp or fsdp",
         )
-        _check(self.precision in ("fp32", "bf16"), f"train.precision={self.precision!r}: choose fp32 or bf16")
+        _check(
+            self.precision in ("fp32", "bf16", "auto"),
+            f"train.precision={self.precision!r}: choose fp32, bf16 or auto",
+        )
         self.check_tracking()
 
 

@@ -121,7 +121,7 @@ class DocumentBuckets:
         ys = []
         for (n, L), mask, qkv in zip(self.sizes, self.masks, buckets):
             qb, kb, vb = (t.view(n, L, H, hd).transpose(1, 2) for t in qkv)  # (n, H, L, hd)
-            y = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask.to(qb.dtype))  # (n, H, L, hd)
+            y = sdpa(qb, kb, vb, mask)  # (n, H, L, hd)
             ys.append(y.transpose(1, 2).reshape(n * L, H, hd))
         y = torch.cat(ys) if len(ys) > 1 else ys[0]  # (S, H, hd)
         return y if self.identity else gather_rows(y, self.dst, self.src)  # (N, H, hd)
@@ -216,7 +216,22 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Any) -> torc
     (DocumentBuckets take the positions flat: see `DocumentBuckets.attend`.)"""
     if isinstance(mask, BlockMask):
         return _flex(q, k, v, mask)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return sdpa(q, k, v, mask)
+
+
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """F.scaled_dot_product_attention with a bool or additive float mask; on CPU always in fp32, even
+    under bf16 autocast (train.precision=bf16), returning q's dtype. torch 2.13's CPU flash attention
+    is about ten times slower backward in bf16 than in fp32 (demo step, torch profiler), and attention
+    is a small share of the FLOPs; the matmuls and convolutions around it keep bf16's speed."""
+    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
+        mask = mask.to(q.dtype) if mask.is_floating_point() else mask
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    with torch.autocast("cpu", enabled=False):
+        y = F.scaled_dot_product_attention(
+            q.float(), k.float(), v.float(), attn_mask=mask.float() if mask.is_floating_point() else mask
+        )
+    return y.to(q.dtype)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

@@ -14,7 +14,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        """In fp32 whatever x's dtype (under bf16 autocast a matmul's output is bf16), returned as x's."""
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight, self.eps).type_as(x)
 
 
 class SwiGLU(nn.Module):

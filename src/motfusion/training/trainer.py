@@ -73,7 +73,7 @@ from motfusion.training.files import RunLock, check_writable_dir, write_json
 from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
 from motfusion.training.logging import TrainLogger
 from motfusion.training.loop import cosine_lr
-from motfusion.training.parallelize import autocast, parallel_mode, parallelize
+from motfusion.training.parallelize import autocast, parallel_mode, parallelize, resolve_precision
 from motfusion.training.signals import StopSignal
 
 
@@ -591,7 +591,8 @@ def _describe(run: Run, cfg: Config, run_dir: Path) -> str:
     return (
         f"recipe {cfg.recipe}: {m.num_params() / 1e6:.2f}M params ({m.num_params(non_embedding=True) / 1e6:.2f}M "
         f"non-embedding), untie={','.join(cfg.model.untie) or 'none'} | device {run.device}{ranks} | "
-        f"{t.precision}{''.join(', ' + e for e in extras)} | {t.batch_size}x{t.seq_len} tokens/step"
+        f"{resolve_precision(t.precision, run.device)}{''.join(', ' + e for e in extras)} | "
+        f"{t.batch_size}x{t.seq_len} tokens/step"
         + (f" ({t.batch_size // W} rows per rank)" if W > 1 else "")
         + f" | {t.steps} steps -> {run_dir}"
     )
