@@ -84,8 +84,8 @@ def demo() -> Config:
     30% of the documents put the image first (captioning), not Transfusion's 20%. Every caption
     states an object's position when it is clearly in one region (data.caption_position_prob=1, not
     0.5): stated positions right 0.18 -> 0.66. train.precision=auto trains in bf16 where the CPU has
-    AMX (0.73 of fp32's step time; fp32 elsewhere, where bf16 is slower): 2,000 steps is what fits
-    in the 15 minutes beside set-up and evaluation.
+    AMX (about 0.8 of fp32's step time; fp32 elsewhere, where bf16 is slower). 1,500 steps is what
+    fits in the 15 minutes beside set-up and evaluation on a slow day of the 2-core host.
     """
     return Config(
         model=ModelConfig(
@@ -96,7 +96,7 @@ def demo() -> Config:
             image_size=32, tokenizer="bpe:512", caption_first_prob=0.7, caption_position_prob=1.0
         ),
         train=TrainConfig(
-            steps=2000,
+            steps=1500,
             batch_size=8,
             seq_len=320,
             lr=2e-3,
