@@ -45,3 +45,16 @@ def test_saved_activation_count_is_exact():
     mem = bench.memory_mb(model, lambda: model(x).sum().backward(), opt)
     assert mem["saved_activations_mb"] == pytest.approx(16 * 8 * 4 / 2**20)
     assert mem["weights_mb"] == pytest.approx(8 * 4 * 4 / 2**20)
+
+
+def test_precision_bench_writes_its_rows(tmp_path, monkeypatch):
+    """benchmarks/precision.py: one instruction-set row, measured in a child process, in the JSON."""
+    import precision
+
+    monkeypatch.setattr(precision, "ISAS", {"AVX-512": "AVX512_CORE"})
+    precision.main(["--repeats", "1", "--warmup", "0", "--threads", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "precision.json").read_text())
+    (row,) = saved["results"]
+    assert row["isa"] == "AVX-512" and row["fp32"] > 0 and row["bf16"] > 0
+    assert row["bf16_over_fp32"] == round(row["bf16"] / row["fp32"], 3)
+    assert saved["auto_on_this_cpu"] == ("bf16" if saved["amx"] else "fp32")

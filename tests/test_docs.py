@@ -97,6 +97,7 @@ SKIP = {  # pattern (re.match on the line) -> why it does not run here
     r"apt-get ": "installs system packages (the Makefile's debs target does it for the tests)",
     r"make (demo|test|bench)\b": "`motfusion demo` runs here instead; the tests are this suite; tests/test_bench.py runs the bench",
     r"benchmarks/reproduce\.sh": "hours of runs: every result behind docs/RESULTS.md",
+    r"\.venv/bin/python benchmarks/precision\.py": "minutes of timing; tests/test_bench.py runs one row",
 }
 KNOWN_FAILURES: dict[str, str] = {}  # a documented line that fails because of the code -> the failure
 
