@@ -436,8 +436,8 @@ def test_attention_stays_fp32_on_cpu_under_bf16_autocast(tok, backend):
 
 
 def test_precision_auto_is_bf16_only_where_bf16_is_fast(monkeypatch):
-    """train.precision=auto: bf16 on a CPU with AMX, fp32 on one without (there bf16 is 1.1-11 times
-    slower than fp32); fp32 and bf16 stay as they are, and other values are a config error."""
+    """train.precision=auto: bf16 on a CPU with AMX, fp32 on one without (there bf16 takes 0.97-11
+    times fp32's step time); fp32 and bf16 stay as they are, and other values are a config error."""
     cpu = torch.device("cpu")
     for amx, expected in ((True, "bf16"), (False, "fp32")):
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)

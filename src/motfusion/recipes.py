@@ -84,9 +84,9 @@ def demo() -> Config:
     30% of the documents put the image first (captioning), not Transfusion's 20%. Every caption
     states an object's position when it is clearly in one region (data.caption_position_prob=1, not
     0.5): stated positions right 0.18 -> 0.66. train.precision=auto trains in bf16 where the CPU has
-    AMX (about 0.8 of fp32's step time; fp32 elsewhere, where bf16 is slower). 1,400 steps is what
-    fits in the 15 minutes beside set-up and evaluation on a slow day of the 2-core host (0.54 s per
-    step in bf16; 1,500 steps took 15 min 14 s).
+    AMX (about 0.84 of fp32's step time over a run; fp32 elsewhere, where bf16 is slower). 1,400
+    steps is what fits in the 15 minutes beside set-up and evaluation on a slow day of the 2-core
+    host (0.54 s per step in bf16; 1,500 steps took 15 min 14 s).
     """
     return Config(
         model=ModelConfig(

@@ -29,10 +29,10 @@ each rank's loss is its share of the global mean (objectives.GlobalBatch).
 
 Precision (train.precision=bf16) is torch.autocast(bfloat16) around forward and loss, the same for
 every mode and device: weights, gradients, their reduction and the optimizer stay fp32. On CPU it
-pays only with AMX (Intel Sapphire Rapids and later): the demo step takes 0.73 of fp32's time there,
-but 2.0 times it with AVX-512 alone, 1.1 with AVX512-BF16 and 11 with AVX2 (oneDNN limited by
-ONEDNN_MAX_CPU_ISA), so train.precision=auto (the demo recipes) takes bf16 only where it is fast:
-a CPU with AMX, or a CUDA device with bf16. FSDP's own bf16 parameter casting is not
+pays only with AMX (Intel Sapphire Rapids and later): the demo step takes 0.69 of fp32's time there
+(about 0.84 over whole runs), against 0.97 with AVX512-BF16, 1.8 with AVX-512 alone and 11 with
+AVX2 (benchmarks/precision.py: oneDNN limited by ONEDNN_MAX_CPU_ISA), so train.precision=auto (the
+demo recipes) takes bf16 only where it is fast: a CPU with AMX, or a CUDA device with bf16. FSDP's own bf16 parameter casting is not
 used: it casts every floating input of the model, the diffusion timesteps included (999 rounds to
 1000 in bf16), while the model keeps timesteps, RoPE angles and norms in fp32 on purpose.
 """
