@@ -98,13 +98,14 @@ def interleaved_ms(fns: dict[str, Callable[[], object]], warmup: int, repeats: i
 
 @dataclass
 class Setup:
-    """A model ready to train on fixed batches: `step` is a full update, `forward_backward` the model's part."""
+    """A model ready to train on fixed batches: `step` is a full update (fp32 unless given a
+    train.precision), `forward_backward` the model's part."""
 
     cfg: Config
     model: TransfusionModel
     optimizer: torch.optim.Optimizer
     batches: list[Batch]
-    step: Callable[[], object]
+    step: Callable[..., object]
     forward_backward: Callable[[], object]
 
 
@@ -131,8 +132,15 @@ def setup(recipe: str, overrides: list[str], modalities: int = 2, batches: int =
         model.zero_grad(set_to_none=True)
         objective(model, batch(), generator, None)[0].backward()
 
-    step = lambda: train_step(
-        model, objective, optimizer, batch(), generator, cfg.train.lr, cfg.train.grad_clip
+    step = lambda precision="fp32": train_step(
+        model,
+        objective,
+        optimizer,
+        batch(),
+        generator,
+        cfg.train.lr,
+        cfg.train.grad_clip,
+        precision=precision,
     )
     return Setup(cfg, model, optimizer, data, step, forward_backward)
 

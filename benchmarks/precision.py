@@ -24,16 +24,10 @@ from pathlib import Path
 
 import torch
 
-from motfusion.data.pipeline import make_packer
-from motfusion.models.transfusion import TransfusionModel
-from motfusion.objectives import TransfusionObjective
-from motfusion.recipes import get_recipe
-from motfusion.tokenizer import build_tokenizer
 from motfusion.training.parallelize import resolve_precision
-from motfusion.training.trainer import build_optimizer, train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import machine  # noqa: E402
+from bench import machine, setup  # noqa: E402
 
 # oneDNN's names, newest first; "" leaves oneDNN the whole CPU
 ISAS = {"AMX": "", "AVX512-BF16": "AVX512_CORE_BF16", "AVX-512": "AVX512_CORE", "AVX2": "AVX2"}
@@ -41,22 +35,16 @@ BATCHES = 4
 
 
 def measure(warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms of a demo-recipe train step in fp32 and in bf16: blocks of BATCHES steps, one block
-    of each precision in turn (step by step alternation read bf16 faster than whole runs do)."""
-    cfg = get_recipe("demo").override(["data.tokenizer=bytes"])  # bpe:N is trained with a run
-    tok = build_tokenizer(cfg.data.tokenizer)
-    torch.manual_seed(0)
-    model = TransfusionModel(cfg.model, tok.vocab_size)
-    objective, optimizer = TransfusionObjective(cfg.objective), build_optimizer(model, cfg.train)
-    packer = make_packer(cfg, tok)
-    batches = [packer.next_batch() for _ in range(BATCHES)]
-    generator = torch.Generator().manual_seed(0)
+    """Median ms of a demo-recipe train step in fp32 and in bf16: blocks of BATCHES steps (the setup
+    rotates through its batches), one block of each precision in turn (step by step alternation read
+    bf16 faster than whole runs do)."""
+    step = setup("demo", [], batches=BATCHES).step
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for block in range(warmup + repeats):
         for precision, kept in times.items():
-            for batch in batches:
+            for _ in range(BATCHES):
                 start = time.perf_counter()
-                train_step(model, objective, optimizer, batch, generator, 1e-4, 1.0, precision=precision)
+                step(precision)
                 if block >= warmup:
                     kept.append(time.perf_counter() - start)
     return {precision: 1e3 * statistics.median(kept) for precision, kept in times.items()}

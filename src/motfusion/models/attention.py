@@ -224,14 +224,13 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) 
     under bf16 autocast (train.precision=bf16), returning q's dtype. torch 2.13's CPU flash attention
     is about ten times slower backward in bf16 than in fp32 (demo step, torch profiler), and attention
     is a small share of the FLOPs; the matmuls and convolutions around it keep bf16's speed."""
-    if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
-        mask = mask.to(q.dtype) if mask.is_floating_point() else mask
+    upcast = q.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+    if mask.is_floating_point():
+        mask = mask.to(torch.float32 if upcast else q.dtype)
+    if not upcast:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     with torch.autocast("cpu", enabled=False):
-        y = F.scaled_dot_product_attention(
-            q.float(), k.float(), v.float(), attn_mask=mask.float() if mask.is_floating_point() else mask
-        )
-    return y.to(q.dtype)
+        return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask).to(q.dtype)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
