@@ -45,8 +45,8 @@ modalities() {
     train "$R/fashion" fashion
     [ -f runs/speech-data/dataset.json ] || $M make-speech-data --out runs/speech-data --n 3000
     [ -d runs/speech-data/tokenizer ] || $M train-speech-tokenizer --data runs/speech-data
-    train "$R/speech" speech-demo
-    train "$R/speech-dense" speech-demo model.untie=
+    train "$R/speech" speech-mixed
+    train "$R/speech-dense" speech-mixed model.untie=
     train "$R/loo-text-image" loo-text-image
     train "$R/loo-image-speech" loo-image-speech
     [ -f runs/vq-shapes32/weights.safetensors ] || $M train-vq --dataset shapes --out runs/vq-shapes32

@@ -1,6 +1,7 @@
 """The speech judge: CTC decoding, WER, padding invariance, a tiny training, save/load, its CLI."""
 
 import json
+import shutil
 
 import jiwer
 import pytest
@@ -173,6 +174,15 @@ def test_the_speech_suite_asks_the_datasets_judge(judge_dir, speech_data, tmp_pa
     assert main(args) == 0
     metrics = json.loads((run / "eval_speech.json").read_text())
     assert metrics["speech_tts_wer_judge"] >= 0 and metrics["speech_tts_cer_judge"] >= 0
+    # --judge names another recogniser: the same one elsewhere reads the same; a codec is refused
+    copy = tmp_path / "judge-copy"
+    shutil.copytree(judge_dir, copy)
+    again = ["--judge", str(copy), "--out", str(tmp_path / "again.json"), "--val-batches", "0"]
+    assert main([*args, *again]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())
+    assert again["speech_tts_wer_judge"] == metrics["speech_tts_wer_judge"]
+    assert "val_loss" in metrics and "val_loss" not in again  # --val-batches 0: the suite alone
+    assert main([*args, "--judge", str(speech_data / "tokenizer")]) == 2
 
 
 def test_eval_speech_codec_prints_the_judges_table(judge_dir, speech_data, capsys):  # noqa: F811

@@ -122,9 +122,11 @@ def write_html(
     i2t: list[dict],
     forms: dict[str, float] | None = None,
     edits: list[dict] | None = None,
+    speech: dict[str, list[dict]] | None = None,
 ) -> Path:
     """index.html beside loss.png and samples.png; t2i rows: {prompt, files, ok}; i2t: {file, truth, caption, ok};
-    `forms`: geneval per caption form; `edits` rows: {instruction, files (source, output, target), ok}."""
+    `forms`: geneval per caption form; `edits` rows: {instruction, files (source, output, target), ok};
+    `speech`: {"tts": [{prompt, file, heard, ok}], "stt": [{file, truth, transcript, ok}]}, audio files."""
     esc = html.escape
     mark = lambda ok: "&#10003;" if ok else "&#10007;"
     summary = "".join(
@@ -169,7 +171,36 @@ satisfying every clause of the prompt.</p><table>{per_form}</table>
 <h2>Image to text</h2><p>Held-out image, its true caption, the model's caption (&#10003; when all its clauses match the scene).</p>
 <table><tr><th>image</th><th>true caption</th><th>generated</th></tr>{cap}</table>
 {editing}
+{speech_section(speech) if speech else ""}
 </body></html>"""
     path = out / "index.html"
     path.write_text(page)
     return path
+
+
+def speech_section(speech: dict[str, list[dict]]) -> str:
+    """The page's speech part: text to speech with the judge's reading, speech to text."""
+    esc = html.escape
+    mark = lambda ok: "&#10003;" if ok else "&#10007;"
+    player = lambda f: f"<audio controls preload='none' src='{esc(f)}'></audio>"
+    tts = "".join(
+        f"<tr><td>{esc(r['prompt'])}</td><td>{player(r['file'])}</td><td>{mark(r['ok'])} {esc(r['heard'])}</td></tr>"
+        for r in speech["tts"]
+    )
+    stt = "".join(
+        f"<tr><td>{player(r['file'])}</td><td>{esc(r['truth'])}</td><td>{mark(r['ok'])} {esc(r['transcript'])}</td></tr>"
+        for r in speech["stt"]
+    )
+    said = (
+        "<h2>Text to speech</h2><p>Held-out prompt, the model's speech (units decoded by the codec), and "
+        "what the ASR judge (a separate recogniser trained on real espeak-ng audio) hears in it "
+        "(&#10003; when every word is right).</p><table><tr><th>prompt</th><th>speech</th><th>judge hears</th></tr>"
+        f"{tts}</table>"
+        if tts
+        else ""
+    )
+    return (
+        f"{said}<h2>Speech to text</h2><p>Held-out espeak-ng recording, its text, the model's transcript "
+        "(&#10003; when every word is right).</p><table><tr><th>speech</th><th>text</th><th>transcript</th></tr>"
+        f"{stt}</table>"
+    )

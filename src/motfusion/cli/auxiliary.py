@@ -29,10 +29,9 @@ from motfusion.data.espeak import SOURCES, VOICES, make_speech_data
 from motfusion.data.fashion import FASHION_DIR
 from motfusion.data.pipeline import image_dataset
 from motfusion.errors import ConfigError
-from motfusion.evaluation.asr_judge import codec_table, evaluate_codec, evaluate_judge
+from motfusion.evaluation.asr_judge import codec_table, evaluate_codec, make_judge
 from motfusion.evaluation.classifier import ClassifierConfig, fit_fashion_classifier
 from motfusion.evaluation.clip import ClipConfig, fit_clip
-from motfusion.training.asr_judge import train_asr_judge
 from motfusion.training.files import check_writable_file, write_json
 from motfusion.training.speech_units import train_speech_tokenizer
 from motfusion.training.unit_vocoder import train_unit_vocoder
@@ -170,14 +169,7 @@ def asr_judge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_asr_judge(args: argparse.Namespace) -> None:
-    out = args.out or args.data / JUDGE_SUBDIR
-    judge = train_asr_judge(args.data, out, config_from(args, AsrConfig(), LOOP_FLAGS))
-    metrics = evaluate_judge(judge, args.data)
-    write_json(out / "metrics.json", metrics)
-    print(
-        f"val, real audio ({metrics['n']} utterances): wer_judge {metrics['wer_judge']:.3f} | "
-        f"cer_judge {metrics['cer_judge']:.3f} -> {out / 'metrics.json'}"
-    )
+    make_judge(args.data, args.out or args.data / JUDGE_SUBDIR, config_from(args, AsrConfig(), LOOP_FLAGS))
 
 
 def codec_eval_arguments(p: argparse.ArgumentParser) -> None:

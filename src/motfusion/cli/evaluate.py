@@ -43,7 +43,15 @@ def eval_arguments(p: argparse.ArgumentParser) -> None:
         help="fashion, emoji: a `motfusion train-clip` directory (default runs/clip-SUITE)",
     )
     p.add_argument(
-        "--val-batches", type=int, default=8, help="val batches for the per-modality validation loss"
+        "--judge",
+        type=Path,
+        help="speech: a `motfusion train-asr-judge` directory to read the model's speech (default DATA/asr-judge)",
+    )
+    p.add_argument(
+        "--val-batches",
+        type=int,
+        default=8,
+        help="val batches for the per-modality validation loss (0: none)",
     )
     p.add_argument("--out", type=Path, help="JSON file for the metrics (default: CKPT/eval_SUITE.json)")
     add_device_argument(p)
@@ -59,9 +67,12 @@ def run_eval(args: argparse.Namespace) -> None:
     out = args.out or (args.ckpt if args.ckpt.is_dir() else args.ckpt.parent) / f"eval_{args.suite}.json"
     check_writable_file(out, "--out")  # before the minutes of evaluation, not after
     gen, cfg = load_generator(args.ckpt, device_of(args), samples, ema=not args.raw_weights)
-    options = SuiteOptions(n=args.n, seed=args.seed, classifier=args.classifier, clip=args.clip)
+    options = SuiteOptions(
+        n=args.n, seed=args.seed, classifier=args.classifier, clip=args.clip, judge=args.judge
+    )
     metrics = evaluate(args.suite, gen, cfg, options)
-    metrics.update(validation_losses(gen.model, cfg, gen.tok, n_batches=args.val_batches, seed=args.seed))
+    if args.val_batches:  # 0: the suite's metrics alone
+        metrics.update(validation_losses(gen.model, cfg, gen.tok, n_batches=args.val_batches, seed=args.seed))
     write_json(out, metrics)
     print(json.dumps(metrics, indent=2))
     print(f"wrote {out}")

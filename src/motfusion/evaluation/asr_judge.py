@@ -21,13 +21,15 @@ from pathlib import Path
 
 import torch
 
-from motfusion.codecs.asr import AsrJudge
+from motfusion.codecs.asr import AsrConfig, AsrJudge
 from motfusion.codecs.audio import LogMel, read_wav
 from motfusion.codecs.speech import SpeechTokenizer
 from motfusion.codecs.vocoder import MelVocoder, VocoderConfig
 from motfusion.data.speech import read_speech_data
 from motfusion.errors import DataError
 from motfusion.evaluation.speech import judge_scores
+from motfusion.training.asr_judge import train_asr_judge
+from motfusion.training.files import write_json
 
 Resynthesis = Callable[[SpeechTokenizer, torch.Tensor], torch.Tensor]  # (codec, wave (S,)) -> wave (S',)
 
@@ -46,6 +48,23 @@ def evaluate_judge(judge: AsrJudge, data_dir: str | Path, n: int | None = None) 
     """The judge's WER and CER on the real audio of the val split."""
     texts, waves = val_audio(data_dir, judge.cfg.mel.sample_rate, n)
     return {**judge_scores(judge, waves, texts), "n": len(texts)}
+
+
+def make_judge(
+    data_dir: str | Path,
+    out: str | Path,
+    cfg: AsrConfig,
+    log: Callable[[str], None] = partial(print, flush=True),
+) -> dict[str, float]:
+    """Train the judge on DATA's train split into `out`, score it on DATA's real val audio into
+    OUT/metrics.json (the floor its readings of decoded speech are compared with); -> those metrics."""
+    metrics = evaluate_judge(train_asr_judge(data_dir, out, cfg, log), data_dir)
+    write_json(Path(out) / "metrics.json", metrics)
+    log(
+        f"val, real audio ({metrics['n']} utterances): wer_judge {metrics['wer_judge']:.3f} | "
+        f"cer_judge {metrics['cer_judge']:.3f} -> {Path(out) / 'metrics.json'}"
+    )
+    return metrics
 
 
 def _mel_gl(tok: SpeechTokenizer, wave: torch.Tensor) -> torch.Tensor:

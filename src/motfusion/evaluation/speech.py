@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -34,7 +35,6 @@ from motfusion.codecs.asr import KIND as JUDGE_KIND
 from motfusion.codecs.asr import AsrJudge, load_judge
 from motfusion.codecs.speech import (
     UNITS_FILE,
-    SpeechTokenizer,
     dedup,
     load_units,
     resolve_speech_dirs,
@@ -91,14 +91,6 @@ def judge_scores(judge: AsrJudge, waves: Sequence[torch.Tensor], texts: Sequence
     return {"wer_judge": wer(heard, texts), "cer_judge": cer(heard, texts)}
 
 
-def judge_units(
-    judge: AsrJudge, stok: SpeechTokenizer, units: Sequence[torch.Tensor], texts: Sequence[str]
-) -> dict[str, float]:
-    """Speech units (text-to-speech's output, one (T_i,) per text) -> audio by the codec (its
-    decoder when it has one) -> the judge's WER and CER against `texts`."""
-    return judge_scores(judge, [stok.decode(u.cpu()) for u in units], texts)
-
-
 def find_judge(data_dir: Path, judge: str | Path | None = None) -> Path | None:
     """`judge` if given (it must hold one), else DATA/asr-judge if it holds one, else None."""
     if judge is not None:
@@ -113,6 +105,21 @@ def unit_error_rate(hyps: Sequence[Sequence[int]], refs: Sequence[Sequence[int]]
     return error_rate([collapse(h) for h in hyps], [collapse(r) for r in refs])
 
 
+@dataclass
+class SpeechEval:
+    """What `evaluate_speech` heard and said, per val utterance, and its metrics."""
+
+    texts: list[str]  # the val utterances' transcripts (the text-to-speech prompts)
+    audio: list[Path]  # espeak-ng's recordings of them
+    refs: list[torch.Tensor]  # their units (the speech-to-text inputs)
+    transcripts: list[str]  # the model's speech-to-text
+    spoken: list[torch.Tensor]  # the model's text-to-speech units
+    waves: list[torch.Tensor] | None  # `spoken` decoded to audio by the codec; None without a judge
+    sample_rate: int  # of `waves`
+    heard: list[str] | None  # the judge's transcripts of `waves`
+    metrics: dict[str, float]
+
+
 def evaluate_speech(
     gen: Generator,
     cfg: Config,
@@ -121,7 +128,7 @@ def evaluate_speech(
     seed: int = 0,
     batch_size: int = 16,
     judge: str | Path | None = None,
-) -> dict[str, float]:
+) -> SpeechEval:
     """Speech-to-text CER and text-to-speech unit error rate on the first `n` val utterances of the
     run's speech dataset; the references are the units of espeak-ng's recordings (cached). With a
     judge (`judge`, or DATA/asr-judge), also the judge's WER and CER on the spoken units' audio."""
@@ -133,10 +140,10 @@ def evaluate_speech(
     stok = speech_tokenizer_of(cfg)
     data_dir, tok_dir = resolve_speech_dirs(arg)
     all_units, _ = load_units(tok_dir / UNITS_FILE)
-    val = [(u.text, all_units[i]) for i, u in enumerate(read_speech_data(data_dir)) if u.split == "val"][:n]
+    val = [(u, all_units[i]) for i, u in enumerate(read_speech_data(data_dir)) if u.split == "val"][:n]
     if not val:
         raise DataError(f"{data_dir} has no val utterance to evaluate on")
-    texts, refs = [t for t, _ in val], [u for _, u in val]
+    texts, refs = [u.text for u, _ in val], [units for _, units in val]
     g = torch.Generator(device=gen.device).manual_seed(seed)
     chunks = range(0, len(val), batch_size)
     transcripts = [t for i in chunks for t in speech_to_text(gen, refs[i : i + batch_size], g)]
@@ -147,14 +154,18 @@ def evaluate_speech(
     uer = unit_error_rate(spoken, refs)
     metrics = {
         "speech_cer": cer(transcripts, texts),
+        "speech_wer": wer(transcripts, texts),
         "speech_unit_error_rate": uer,
         "speech_unit_accuracy": max(0.0, 1.0 - uer),
         "speech_length_ratio": sum(len(u) for u in spoken)
         / sum(len(u) for u in refs),  # generated / reference units
         "speech_n": float(len(val)),
     }
+    waves = heard = None
     judge_dir = find_judge(data_dir, judge)
     if judge_dir is not None:
-        scores = judge_units(load_judge(judge_dir), stok, spoken, texts)
-        metrics.update({f"speech_tts_{k}": v for k, v in scores.items()})
-    return metrics
+        waves = [stok.decode(u.cpu()) for u in spoken]
+        heard = load_judge(judge_dir).transcribe(waves)
+        metrics.update({"speech_tts_wer_judge": wer(heard, texts), "speech_tts_cer_judge": cer(heard, texts)})
+    audio = [u.audio for u, _ in val]
+    return SpeechEval(texts, audio, refs, transcripts, spoken, waves, stok.sample_rate, heard, metrics)

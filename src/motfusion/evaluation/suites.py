@@ -26,6 +26,7 @@ class SuiteOptions:
     seed: int = 0
     classifier: Path = Path("runs/classifier")  # fashion: a `motfusion train-classifier` directory
     clip: Path | None = None  # fashion, emoji: a `motfusion train-clip` directory (default runs/clip-SUITE)
+    judge: Path | None = None  # speech: a `motfusion train-asr-judge` directory (default DATA/asr-judge)
 
 
 def _shapes(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
@@ -47,7 +48,7 @@ def _emoji(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
 
 
 def _speech(gen: Generator, cfg: Config, o: SuiteOptions) -> dict[str, float]:
-    return evaluate_speech(gen, cfg, n=o.n, seed=o.seed)
+    return evaluate_speech(gen, cfg, n=o.n, seed=o.seed, judge=o.judge).metrics
 
 
 SUITES: dict[str, Callable[[Generator, Config, SuiteOptions], dict[str, float]]] = {
@@ -55,7 +56,7 @@ SUITES: dict[str, Callable[[Generator, Config, SuiteOptions], dict[str, float]]]
     "edit": _edit,  # edit_accuracy on held-out shapes edits, and edit_untouched
     "fashion": _fashion,  # FID on classifier features, class accuracy, CLIP score, caption accuracy
     "emoji": _emoji,  # CLIP score of generated emoji against the real ones' ceiling
-    "speech": _speech,  # speech-to-text CER and text-to-speech unit error rate
+    "speech": _speech,  # speech-to-text CER, text-to-speech unit error rate and judge WER
 }
 
 
