@@ -10,7 +10,7 @@ DEV_STAMP := $(VENV)/.installed-dev
 # machine with apt-get.
 DEB_PACKAGES := espeak-ng fortunes dataset-fashion-mnist fonts-noto-color-emoji chromium chromium-driver
 
-.PHONY: demo test lint install clean debs bench
+.PHONY: demo speech-demo test lint install clean debs bench
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/motfusion demo --out runs/demo
+
+# Text, images and speech in one model; makes its speech data in runs/speech-shapes (needs espeak-ng).
+speech-demo: $(STAMP)
+	$(VENV)/bin/motfusion demo --recipe speech-demo --out runs/speech-demo
 
 debs:
 	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! dpkg -s $(DEB_PACKAGES) >/dev/null 2>&1; then \
