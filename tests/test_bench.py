@@ -58,3 +58,20 @@ def test_precision_bench_writes_its_rows(tmp_path, monkeypatch):
     assert row["isa"] == "AVX-512" and row["fp32"] > 0 and row["bf16"] > 0
     assert row["bf16_over_fp32"] == round(row["bf16"] / row["fp32"], 3)
     assert saved["auto_on_this_cpu"] == ("bf16" if saved["amx"] else "fp32")
+
+
+def test_speech_table_reads_both_judges(tmp_path, capsys):
+    import speech_table
+
+    run = tmp_path / "k100"
+    run.mkdir()
+    own = {"speech_cer": 0.01, "speech_wer": 0.02, "speech_tts_wer_judge": 0.08, "speech_tts_cer_judge": 0.06}
+    own |= {"speech_length_ratio": 0.97, "val_loss/speech": 0.72}
+    (run / "eval_speech.json").write_text(json.dumps(own))
+    (run / "eval_speech_mixed_judge.json").write_text(json.dumps({**own, "speech_tts_wer_judge": 0.09}))
+    (run / "config.json").write_text(
+        json.dumps({"train": {"steps": 1500}, "model": {"vocab_sizes": {"speech": 100}}})
+    )
+    speech_table.main([str(run)])
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last == "| k100 | 1500 | 100 | 0.010 | 0.020 | 0.080 | 0.060 | 0.090 | 0.970 | 0.720 |"

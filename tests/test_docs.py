@@ -69,7 +69,7 @@ class Tiny:
 TINY = [
     Tiny("train", {"--steps": "3"}, when="--resume"),  # the saved config is already tiny; one step more
     Tiny(
-        "train", {"--steps": "2"}, (*TINY_RUN, "model.vocab_sizes=speech:8"), when="speech-demo"
+        "train", {"--steps": "2"}, (*TINY_RUN, "model.vocab_sizes=speech:8"), when="speech-mixed"
     ),  # k = 8 below
     Tiny("train", {"--steps": "2"}, (*TINY_RUN, f"data.dataset={TINY_FASHION}"), when="--recipe fashion"),
     Tiny("train", {"--steps": "2"}, TINY_RUN),
@@ -95,7 +95,8 @@ TINY = [
 SKIP = {  # pattern (re.match on the line) -> why it does not run here
     r"torchrun ": "needs several GPUs; tests/test_distributed.py runs 2 ranks on CPU instead",
     r"apt-get ": "installs system packages (the Makefile's debs target does it for the tests)",
-    r"make (demo|test|bench)\b": "`motfusion demo` runs here instead; the tests are this suite; tests/test_bench.py runs the bench",
+    r"make (demo|speech-demo|test|bench)\b": "`motfusion demo` runs here instead; the tests are this suite; tests/test_bench.py runs the bench",
+    r"motfusion demo --recipe speech-demo": "makes 3,000 utterances, trains its codec and judge: tests/test_speech_demo.py runs it tiny",
     r"benchmarks/reproduce\.sh": "hours of runs: every result behind docs/RESULTS.md",
     r"\.venv/bin/python benchmarks/precision\.py": "minutes of timing; tests/test_bench.py runs one row",
 }
