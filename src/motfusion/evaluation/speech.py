@@ -10,6 +10,9 @@
   UER = Levenshtein(dedup(hyp), dedup(ref)) / len(dedup(ref)), and unit accuracy = max(0, 1 - UER).
   The reference is one espeak-ng voice, so even a perfect speaker in another voice scores below 1.
 - WER: the same at the level of words (split on spaces after normalization), as jiwer counts it.
+- `speech_tts_wer_self` / `speech_tts_cer_self`: the model's own speech-to-text reading its
+  text-to-speech units, against the prompts; a second check, not an independent one (a model can
+  understand speech no listener would).
 - `wer_judge` / `cer_judge`: the error rates of a separate CTC recogniser (codecs/asr.py, trained
   on the dataset's real audio) transcribing speech decoded to audio. For text-to-speech, the
   suite's generated units go through the codec (its decoder when it has one) and the judge reads
@@ -152,9 +155,12 @@ def evaluate_speech(
         limit = 2 * max(len(r) for r in refs[i : i + batch_size]) + 10
         spoken += text_to_units(gen, stok, texts[i : i + batch_size], g, max_units=limit)
     uer = unit_error_rate(spoken, refs)
+    self_heard = [t for i in chunks for t in speech_to_text(gen, spoken[i : i + batch_size], g)]
     metrics = {
         "speech_cer": cer(transcripts, texts),
         "speech_wer": wer(transcripts, texts),
+        "speech_tts_wer_self": wer(self_heard, texts),  # the model reading its own speech: not independent
+        "speech_tts_cer_self": cer(self_heard, texts),
         "speech_unit_error_rate": uer,
         "speech_unit_accuracy": max(0.0, 1.0 - uer),
         "speech_length_ratio": sum(len(u) for u in spoken)
