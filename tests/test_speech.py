@@ -31,7 +31,7 @@ from motfusion.data.espeak import make_speech_data, normalize, speak
 from motfusion.data.pipeline import build_dataset
 from motfusion.data.speech import read_speech_data
 from motfusion.errors import ConfigError
-from motfusion.evaluation.speech import cer, levenshtein, unit_error_rate
+from motfusion.evaluation.speech import cer, levenshtein, read_units, unit_error_rate
 from motfusion.recipes import get_recipe
 from motfusion.sequence import SPECS, TEXT, Image, Text, collate, encode_document
 from motfusion.tokenizer import ByteTokenizer
@@ -200,6 +200,19 @@ def test_unit_error_rate_ignores_durations():
     assert unit_error_rate([[1, 1, 2, 2, 2, 3]], [[1, 2, 3, 3]]) == 0.0
     assert unit_error_rate([[1, 4, 3]], [[1, 2, 2, 3]]) == pytest.approx(1 / 3)
     assert unit_error_rate([[]], [[5, 5, 6]]) == 1.0
+
+
+def test_read_units_skips_what_a_model_left_unsaid():
+    """A model that closes its speech span at once said nothing: it reads as "", and the reader is
+    never asked to transcribe an empty span (which raised ValueError inside the speech suite)."""
+
+    class Reader:
+        def transcribe(self, units, modality, generator):
+            assert modality == "speech" and all(units)
+            return [f"{len(u)} units" for u in units]
+
+    units = [torch.tensor([1, 2]), torch.tensor([], dtype=torch.long), torch.tensor([3]), torch.tensor([4])]
+    assert read_units(Reader(), units, None, batch_size=2) == ["2 units", "", "1 units", "1 units"]
 
 
 # ---- espeak-ng and the dataset ---------------------------------------------------------------

@@ -108,6 +108,23 @@ def unit_error_rate(hyps: Sequence[Sequence[int]], refs: Sequence[Sequence[int]]
     return error_rate([collapse(h) for h in hyps], [collapse(r) for r in refs])
 
 
+def read_units(
+    gen: Generator, units: list[torch.Tensor], generator: torch.Generator, batch_size: int
+) -> list[str]:
+    """The model's speech-to-text of each unit sequence, `batch_size` at a time; an empty one (a
+    model that closed its speech span at once) reads as ""."""
+    said = [i for i, u in enumerate(units) if len(u)]
+    heard = [
+        t
+        for i in range(0, len(said), batch_size)
+        for t in speech_to_text(gen, [units[j] for j in said[i : i + batch_size]], generator)
+    ]
+    out = [""] * len(units)
+    for j, t in zip(said, heard):
+        out[j] = t
+    return out
+
+
 @dataclass
 class SpeechEval:
     """What `evaluate_speech` heard and said, per val utterance, and its metrics."""
@@ -149,13 +166,13 @@ def evaluate_speech(
     texts, refs = [u.text for u, _ in val], [units for _, units in val]
     g = torch.Generator(device=gen.device).manual_seed(seed)
     chunks = range(0, len(val), batch_size)
-    transcripts = [t for i in chunks for t in speech_to_text(gen, refs[i : i + batch_size], g)]
+    transcripts = read_units(gen, refs, g, batch_size)
     spoken = []
     for i in chunks:  # cut at twice the longest reference: a model that never ends its span costs no more
         limit = 2 * max(len(r) for r in refs[i : i + batch_size]) + 10
         spoken += text_to_units(gen, stok, texts[i : i + batch_size], g, max_units=limit)
     uer = unit_error_rate(spoken, refs)
-    self_heard = [t for i in chunks for t in speech_to_text(gen, spoken[i : i + batch_size], g)]
+    self_heard = read_units(gen, spoken, g, batch_size)
     metrics = {
         "speech_cer": cer(transcripts, texts),
         "speech_wer": wer(transcripts, texts),
