@@ -34,6 +34,7 @@ from motfusion.evaluation.shapes_suite import EditEval, evaluate_edits, evaluate
 from motfusion.evaluation.speech import SpeechEval, evaluate_speech
 from motfusion.report import (
     display_scale,
+    loss_keys,
     plot_losses,
     read_metrics,
     sample_grid,
@@ -203,11 +204,6 @@ def _edit_rows(report: Path, ev: EditEval, image_size: int) -> list[dict]:
     n = min(GRID_PROMPTS, len(rows))
     sample_grid([r["instruction"] for r in rows[:n]], grid[:n], report / "edits.png", scale=scale)
     return rows
-
-
-def loss_keys(history: list[dict]) -> tuple[str, ...]:
-    """The per-modality training losses a run logged: loss/text, loss/image, loss/speech ..."""
-    return tuple(dict.fromkeys(k for r in history for k in r if k.startswith("loss/")))
 
 
 def _speech_summary(metrics: dict) -> str:

@@ -27,6 +27,11 @@ def read_metrics(path: Path) -> list[dict]:
     return _read_records(path)
 
 
+def loss_keys(history: list[dict]) -> tuple[str, ...]:
+    """The per-modality training losses in a run's records, in order: loss/text, loss/image, ..."""
+    return tuple(dict.fromkeys(k for r in history for k in r if k.startswith("loss/")))
+
+
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction, as TensorBoard draws it."""
     out, avg = [], 0.0
@@ -80,7 +85,7 @@ def compare_runs(run_dirs: list[Path], path: Path) -> tuple[str, ...]:
     """Per-modality loss curves of several runs against steps and against training FLOPs, in one PNG.
     Returns the loss keys drawn (one column each)."""
     runs = {str(d): read_metrics(Path(d) / METRICS_FILE) for d in run_dirs}
-    keys = tuple(dict.fromkeys(k for rows in runs.values() for r in rows for k in r if k.startswith("loss/")))
+    keys = loss_keys([r for rows in runs.values() for r in rows])
     if not keys:
         raise FileNotFoundError(
             f"no per-modality losses (loss/...) found in the metrics of {', '.join(runs)}"
@@ -114,6 +119,10 @@ def sample_grid(prompts: list[str], images: list[list[torch.Tensor]], path: Path
     sheet.save(path)
 
 
+def _mark(ok: bool) -> str:
+    return "&#10003;" if ok else "&#10007;"  # a check mark, or a cross
+
+
 def write_html(
     out: Path,
     title: str,
@@ -128,7 +137,6 @@ def write_html(
     `forms`: geneval per caption form; `edits` rows: {instruction, files (source, output, target), ok};
     `speech`: {"tts": [{prompt, file, heard, ok}], "stt": [{file, truth, transcript, ok}]}, audio files."""
     esc = html.escape
-    mark = lambda ok: "&#10003;" if ok else "&#10007;"
     summary = "".join(
         f"<tr><td>{esc(k)}</td><td>{v:.4g}</td></tr>"
         if isinstance(v, float)
@@ -136,18 +144,18 @@ def write_html(
         for k, v in metrics.items()
     )
     gen = "".join(
-        f"<tr><td>{mark(r['ok'])} {esc(r['prompt'])}</td><td>"
+        f"<tr><td>{_mark(r['ok'])} {esc(r['prompt'])}</td><td>"
         + "".join(f"<img src='{esc(f)}'>" for f in r["files"])
         + "</td></tr>"
         for r in t2i
     )
     per_form = "".join(f"<tr><td>{esc(k)}</td><td>{v:.3f}</td></tr>" for k, v in (forms or {}).items())
     cap = "".join(
-        f"<tr><td><img src='{esc(r['file'])}'></td><td>{esc(r['truth'])}</td><td>{mark(r['ok'])} {esc(r['caption'])}</td></tr>"
+        f"<tr><td><img src='{esc(r['file'])}'></td><td>{esc(r['truth'])}</td><td>{_mark(r['ok'])} {esc(r['caption'])}</td></tr>"
         for r in i2t
     )
     edit_rows = "".join(
-        f"<tr><td>{mark(r['ok'])} {esc(r['instruction'])}</td><td>"
+        f"<tr><td>{_mark(r['ok'])} {esc(r['instruction'])}</td><td>"
         + "".join(f"<img src='{esc(f)}'>" for f in r["files"])
         + "</td></tr>"
         for r in edits or []
@@ -181,14 +189,13 @@ satisfying every clause of the prompt.</p><table>{per_form}</table>
 def speech_section(speech: dict[str, list[dict]]) -> str:
     """The page's speech part: text to speech with the judge's reading, speech to text."""
     esc = html.escape
-    mark = lambda ok: "&#10003;" if ok else "&#10007;"
     player = lambda f: f"<audio controls preload='none' src='{esc(f)}'></audio>"
     tts = "".join(
-        f"<tr><td>{esc(r['prompt'])}</td><td>{player(r['file'])}</td><td>{mark(r['ok'])} {esc(r['heard'])}</td></tr>"
+        f"<tr><td>{esc(r['prompt'])}</td><td>{player(r['file'])}</td><td>{_mark(r['ok'])} {esc(r['heard'])}</td></tr>"
         for r in speech["tts"]
     )
     stt = "".join(
-        f"<tr><td>{player(r['file'])}</td><td>{esc(r['truth'])}</td><td>{mark(r['ok'])} {esc(r['transcript'])}</td></tr>"
+        f"<tr><td>{player(r['file'])}</td><td>{esc(r['truth'])}</td><td>{_mark(r['ok'])} {esc(r['transcript'])}</td></tr>"
         for r in speech["stt"]
     )
     said = (
