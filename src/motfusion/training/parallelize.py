@@ -32,9 +32,10 @@ every mode and device: weights, gradients, their reduction and the optimizer sta
 pays only with AMX (Intel Sapphire Rapids and later): the demo step takes 0.69 of fp32's time there
 (about 0.84 over whole runs), against 0.97 with AVX512-BF16, 1.8 with AVX-512 alone and 11 with
 AVX2 (benchmarks/precision.py: oneDNN limited by ONEDNN_MAX_CPU_ISA), so train.precision=auto (the
-demo recipes) takes bf16 only where it is fast: a CPU with AMX, or a CUDA device with bf16. FSDP's own bf16 parameter casting is not
-used: it casts every floating input of the model, the diffusion timesteps included (999 rounds to
-1000 in bf16), while the model keeps timesteps, RoPE angles and norms in fp32 on purpose.
+demo recipes) takes bf16 only where it is fast: a CPU with AMX, or a CUDA device with bf16. FSDP's
+own bf16 parameter casting is not used: it casts every floating input of the model, the diffusion
+timesteps included (999 rounds to 1000 in bf16), while the model keeps timesteps, RoPE angles and
+norms in fp32 on purpose.
 """
 
 from __future__ import annotations
