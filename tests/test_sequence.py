@@ -8,6 +8,7 @@ from motfusion.sequence import (
     TEXT,
     Image,
     Packer,
+    Prefetcher,
     Text,
     collate,
     encode_document,
@@ -83,6 +84,35 @@ def test_packer_is_deterministic_and_resumable(tok):
     assert torch.equal(b.next_batch().tokens, second.tokens)
     assert not torch.equal(first.tokens, second.tokens)
     assert first.doc.max() >= 1  # several documents per row
+
+
+def test_prefetcher_gives_the_packers_batches_and_the_state_of_the_last_one_handed_out(tok):
+    docs = lambda i: encode_document([Text(f"doc {i} " * (1 + i % 3)), img()], tok, 4)
+    plain, ahead = (Packer(docs, batch_size=2, seq_len=64, pad_id=tok.pad) for _ in range(2))
+    pre = Prefetcher(ahead)
+    states = []
+    for _ in range(4):
+        assert torch.equal(pre.next_batch().tokens, plain.next_batch().tokens)
+        assert pre.state_dict() == plain.state_dict()  # not the state after the batch being built
+        states.append(pre.state_dict())
+    assert ahead.state_dict() != plain.state_dict()  # it did build ahead
+    pre.load_state_dict(states[1])  # resume, with a build in flight
+    plain.load_state_dict(states[1])
+    assert pre.state_dict() == states[1]
+    assert torch.equal(pre.next_batch().tokens, plain.next_batch().tokens)
+
+
+def test_prefetcher_raises_a_documents_error_for_the_batch_that_needs_it(tok):
+    def docs(i):
+        if i >= 6:
+            raise ValueError(f"document {i} is broken")
+        return encode_document([Text("d" * 20)], tok, 4)
+
+    pre = Prefetcher(Packer(docs, batch_size=1, seq_len=64, pad_id=tok.pad))
+    pre.next_batch()  # documents 0-1 (a third does not fit in 64 positions), then 2-3, built ahead
+    pre.next_batch()
+    with pytest.raises(ValueError, match="document 6 is broken"):
+        pre.next_batch()
 
 
 def test_random_batches_are_consistent(tok):

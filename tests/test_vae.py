@@ -321,7 +321,7 @@ def test_latents_need_a_vae_and_a_divisible_grid(vae_dir):
     assert apply_image_repr(cfg.override(["model.patch_size=2"])).model.image_channels == 4
 
 
-def test_documents_carry_cached_scaled_posterior_means(vae_dir, tok):
+def test_documents_carry_scaled_posterior_means_encoded_in_fixed_blocks(vae_dir, tok):
     cfg = apply_image_repr(
         get_recipe("debug").override(
             ["data.image_repr=latents", f"model.vae={vae_dir}", "data.image_size=32", "model.patch_size=2"]
@@ -329,12 +329,18 @@ def test_documents_carry_cached_scaled_posterior_means(vae_dir, tok):
     )
     stream = DocumentStream(build_dataset(cfg, "train"), tok, cfg, "train")
     codec = load_vae(vae_dir)
-    pixels = [s.pixels for s in stream.document(0) if isinstance(s, Image)][0]
-    first = stream(0).images[0]
-    assert first.shape == (4, 8, 8)
-    torch.testing.assert_close(first, codec.encode(pixels[None])[0])
+    for i in (0, 1, DocumentStream.BLOCK - 1, DocumentStream.BLOCK):  # a block's images, encoded as one batch
+        pixels = [s.pixels for s in stream.document(i) if isinstance(s, Image)]
+        latents = torch.stack(stream(i).images)
+        assert latents.shape == (len(pixels), 4, 8, 8)
+        torch.testing.assert_close(latents, codec.encode(torch.stack(pixels)))
+    first = stream(0).images
     stream(1)
-    assert stream(0).images[0] is first  # served from the cache, not encoded again
+    assert stream(0).images is first  # the block is kept, not encoded again
+    # the same documents whatever the order of asking: what ranks and resumed runs rely on
+    late = DocumentStream(build_dataset(cfg, "train"), tok, cfg, "train")
+    for i in (2 * DocumentStream.BLOCK + 5, 3, 1):
+        assert all(map(torch.equal, late(i).images, stream(i).images))
     batch_images = make_packer(cfg, tok).next_batch().images
     assert batch_images.shape[1:] == (4, 8, 8)
 

@@ -116,7 +116,8 @@ def test_save_load_round_trip_and_image_tokens(tmp_path):
     loaded = load_vq(tmp_path / "vq")
     codes = vq.encode(x)
     assert torch.equal(loaded.encode(x), codes) and torch.equal(loaded.decode(codes), vq.decode(codes))
-    doc = Tokens(loaded).document([Text("a"), Image(x[0])])
+    doc, other = Tokens(loaded).documents([[Text("a"), Image(x[0])], [Image(x[1]), Text("b")]])
+    assert torch.equal(other[0].ids, codes[1])
     assert isinstance(doc[1], Units) and doc[1].modality == "image" and torch.equal(doc[1].ids, codes[0])
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -430,6 +431,42 @@ class Packer:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.next_doc = int(state["next_doc"])
+
+
+class Prefetcher:
+    """A Packer that builds the next batch in a background thread while the current one trains.
+
+    The step's kernels release the GIL, so drawing, rendering and packing documents (numpy and
+    Python, 10-20% of a small model's CPU step) overlap with them. The batches and their order are
+    the Packer's own; `state_dict()` is the state after the last batch handed out, not after the one
+    being built, so a checkpoint resumes exactly where training was.
+    """
+
+    def __init__(self, packer: Packer):
+        self.packer = packer
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="motfusion-batches")
+        self._pending: Future[tuple[Batch, dict[str, int]]] | None = None
+        self._state = packer.state_dict()
+
+    def _build(self) -> tuple[Batch, dict[str, int]]:
+        batch = self.packer.next_batch()
+        return batch, self.packer.state_dict()
+
+    def next_batch(self) -> Batch:
+        pending, self._pending = self._pending or self._pool.submit(self._build), None
+        batch, self._state = pending.result()  # a document error raises here, for the batch asked for
+        self._pending = self._pool.submit(self._build)
+        return batch
+
+    def state_dict(self) -> dict[str, int]:
+        return dict(self._state)
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if self._pending is not None:
+            self._pending.cancel() or self._pending.exception()  # wait for a started build; drop it
+            self._pending = None
+        self.packer.load_state_dict(state)
+        self._state = self.packer.state_dict()
 
 
 def pack_documents(docs: list[Document], tokenizer: Tokenizer, patch_size: int, seq_len: int) -> Batch:

@@ -14,8 +14,7 @@ image space, and `document`, the data-side transform that puts a document's imag
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
+from collections import defaultdict
 
 import torch
 
@@ -44,17 +43,25 @@ class ImageRepr:
         """The model's image space -> pixels (B, 3, H, W) in [-1, 1], for whatever leaves the library."""
         return x
 
-    def segment(self, pixels: torch.Tensor) -> Segment:
-        """One image (3, H, W) -> the segment a document holds for it."""
-        return Image(self.encode(pixels[None])[0])
+    def wrap(self, x: torch.Tensor, context: bool) -> Segment:
+        """One encoded image -> the segment a document holds for it."""
+        return Image(x, context=context)
 
-    def document(self, doc: Document) -> Document:
-        """A document with each of its images in the model's space (a context image stays context)."""
-        return [self._convert(seg) if isinstance(seg, Image) else seg for seg in doc]
-
-    def _convert(self, image: Image) -> Segment:
-        seg = self.segment(image.pixels)
-        return dataclasses.replace(seg, context=image.context) if isinstance(seg, Image) else seg
+    def documents(self, docs: list[Document]) -> list[Document]:
+        """Documents with each of their images in the model's space (a context image stays context).
+        The images of all of them are encoded together, one batch per image size: a VAE or VQ-VAE
+        run once per image costs ten times the batch (per-call overhead)."""
+        out = [list(doc) for doc in docs]
+        by_size: dict[tuple[int, ...], list[tuple[int, int]]] = defaultdict(list)
+        for d, doc in enumerate(docs):
+            for s, seg in enumerate(doc):
+                if isinstance(seg, Image):
+                    by_size[tuple(seg.pixels.shape)].append((d, s))
+        for where in by_size.values():
+            encoded = self.encode(torch.stack([docs[d][s].pixels for d, s in where])).cpu()
+            for (d, s), x in zip(where, encoded):
+                out[d][s] = self.wrap(x, docs[d][s].context)
+        return out
 
     def to(self, device: torch.device | str) -> ImageRepr:
         return self
@@ -64,16 +71,15 @@ Pixels = ImageRepr
 
 
 class Latents(ImageRepr):
-    """A frozen VAE's latents. Each distinct image is encoded once and kept, keyed by its pixels: a
-    finite dataset is encoded during its first epoch only, and an image gets the same latent whichever
-    document, rank or resumed run asks for it (encoding is deterministic: caching changes no result)."""
+    """A frozen VAE's latents: the posterior mean, so encoding is deterministic. Training streams
+    encode their documents in fixed blocks (data/pipeline.py, DocumentStream), so a document gets the
+    same latent whichever rank or resumed run asks for it."""
 
     name = "latents"
 
     def __init__(self, codec: LatentCodec):
         self.codec = codec
         self.channels, self.downsample = codec.latent_channels, codec.downsample
-        self.cache: dict[bytes, torch.Tensor] = {}
 
     @property
     def device(self) -> torch.device:
@@ -84,14 +90,6 @@ class Latents(ImageRepr):
 
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         return self.codec.decode(x.to(self.device))  # (B, 3, H, W)
-
-    def segment(self, pixels: torch.Tensor) -> Segment:
-        digest = hashlib.blake2b(repr(tuple(pixels.shape)).encode(), digest_size=16)
-        digest.update(pixels.detach().cpu().float().contiguous().numpy().tobytes())
-        key = digest.digest()
-        if key not in self.cache:
-            self.cache[key] = self.encode(pixels[None])[0].cpu()
-        return Image(self.cache[key])
 
     def to(self, device: torch.device | str) -> Latents:
         self.codec.to(device)
@@ -120,8 +118,8 @@ class Tokens(ImageRepr):
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         return self.vq.decode(codes.to(self.device))  # (B, 3, H, W)
 
-    def segment(self, pixels: torch.Tensor) -> Segment:
-        return Units("image", self.encode(pixels[None])[0].cpu())
+    def wrap(self, x: torch.Tensor, context: bool) -> Segment:
+        return Units("image", x)
 
     def to(self, device: torch.device | str) -> Tokens:
         self.vq.to(device)

@@ -145,15 +145,19 @@ class EpochOrder:
 class DocumentStream:
     """index -> EncodedDoc, a pure function of (seed, split, index).
 
-    The Packer asks again for the document that did not fit at the end of a row, so the last
-    document is memoized; that changes no result, only skips re-rendering it.
+    Documents are made in fixed blocks of BLOCK indices, so the image codec (a VAE, a VQ-VAE) encodes
+    a block's images as one batch; a block is always the same documents, so a document's encoding
+    does not depend on who asks for it or when (ranks, resumed runs). The current block is kept: the
+    Packer asks again for the document that did not fit at the end of a row.
     """
+
+    BLOCK = 64
 
     def __init__(self, dataset: Dataset, tokenizer: Tokenizer, cfg: Config, split: str):
         self.dataset, self.tokenizer, self.cfg, self.split = dataset, tokenizer, cfg, split
         self.seed = split_seed(cfg, split)
         self.order = EpochOrder(dataset, self.seed)
-        self._last: tuple[int, EncodedDoc] | None = None
+        self._block: tuple[int, list[EncodedDoc]] | None = None
         self.images = image_repr(cfg)  # pixels, a frozen VAE's latents, or VQ codes
 
     def document(self, index: int) -> Document:
@@ -163,10 +167,15 @@ class DocumentStream:
         return document_for(self.dataset.sample(self.order(index)), rng, self.cfg.data, self.cfg.objective)
 
     def __call__(self, index: int) -> EncodedDoc:
-        if self._last is None or self._last[0] != index:
-            doc = self.images.document(self.document(index))
-            self._last = (index, encode_document(doc, self.tokenizer, self.cfg.model.patch_size))
-        return self._last[1]
+        block, k = divmod(index, self.BLOCK)
+        if self._block is None or self._block[0] != block:
+            docs = [self.document(i) for i in range(block * self.BLOCK, (block + 1) * self.BLOCK)]
+            patch = self.cfg.model.patch_size
+            self._block = (
+                block,
+                [encode_document(d, self.tokenizer, patch) for d in self.images.documents(docs)],
+            )
+        return self._block[1][k]
 
 
 def training_texts(cfg: Config, n: int) -> list[str]:

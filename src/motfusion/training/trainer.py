@@ -34,7 +34,7 @@ from motfusion.data.pipeline import make_packer, training_texts
 from motfusion.errors import CheckpointError, ConfigError, NonFiniteLossError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.objectives import GlobalBatch, TransfusionObjective
-from motfusion.sequence import Batch, Packer
+from motfusion.sequence import Batch, Prefetcher
 from motfusion.tokenizer import (
     TOKENIZER_FILE,
     build_tokenizer,
@@ -189,7 +189,7 @@ class Run:
     optimizer: torch.optim.AdamW
     objective: TransfusionObjective
     generator: torch.Generator  # diffusion timesteps and noise, reseeded every step
-    packer: Packer
+    packer: Prefetcher  # builds the next batch while this one trains
     device: torch.device
     world: World
     mode: str  # train.parallel resolved: none, ddp or fsdp
@@ -262,7 +262,7 @@ def new_run(cfg: Config, world: World, run_dir: Path | None = None) -> Run:
         ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
         objective=TransfusionObjective(cfg.objective),
         generator=torch.Generator(device=world.device),
-        packer=make_packer(cfg, tokenizer, "train", world.rank, world.world_size),
+        packer=Prefetcher(make_packer(cfg, tokenizer, "train", world.rank, world.world_size)),
         world=world,
         mode=mode,
         device=world.device,
@@ -402,7 +402,7 @@ def _too_many_bad_steps(run: Run, ckpt: Path | None) -> NonFiniteLossError:
     )
 
 
-def _next_batch(packer: Packer) -> Batch:
+def _next_batch(packer: Prefetcher) -> Batch:
     try:
         return packer.next_batch()
     except (
