@@ -8,7 +8,7 @@
                              the Chameleon setting
 
 Each one owns its channels, its downsampling, `encode` / `decode` between pixels and the model's
-image space, and `document`, the data-side transform that puts a document's images into that space.
+image space, and `documents`, the data-side transform that puts documents' images into that space.
 `image_repr(cfg)` builds the run's; `apply_image_repr(cfg)` fits the model config to it.
 """
 
