@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | full | seeds | grid | levers | long | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | guidance | full | seeds | grid | levers | long | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -78,6 +78,16 @@ screen2() {  # 700 steps each on today's recipe; xpred700 was a one-off patch (d
     demo b16_350 350 train.batch_size=16
 }
 
+guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at other guidance scales
+    mkdir -p "$R/guidance"
+    for g in 2 3 5 8 12 16; do
+        $M eval --ckpt runs/demo --n 128 --val-batches 0 --guidance $g --out "$R/guidance/demo_g$g.json"
+    done
+    for run in runs/demo "$R/bf16_1400_seed1" "$R/bf16_1400_seed2"; do
+        $M eval --ckpt "$run" --n 256 --val-batches 0 --guidance 8 --out "$R/guidance/$(basename "$run")_g8_n256.json"
+    done
+}
+
 long() {  # today's demo-long (n = 64 in its report, then 256), and the one of before (demo-long-v1)
     $M demo --recipe demo-long --out "$R/demo-long" train.tensorboard=false
     [ -f "$R/demo-long/eval_n256.json" ] || $M eval --ckpt "$R/demo-long" --n 256 --out "$R/demo-long/eval_n256.json"
@@ -93,6 +103,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|guidance|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
 esac
