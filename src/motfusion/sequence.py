@@ -437,8 +437,9 @@ class Prefetcher:
     """A Packer that builds the next batch in a background thread while the current one trains.
 
     The step's kernels release the GIL, so drawing, rendering and packing documents (numpy and
-    Python, 10-20% of a small model's CPU step) overlap with them. The batches and their order are
-    the Packer's own; `state_dict()` is the state after the last batch handed out, not after the one
+    Python, about 20% of the demo recipe's CPU step) can overlap with them; on 2 CPU cores, which the
+    step's own threads mostly fill, it gained about 4% (docs/RESULTS.md). The batches and their
+    order are the Packer's own; `state_dict()` is the state after the last batch handed out, not after the one
     being built, so a checkpoint resumes exactly where training was.
     """
 
