@@ -83,7 +83,7 @@ guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at ot
     for g in 2 3 5 8 12 16; do
         $M eval --ckpt runs/demo --n 128 --val-batches 0 --guidance $g --out "$R/guidance/demo_g$g.json"
     done
-    for run in runs/demo "$R/bf16_1400_seed1" "$R/bf16_1400_seed2"; do
+    for run in runs/demo "$R/bf16_1400_seed1" "$R/bf16_1400_seed2" "$R/demo-long"; do
         $M eval --ckpt "$run" --n 256 --val-batches 0 --guidance 8 --out "$R/guidance/$(basename "$run")_g8_n256.json"
     done
 }
