@@ -47,7 +47,7 @@ def val_audio(
 def evaluate_judge(judge: AsrJudge, data_dir: str | Path, n: int | None = None) -> dict[str, float]:
     """The judge's WER and CER on the real audio of the val split."""
     texts, waves = val_audio(data_dir, judge.cfg.mel.sample_rate, n)
-    return {**judge_scores(judge, waves, texts), "n": len(texts)}
+    return {**judge_scores(judge.transcribe(waves), texts), "n": len(texts)}
 
 
 def make_judge(
@@ -108,7 +108,7 @@ def evaluate_codec(
         with torch.no_grad():
             audio = [resynthesize(tok, w) for w in waves]
         results[name] = {
-            **judge_scores(judge, audio, texts),
+            **judge_scores(judge.transcribe(audio), texts),
             "n": len(texts),
             "seconds": time.perf_counter() - t0,
         }

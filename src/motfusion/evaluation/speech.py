@@ -35,7 +35,7 @@ import torch
 from motfusion.artifacts import kind_of
 from motfusion.codecs.asr import DEFAULT_SUBDIR as JUDGE_SUBDIR
 from motfusion.codecs.asr import KIND as JUDGE_KIND
-from motfusion.codecs.asr import AsrJudge, load_judge
+from motfusion.codecs.asr import load_judge
 from motfusion.codecs.speech import (
     UNITS_FILE,
     dedup,
@@ -88,9 +88,8 @@ def wer(hyps: Sequence[str], refs: Sequence[str], normalized: bool = True) -> fl
     return error_rate([h.split() for h in hyps], [r.split() for r in refs])
 
 
-def judge_scores(judge: AsrJudge, waves: Sequence[torch.Tensor], texts: Sequence[str]) -> dict[str, float]:
-    """The judge transcribes `waves` (16 kHz); its WER and CER against `texts`."""
-    heard = judge.transcribe(list(waves))
+def judge_scores(heard: Sequence[str], texts: Sequence[str]) -> dict[str, float]:
+    """A judge's transcripts (`AsrJudge.transcribe`) -> its WER and CER against `texts`."""
     return {"wer_judge": wer(heard, texts), "cer_judge": cer(heard, texts)}
 
 
@@ -189,6 +188,6 @@ def evaluate_speech(
     if judge_dir is not None:
         waves = [stok.decode(u.cpu()) for u in spoken]
         heard = load_judge(judge_dir).transcribe(waves)
-        metrics.update({"speech_tts_wer_judge": wer(heard, texts), "speech_tts_cer_judge": cer(heard, texts)})
+        metrics.update({f"speech_tts_{k}": v for k, v in judge_scores(heard, texts).items()})
     audio = [u.audio for u, _ in val]
     return SpeechEval(texts, audio, refs, transcripts, spoken, waves, stok.sample_rate, heard, metrics)
