@@ -6,7 +6,7 @@ import torch
 from motfusion.data.pipeline import make_packer
 from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
-from motfusion.models.unet import Skips, UNetPatcher
+from motfusion.models.unet import ResBlock, Skips, UNetPatcher
 from motfusion.objectives import TransfusionObjective
 from motfusion.recipes import get_recipe
 from motfusion.sampling import Generator, SampleConfig
@@ -15,10 +15,14 @@ from motfusion.training.trainer import build_optimizer, train_step
 UNET = ["model.patcher=unet", "model.unet_channels=8", "model.unet_pooled=true"]  # as the demo recipe
 
 
-def patcher(k: int, dim: int = 16, blocks: int = 1, pooled: bool = False, fold: int = 1) -> UNetPatcher:
+def patcher(
+    k: int, dim: int = 16, blocks: int = 1, pooled: bool = False, fold: int = 1, local: bool = False
+) -> UNetPatcher:
     """A small U-Net whose output conv is random (the model zero-initialises it), so everything shows."""
     torch.manual_seed(k)
-    u = UNetPatcher(channels=3, patch_size=k, dim=dim, width=8, blocks=blocks, pooled=pooled, fold=fold)
+    u = UNetPatcher(
+        channels=3, patch_size=k, dim=dim, width=8, blocks=blocks, pooled=pooled, fold=fold, local=local
+    )
     torch.nn.init.normal_(u.proj_out.weight, std=0.1)
     return u
 
@@ -118,9 +122,53 @@ def test_pooled_conditioning_is_an_added_path():
         assert (moved.abs().flatten(1).max(dim=1).values > 1e-3).all()
 
 
-@pytest.mark.parametrize("pooled, fold", [(False, 1), (True, 1), (True, 2)])
-def test_gradient_reaches_every_parameter(pooled, fold):
-    u = patcher(4, blocks=2, pooled=pooled, fold=fold)
+def test_conditioning_per_region_acts_on_its_own_pixels():
+    """A ResBlock given one conditioning per cell of a 2x2 grid computes, inside each cell's 8x8 pixels
+    (one pixel in from the cell's border, where the second 3x3 convolution sees only that cell), what
+    it computes with that cell's conditioning for the whole image."""
+    torch.manual_seed(0)
+    block, x, time = ResBlock(4, 6, time_dim=8), torch.randn(2, 4, 16, 16), torch.randn(2, 8, 2, 2)
+    with torch.no_grad():
+        torch.nn.init.normal_(block.time.weight)  # large, so that a wrong cell shows
+        regional = block(x, time)
+        for i in range(2):
+            for j in range(2):
+                whole = block(x, time[:, :, i, j])
+                inner = (slice(None), slice(None), slice(8 * i + 1, 8 * i + 7), slice(8 * j + 1, 8 * j + 7))
+                torch.testing.assert_close(regional[inner], whole[inner], rtol=1e-5, atol=1e-5)
+                assert (regional - whole).abs().max() > 1e-2  # the other cells differ
+
+
+def test_local_conditioning_is_the_pooled_path_per_patch():
+    """model.unet_local is model.unet_pooled's path taken per patch: when every patch holds the same
+    hidden state the two give the same image, and with the layer at zero it is the plain U-Net."""
+    plain, pooled, local = patcher(8), patcher(8, pooled=True), patcher(8, local=True)
+    pooled.load_state_dict(plain.state_dict(), strict=False)
+    local.load_state_dict(plain.state_dict(), strict=False)
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10.0, 900.0])
+    with torch.no_grad():
+        tokens, skips = plain.embed(x, t)
+        same = tokens[:, :1].expand_as(tokens)  # (N, L, D), one state repeated over the patches
+        torch.nn.init.normal_(local.local.weight, std=0.1)
+        pooled.pooled.load_state_dict(local.local.state_dict())
+        torch.testing.assert_close(
+            local.predict(same, 32, 32, skips), pooled.predict(same, 32, 32, skips), rtol=1e-5, atol=1e-5
+        )
+        assert (
+            local.predict(tokens, 32, 32, skips) - pooled.predict(tokens, 32, 32, skips)
+        ).abs().max() > 1e-3
+        torch.nn.init.zeros_(local.local.weight)
+        torch.nn.init.zeros_(local.local.bias)
+        torch.testing.assert_close(
+            local.predict(tokens, 32, 32, skips), plain.predict(tokens, 32, 32, skips), rtol=1e-6, atol=1e-6
+        )
+
+
+@pytest.mark.parametrize(
+    "pooled, fold, local", [(False, 1, False), (True, 1, False), (True, 2, False), (True, 2, True)]
+)
+def test_gradient_reaches_every_parameter(pooled, fold, local):
+    u = patcher(4, blocks=2, pooled=pooled, fold=fold, local=local)
     run(u, torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0])).pow(2).mean().backward()
     silent = [n for n, p in u.named_parameters() if p.grad is None or p.grad.abs().max() == 0]
     assert not silent

@@ -41,6 +41,7 @@ class ModelConfig:
     unet_channels: int = 32  # the U-Net's width at full resolution (doubles per level, up to 4x)
     unet_blocks: int = 1  # residual blocks per resolution, in each of the down and up paths
     unet_pooled: bool = False  # the image's mean hidden state conditions every up block (with the timestep)
+    unet_local: bool = False  # each patch's hidden state conditions the up blocks over that patch's pixels
     unet_fold: int = 1  # f > 1: f x f pixels folded into channels first; the U-Net starts at 1/f resolution
     # A fixed 2D sin-cos embedding of each patch's row and column, added to the image tokens (DiT). Saved
     # configs from before it existed load with False (Config.from_dict), so their weights mean the same.

@@ -53,6 +53,7 @@ def build_patcher(cfg: ModelConfig) -> LinearPatcher | UNetPatcher:
             width=cfg.unet_channels,
             blocks=cfg.unet_blocks,
             pooled=cfg.unet_pooled,
+            local=cfg.unet_local,
             fold=cfg.unet_fold,
         )
     return LinearPatcher(cfg.image_channels, cfg.patch_size, cfg.dim)

@@ -48,9 +48,16 @@ class ResBlock(nn.Module):
         self.shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
-        """x: (N, C_in, h, w), time: (N, E) -> (N, C_out, h, w)."""
+        """x: (N, C_in, h, w), time: (N, E), or (N, E, h', w') for a conditioning per region, with h', w'
+        dividing h, w (each cell covers its block of pixels) -> (N, C_out, h, w)."""
         y = self.conv1(F.silu(self.norm1(x)))  # (N, C_out, h, w)
-        scale, shift = self.time(time)[:, :, None, None].chunk(2, dim=1)  # (N, C_out, 1, 1) each
+        if time.dim() == 2:
+            mod = self.time(time)[:, :, None, None]  # (N, 2 C_out, 1, 1)
+        else:  # linear per cell, then each cell spread over its pixels (the map is linear, so this is exact)
+            mod = F.interpolate(
+                self.time(time.movedim(1, -1)).movedim(-1, 1), size=y.shape[-2:], mode="nearest"
+            )
+        scale, shift = mod.chunk(2, dim=1)  # (N, C_out, 1 or h, 1 or w) each
         y = self.conv2(F.silu(self.norm2(y) * (1 + scale) + shift))
         return self.shortcut(x) + y
 
@@ -86,6 +93,7 @@ class UNetPatcher(nn.Module):
         width: int,
         blocks: int,
         pooled: bool = False,
+        local: bool = False,
         fold: int = 1,
     ):
         super().__init__()
@@ -114,6 +122,9 @@ class UNetPatcher(nn.Module):
         # model.unet_pooled: the mean of the image's hidden states joins the timestep in every up block's
         # adaptive norms, a direct path from the backbone (and the caption it read) to all resolutions.
         self.pooled = nn.Linear(dim, time_dim) if pooled else None
+        # model.unet_local: the same path per patch, each hidden state conditioning the up blocks over its
+        # own patch's pixels, so that two objects of a scene need not share one conditioning (SPADE-like).
+        self.local = nn.Linear(dim, time_dim) if local else None
         # Indexed by level like the down path; every level above the patch grid concatenates its skip.
         self.up = nn.ModuleList(
             Level(c if i == self.levels else 2 * c, c, blocks, time_dim) for i, c in enumerate(widths)
@@ -146,7 +157,10 @@ class UNetPatcher(nn.Module):
         """h: (N, L, D) hidden states at the image's patches, with embed's skips -> (N, C, H, W)."""
         N, L, D = h.shape
         time = skips.time if self.pooled is None else skips.time + self.pooled(h.mean(dim=1))  # (N, E)
-        x = h.transpose(1, 2).reshape(N, D, height // self.k, width // self.k)  # (N, D, H/k, W/k)
+        grid = (height // self.k, width // self.k)
+        if self.local is not None:  # (N, E, H/k, W/k)
+            time = time[:, :, None, None] + self.local(h).transpose(1, 2).reshape(N, -1, *grid)
+        x = h.transpose(1, 2).reshape(N, D, *grid)  # (N, D, H/k, W/k)
         x = self.up[self.levels](self.from_tokens(x), time)  # (N, C_n, H/k, W/k) at the patch grid
         for i in reversed(range(self.levels)):
             x = self.upsample[i](x)  # (N, C_i, H / (f 2^i), W / (f 2^i))
