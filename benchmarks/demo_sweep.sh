@@ -8,11 +8,12 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | guidance | full | seeds | grid | levers | long | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | guidance | full | seeds | grid | levers | long | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
-demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false "$@"; }
+# Every row was sampled at guidance 3, the recipe's objective.guidance before it took 8.
+demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false objective.guidance=3 "$@"; }
 FP32="train.precision=fp32"                        # the recipe before train.precision=auto
 PREV="data.caption_position_prob=0.5 $FP32"         # ... and before descriptive captions
 OLD="model.grid_pos=false $PREV"
@@ -78,6 +79,14 @@ screen2() {  # 700 steps each on today's recipe; xpred700 was a one-off patch (d
     demo b16_350 350 train.batch_size=16
 }
 
+local_cond() {  # model.unet_local: each patch's hidden state conditions the up blocks over its own pixels
+    for run in "local model.unet_local=true" "localonly model.unet_local=true model.unet_pooled=false"; do
+        set -- $run
+        local name=$1; shift
+        demo "$name" 1400 "$@" && $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
+    done
+}
+
 guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at other guidance scales
     mkdir -p "$R/guidance"
     for g in 2 3 5 8 12 16; do
@@ -103,6 +112,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|guidance|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|guidance|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
 esac

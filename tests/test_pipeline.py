@@ -13,11 +13,13 @@ from test_vae import tiny
 from test_vq import make_vq_dir
 
 from motfusion import MotFusion
-from motfusion.cli import main
+from motfusion.cli import main, parse_args
+from motfusion.cli.common import sample_config
 from motfusion.codecs.vae import build_vae, save_vae
 from motfusion.errors import ConfigError
 from motfusion.recipes import get_recipe
 from motfusion.sampling import SampleConfig
+from motfusion.sampling.load import load_generator
 from motfusion.training.checkpoint import export_checkpoint
 from motfusion.training.trainer import train
 
@@ -186,3 +188,18 @@ def test_a_mode_the_checkpoint_cannot_do_is_a_clear_error(run):
         load(run).speak("hello")
     with pytest.raises(ValueError, match="at least one image"):
         load(run).generate_images("a red circle", n=0)
+
+
+def test_a_run_is_sampled_with_its_recipes_guidance_unless_told_otherwise(tmp_path):
+    """objective.guidance travels in the run's config: the Python API, `generate` and `eval` sample
+    with it when no scale is given, and with the given one when it is."""
+    run = quick_run(tmp_path / "g6", "objective.guidance=6")
+    assert MotFusion.from_pretrained(run).generator.cfg.guidance == 6.0
+    assert load(run).generator.cfg.guidance == 6.0  # a SampleConfig that leaves guidance unset
+    told = MotFusion.from_pretrained(run, sample=SampleConfig(guidance=2.0))
+    assert told.generator.cfg.guidance == 2.0
+    for command in (["generate", "--prompt", "a"], ["eval"]):
+        for flags, want in (([], 6.0), (["--guidance", "1.5"], 1.5)):
+            args = parse_args([*command, "--ckpt", str(run), *flags])
+            gen, _ = load_generator(run, "cpu", sample_config(args))
+            assert gen.cfg.guidance == want

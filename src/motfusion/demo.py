@@ -130,7 +130,7 @@ def run_demo(
         "n_captions": n_captions,
         "untie": ",".join(cfg.model.untie) or "none",
         "weights": f"moving average (train.ema={cfg.train.ema})" if cfg.train.ema else "raw",
-        "sampling": f"{gen.sampler_name} {sample_cfg.steps} steps, guidance {sample_cfg.guidance}",
+        "sampling": f"{gen.sampler_name} {gen.cfg.steps} steps, guidance {gen.cfg.guidance}",
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
     forms = {

@@ -85,13 +85,19 @@ def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sampler", default=d.sampler, help="ddim or ddpm (DDPM runs), euler (flow runs); auto picks"
     )
-    p.add_argument(
-        "--guidance", type=float, default=d.guidance, help="classifier-free guidance scale (1 = off)"
-    )
+    add_guidance_argument(p)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=d.top_p)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_guidance_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--guidance",
+        type=float,
+        help="classifier-free guidance scale (1 = off); default: the model's objective.guidance",
+    )
 
 
 def sample_config(args: argparse.Namespace) -> SampleConfig:
@@ -102,7 +108,7 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
         or not 0 <= args.temperature < math.inf
     ):
         raise ConfigError("--steps and --max-tokens must be positive, --top-p in (0, 1], --temperature >= 0")
-    if not math.isfinite(args.guidance):
+    if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance={args.guidance} must be a finite number (1 = off)")
     return SampleConfig(
         steps=args.steps,

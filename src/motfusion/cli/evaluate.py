@@ -11,6 +11,7 @@ from motfusion.cli.common import (
     add_ckpt_argument,
     add_config_arguments,
     add_device_argument,
+    add_guidance_argument,
     add_sample_arguments,
     config_from_args,
     device_of,
@@ -86,7 +87,7 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
     p.add_argument("--sample-steps", type=int, default=50, help="denoising steps for the evaluation samples")
-    p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    add_guidance_argument(p)
     p.add_argument("--n-eval", type=int, default=64, help="held-out prompts and images per metric")
 
 

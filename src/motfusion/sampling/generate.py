@@ -16,7 +16,7 @@ to units) and `transcribe` (units to text) are the entry points for a modality s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,7 +45,7 @@ from motfusion.tokenizer import Tokenizer
 class SampleConfig:
     steps: int = 50  # denoising steps
     sampler: str = "auto"  # ddim for DDPM, euler for flow; or ddpm
-    guidance: float = 3.0  # classifier-free guidance scale; 1 = off
+    guidance: float | None = None  # classifier-free guidance scale, 1 = off; None: objective.guidance
     max_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -84,6 +84,8 @@ class Generator:
         image_repr(cfg), on the model's device), pixels by default."""
         self.model, self.tok = model.eval(), tokenizer
         self.cfg = cfg or SampleConfig()
+        if self.cfg.guidance is None:  # the scale the run's recipe chose for its model
+            self.cfg = replace(self.cfg, guidance=objective.guidance)
         self.process = make_process(objective.diffusion, objective.num_timesteps)
         auto = "euler" if objective.diffusion == "flow" else "ddim"
         self.sampler_name = auto if self.cfg.sampler == "auto" else self.cfg.sampler
