@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | guidance | full | seeds | grid | levers | long | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | guidance | full | seeds | grid | levers | long | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -87,6 +87,16 @@ local_cond() {  # model.unet_local: each patch's hidden state conditions the up 
     done
 }
 
+heads() {  # at the recipe's guidance 8: 8 heads of 16 instead of 4 of 32 (same FLOPs), 70% scenes of 2-3 objects
+    local G8="objective.guidance=8" run
+    for run in "heads8 model.n_heads=8" "heads8_seed1 model.n_heads=8 train.seed=1" \
+        "heads8_seed2 model.n_heads=8 train.seed=2" "multi70 data.single_object_prob=0.3"; do
+        set -- $run
+        local name=$1; shift
+        demo "$name" 1400 "$@" $G8 && $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
+    done
+}
+
 guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at other guidance scales
     mkdir -p "$R/guidance"
     for g in 2 3 5 8 12 16; do
@@ -94,6 +104,9 @@ guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at ot
     done
     for run in runs/demo "$R/bf16_1400_seed1" "$R/bf16_1400_seed2" "$R/demo-long"; do
         $M eval --ckpt "$run" --n 256 --val-batches 0 --guidance 8 --out "$R/guidance/$(basename "$run")_g8_n256.json"
+    done
+    for steps in 25 100; do  # Euler steps at guidance 8 (the recipe's scale now)
+        $M eval --ckpt runs/demo --n 256 --val-batches 0 --guidance 8 --steps $steps --out "$R/guidance/demo_s$steps.json"
     done
 }
 
@@ -112,6 +125,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|guidance|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|guidance|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
 esac
