@@ -439,8 +439,8 @@ class Prefetcher:
     The step's kernels release the GIL, so drawing, rendering and packing documents (numpy and
     Python, about 20% of the demo recipe's CPU step) can overlap with them; on 2 CPU cores, which the
     step's own threads mostly fill, it gained about 4% (docs/RESULTS.md). The batches and their
-    order are the Packer's own; `state_dict()` is the state after the last batch handed out, not after the one
-    being built, so a checkpoint resumes exactly where training was.
+    order are the Packer's own; `state_dict()` is the state after the last batch handed out, not
+    after the one being built, so a checkpoint resumes exactly where training was.
     """
 
     def __init__(self, packer: Packer):
