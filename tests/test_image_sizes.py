@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from motfusion.config import Config
-from motfusion.models.layers import grid_positions
-from motfusion.models.transfusion import TransfusionModel
+from motfusion.models.layers import apply_rope, grid_positions, rope_angles
+from motfusion.models.transfusion import TransfusionModel, grid_rope_positions
 from motfusion.objectives import GlobalBatch, TransfusionObjective
 from motfusion.recipes import get_recipe
 from motfusion.sequence import Image, Text, collate, encode_document
@@ -165,3 +165,54 @@ def test_grid_pos_moves_the_image_tokens_and_old_configs_load_without_it(tok):
     del saved["model"]["grid_pos"]
     assert Config.from_dict(saved).model.grid_pos is False
     assert Config.from_dict(cfg.to_dict()).model.grid_pos is True
+
+
+def test_rope_2d_positions_are_row_and_column_from_the_image_start(tok):
+    """Each patch of each image (three sizes, some not square) gets (p0 + row, p0 + column); text and
+    markers keep their 1D position on both halves."""
+    b, _ = mixed(tok)
+    rows, cols = grid_rope_positions(b, list(b.groups()), 4)
+    pos, seen = b.pos.flatten(), torch.zeros(b.pos.numel(), dtype=torch.bool)
+    for _, _, W, idx in b.groups():
+        for image in idx:
+            p0, i = pos[image[0]], torch.arange(len(image))
+            assert torch.equal(rows.flatten()[image], p0 + i // (W // 4))
+            assert torch.equal(cols.flatten()[image], p0 + i % (W // 4))
+            seen[image] = True
+    assert torch.equal(rows.flatten()[~seen], pos[~seen]) and torch.equal(cols.flatten()[~seen], pos[~seen])
+
+
+def test_rope_2d_scores_depend_on_the_row_and_column_offset():
+    """q . k after 2D RoPE is the same for any two pairs of positions with the same (row, column)
+    offset, and 1D RoPE when both axes hold the same position."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 1, 1, 1, 16, generator=g).unbind(0)  # (1, 1, 1, 16): B, T, H, hd
+
+    def score(qa, qb, ka, kb):
+        rq = rope_angles(torch.tensor([[qa]]), 16, 100.0, torch.tensor([[qb]]))
+        rk = rope_angles(torch.tensor([[ka]]), 16, 100.0, torch.tensor([[kb]]))
+        return (apply_rope(q, *rq) * apply_rope(k, *rk)).sum()
+
+    torch.testing.assert_close(score(5, 7, 6, 9), score(12, 3, 13, 5))  # offset (1, 2) both times
+    assert (score(5, 7, 6, 9) - score(5, 7, 7, 8)).abs() > 1e-3  # offsets (1, 2) and (2, 1) differ
+    one_d = rope_angles(torch.tensor([[4, 9]]), 16, 100.0)
+    for a, b in zip(one_d, rope_angles(torch.tensor([[4, 9]]), 16, 100.0, torch.tensor([[4, 9]]))):
+        torch.testing.assert_close(a, b)
+
+
+def test_rope_2d_moves_image_tokens_only(tok):
+    """With the same weights, model.rope_2d changes every image's prediction, and nothing of a
+    text-only batch."""
+    cfg = get_recipe("debug")
+    torch.manual_seed(0)
+    model = TransfusionModel(cfg.model, tok.vocab_size).eval()
+    torch.nn.init.normal_(model.image.proj_out.weight, std=0.05)
+    b, _ = mixed(tok)
+    text = collate([[encode_document([Text("only words here")], tok, 4)]], 32, tok.pad)
+    t = torch.full((len(SIZES),), 500.0)
+    with torch.no_grad():
+        before = model(b, b.images, t).image, model(text, text.images, t[:0]).hidden
+        model.cfg = dataclasses.replace(cfg.model, rope_2d=True)
+        after = model(b, b.images, t).image, model(text, text.images, t[:0]).hidden
+    assert (before[0] - after[0]).abs().flatten(1).max(dim=1).values.min() > 1e-4
+    torch.testing.assert_close(before[1], after[1], atol=0, rtol=0)

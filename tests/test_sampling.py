@@ -32,6 +32,16 @@ def test_image_cache_equals_recompute(model, tok, cfg):
     assert a.std() > 0.05
 
 
+def test_image_cache_equals_recompute_with_2d_rope(tok, cfg):
+    """model.rope_2d: the image positions of a cached denoising step get the same rows and columns as
+    in a full recomputation."""
+    cfg.model.rope_2d = True
+    torch.manual_seed(0)
+    m = TransfusionModel(cfg.model, tok.vocab_size)
+    torch.nn.init.normal_(m.image.proj_out.weight, std=0.05)
+    test_image_cache_equals_recompute(m.eval(), tok, cfg)
+
+
 @torch.no_grad()
 def test_text_cache_equals_recompute_logits(model, tok, cfg):
     """Step by step, the cached logits equal those of re-running the whole sequence."""

@@ -46,6 +46,10 @@ class ModelConfig:
     # A fixed 2D sin-cos embedding of each patch's row and column, added to the image tokens (DiT). Saved
     # configs from before it existed load with False (Config.from_dict), so their weights mean the same.
     grid_pos: bool = True
+    # 2D rotary positions for image tokens (M-RoPE without its time axis): half the frequency pairs turn
+    # with the patch's row, half with its column, both counted from the image's first position; text
+    # keeps its 1D positions on both halves. Continuous images only (VQ codes stay a 1D sequence).
+    rope_2d: bool = False
     image_channels: int = 3
     vae: str = (
         ""  # with data.image_repr=latents: a motfusion train-vae directory or a diffusers AutoencoderKL one

@@ -29,10 +29,19 @@ class SwiGLU(nn.Module):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
-def rope_angles(pos: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for integer positions `pos` (any shape) -> (*pos.shape, head_dim // 2) each."""
+def rope_angles(
+    pos: torch.Tensor, head_dim: int, theta: float, pos2: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin for integer positions `pos` (any shape) -> (*pos.shape, head_dim // 2) each.
+
+    With `pos2` (pos's shape): 2D RoPE, the odd frequency pairs turn with pos2 instead, so each axis
+    keeps a spread of frequencies. Where pos2 == pos it is the 1D rotation."""
     freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
-    angles = pos.float()[..., None] * freqs  # (..., head_dim // 2)
+    pos = pos.float()[..., None]
+    if pos2 is not None:
+        odd = torch.arange(head_dim // 2, device=pos.device) % 2 == 1
+        pos = torch.where(odd, pos2.float()[..., None], pos)  # (..., head_dim // 2)
+    angles = pos * freqs
     return angles.cos(), angles.sin()
 
 

@@ -59,6 +59,22 @@ def build_patcher(cfg: ModelConfig) -> LinearPatcher | UNetPatcher:
     return LinearPatcher(cfg.image_channels, cfg.patch_size, cfg.dim)
 
 
+def grid_rope_positions(batch: Batch, groups: list, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """model.rope_2d: the (B, T) positions of the two halves of RoPE's frequency pairs. A patch in
+    row r, column c of an image whose first patch sits at position p0 gets p0 + r and p0 + c, so
+    attention between patches sees their offset in rows and columns; every other position keeps its
+    own on both halves. `groups`: batch.groups()."""
+    flat = batch.pos.flatten()
+    rows, cols = flat, flat
+    for _, _, W, idx in groups:
+        i = torch.arange(idx.shape[1], device=idx.device)
+        p0 = flat[idx[:, :1]]  # (n, 1) each image's first position
+        at = (idx.flatten(),)
+        rows = rows.index_put(at, (p0 + i // (W // patch_size)).flatten())
+        cols = cols.index_put(at, (p0 + i % (W // patch_size)).flatten())
+    return rows.view_as(batch.pos), cols.view_as(batch.pos)
+
+
 class TransfusionModel(nn.Module):
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
@@ -129,7 +145,10 @@ class TransfusionModel(nn.Module):
         keys = cache.meta.cat(meta) if past else meta
         backend = "sdpa" if cache is not None else resolve_backend(self.cfg.attention_backend, h.device)
         mask = build_mask(backend, meta, keys, self.cfg.image_attention == "bidirectional")
-        rope = rope_angles(batch.pos, self.cfg.head_dim, self.cfg.rope_theta)  # (B, T, hd / 2) each
+        pos, pos2 = batch.pos, None
+        if self.cfg.rope_2d:
+            pos, pos2 = grid_rope_positions(batch, groups, self.cfg.patch_size)
+        rope = rope_angles(pos, self.cfg.head_dim, self.cfg.rope_theta, pos2)  # (B, T, hd / 2) each
         route = self.backbone.route(batch.modality_index)
 
         moes = [m for m in self.backbone.modules() if isinstance(m, MoEFFN)]
