@@ -64,6 +64,7 @@ def run_cfg(*overrides: str):
 
 ALIGN = ["objective.contrastive_weight=0.5", "model.align_dim=16"]
 EDIT = ["data.dataset=shapes-edit", "data.edit_share=1.0"]  # clean source images: no noise, no loss
+MUON = "train.optimizer=muon"
 
 
 def curve(run_dir: Path, extra: tuple[str, ...] = ()) -> list[list[float]]:
@@ -140,6 +141,7 @@ def _rank_main(rank: int, port: int, root: Path) -> None:
         train(run_cfg("train.parallel=fsdp"), root / "fsdp")
         train(run_cfg("train.parallel=fsdp", *ALIGN), root / "fsdp_align")
         train(run_cfg("train.parallel=fsdp", *EDIT), root / "fsdp_edit")
+        train(run_cfg("train.parallel=fsdp", MUON), root / "fsdp_muon")
         train(run_cfg("train.parallel=fsdp"), root / "one_to_fsdp", resume=True)
         train(run_cfg("train.parallel=ddp"), root / "one_to_ddp", resume=True)
         for mode in ("ddp", "fsdp"):
@@ -184,11 +186,13 @@ def runs(tmp_path_factory) -> Path:
     train(run_cfg(), root / "one")
     train(run_cfg(*ALIGN), root / "one_align")
     train(run_cfg(*EDIT), root / "one_edit")
+    train(run_cfg(MUON), root / "one_muon")
     rewind(root / "one", root / "one_to_fsdp")
     rewind(root / "one", root / "one_to_ddp")
     spawn_two_ranks(root)
     for mode in ("ddp", "fsdp"):
         train(run_cfg(f"train.parallel={mode}"), rewind(root / mode, root / f"{mode}_to_one"), resume=True)
+    train(run_cfg(MUON), rewind(root / "fsdp_muon", root / "fsdp_muon_to_one"), resume=True)
     return root
 
 
@@ -209,6 +213,15 @@ def test_contrastive_loss_over_two_ranks_is_that_of_one_process(runs):
 def test_editing_over_two_ranks_is_that_of_one_process(runs):
     """Edit documents: the clean sources are counted out of the image loss over the global batch."""
     assert_same_curve(curve(runs / "fsdp_edit"), curve(runs / "one_edit"))
+
+
+def test_muon_over_two_sharded_ranks_is_that_of_one_process(runs):
+    """train.optimizer=muon under FSDP: each rank orthogonalizes the whole matrix and keeps its shard;
+    its sharded momentum buffers resume in one process."""
+    one = curve(runs / "one_muon")
+    assert_same_curve(curve(runs / "fsdp_muon"), one)
+    assert_same_curve(curve(runs / "fsdp_muon_to_one"), one)
+    assert curve(runs / "one")[-1] != one[-1]
 
 
 def test_fsdp_gives_the_losses_of_ddp(runs):

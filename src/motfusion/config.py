@@ -281,6 +281,9 @@ class TrainConfig(TrackingConfig):
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
+    optimizer: str = (
+        "adamw"  # or muon: Muon on the backbone's weight matrices, AdamW on the rest (training/muon.py)
+    )
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of the weights' moving average that sampling uses (0: none); training/ema.py
     init_from: str = ""  # a run or checkpoint whose weights (not optimizer, not step) a new run starts from
@@ -308,6 +311,9 @@ class TrainConfig(TrackingConfig):
         _check(
             0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0,
             f"train.beta1={self.beta1} and train.beta2={self.beta2} must be in [0, 1)",
+        )
+        _check(
+            self.optimizer in ("adamw", "muon"), f"train.optimizer={self.optimizer!r}: choose adamw or muon"
         )
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0: no clipping)")
         _check(

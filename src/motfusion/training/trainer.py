@@ -73,6 +73,7 @@ from motfusion.training.files import RunLock, check_writable_dir, write_json
 from motfusion.training.flops import BatchFlops, FlopCounter, peak_flops
 from motfusion.training.logging import TrainLogger
 from motfusion.training.loop import cosine_lr
+from motfusion.training.muon import MuonAdamW
 from motfusion.training.parallelize import autocast, parallel_mode, parallelize, resolve_precision
 from motfusion.training.signals import StopSignal
 
@@ -119,8 +120,27 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.AdamW:
+def muon_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """param_groups, with the backbone blocks' weight matrices (attention and FFN, every tower) in a
+    group of their own that Muon steps (training/muon.py)."""
+    hidden = {id(p) for name, p in model.named_parameters() if "backbone.blocks." in name and p.ndim == 2}
+    groups = []
+    for group in param_groups(model, weight_decay):
+        for muon in (True, False):
+            params = [p for p in group["params"] if (id(p) in hidden) == muon]
+            if params:
+                groups.append({**group, "params": params, "muon": muon})
+    return groups
+
+
+def build_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    """train.optimizer: AdamW on every parameter, or Muon on the backbone's weight matrices and AdamW
+    on the rest (same lr, schedule and weight decay)."""
     try:
+        if tcfg.optimizer == "muon":
+            return MuonAdamW(
+                muon_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2)
+            )
         return torch.optim.AdamW(
             param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=True
         )  # one kernel for all parameters: MoT has 2-3x dense's tensors
