@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | guidance | full | seeds | grid | levers | long | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -97,6 +97,20 @@ heads() {  # at the recipe's guidance 8: 8 heads of 16 instead of 4 of 32 (same 
     done
 }
 
+rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image tokens (model.rope_2d); n = 64 only
+    demo rope2d_seed0 1400 model.rope_2d=true train.seed=0 objective.guidance=8
+    demo rope2d_seed1 1400 model.rope_2d=true train.seed=1 objective.guidance=8
+}
+
+muon() {  # at the recipe's guidance 8: Muon on the backbone's matrices (train.optimizer=muon), seeds 0 and 1
+    local name seed
+    for seed in 0 1; do
+        name=muon_seed$seed
+        demo "$name" 1400 train.optimizer=muon train.seed=$seed objective.guidance=8 &&
+            $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
+    done
+}
+
 guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at other guidance scales
     mkdir -p "$R/guidance"
     for g in 2 3 5 8 12 16; do
@@ -125,6 +139,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|heads|guidance|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|eval" >&2; exit 2 ;;
 esac
