@@ -75,3 +75,13 @@ def test_speech_table_reads_both_judges(tmp_path, capsys):
     speech_table.main([str(run)])
     last = capsys.readouterr().out.splitlines()[-1]
     assert last == "| k100 | 1500 | 100 | 0.010 | 0.020 | 0.080 | 0.060 | 0.090 | 0.970 | 0.720 |"
+
+
+def test_optimizer_bench_writes_both_optimizers(tmp_path):
+    """benchmarks/optimizer.py: AdamW and Muon step times of the demo recipe, and their ratio."""
+    import optimizer
+
+    optimizer.main(["--repeats", "1", "--threads", "1", "--precision", "fp32", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "optimizer.json").read_text())
+    assert saved["step_ms"]["adamw"] > 0 and saved["step_ms"]["muon"] > 0
+    assert saved["muon_over_adamw"] == round(saved["step_ms"]["muon"] / saved["step_ms"]["adamw"], 3)

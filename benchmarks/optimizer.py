@@ -1,0 +1,72 @@
+"""AdamW against Muon (train.optimizer) on the demo recipe's train step: what Muon's Newton-Schulz
+iterations cost.
+
+    python benchmarks/optimizer.py [--repeats 6] [--threads 2] [--precision bf16] [--out benchmarks/results]
+
+One optimizer update of the demo recipe (forward, Transfusion loss, backward, clipping, the
+optimizer) on the same packed batches, blocks of 4 steps of each optimizer in turn in one process,
+so load on the host hits both alike. Writes OUT/optimizer.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench import machine, setup  # noqa: E402
+
+BATCHES = 4
+OPTIMIZERS = ("adamw", "muon")
+
+
+def measure(repeats: int, precision: str) -> dict[str, float]:
+    """Median ms of a demo-recipe train step with each optimizer, after one warmup block."""
+    steps = {name: setup("demo", [f"train.optimizer={name}"], batches=BATCHES).step for name in OPTIMIZERS}
+    times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
+    for block in range(1 + repeats):
+        for name, step in steps.items():
+            for _ in range(BATCHES):
+                start = time.perf_counter()
+                step(precision)
+                if block:
+                    times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(kept) for name, kept in times.items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=6)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", default="bf16", choices=("fp32", "bf16"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ms = measure(args.repeats, args.precision)
+    ratio = ms["muon"] / ms["adamw"]
+    result = {
+        "machine": machine(),
+        "threads": args.threads,
+        "precision": args.precision,
+        "step_ms": {k: round(v, 1) for k, v in ms.items()},
+        "muon_over_adamw": round(ratio, 3),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "optimizer.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(
+        f"demo recipe train step, {args.threads} threads, {args.precision}, medians of {args.repeats * BATCHES}\n"
+    )
+    print("| optimizer | step ms |\n|---|---|")
+    for name in OPTIMIZERS:
+        print(f"| {name} | {ms[name]:.0f} |")
+    print(f"\nmuon / adamw: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
