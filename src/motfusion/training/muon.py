@@ -69,7 +69,11 @@ class MuonAdamW(torch.optim.Optimizer):
         super().__init__(groups, defaults)
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None) -> None:
+        """`closure` must be None (torch.distributed.checkpoint passes it so, stepping once to create
+        the state it loads into); the training loop has none."""
+        if closure is not None:
+            raise ValueError("MuonAdamW.step takes no closure")
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if params:
