@@ -103,10 +103,11 @@ rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image toke
 }
 
 muon() {  # at the recipe's guidance 8: Muon on the backbone's matrices (train.optimizer=muon), seeds 0-2,
-    # a learning rate of 3e-3, and 25% captioning documents instead of 30% (seeds 0 and 2)
+    # a learning rate of 3e-3, and 25% captioning documents instead of 30% (seeds 0-2)
     local run name
     for run in "muon_seed0 train.seed=0" "muon_seed1 train.seed=1" "muon_seed2 train.seed=2" "muon_lr3 train.lr=3e-3" \
-        "muon_cap25_seed0 data.caption_first_prob=0.75" "muon_cap25_seed2 data.caption_first_prob=0.75 train.seed=2"; do
+        "muon_cap25_seed0 data.caption_first_prob=0.75" "muon_cap25_seed1 data.caption_first_prob=0.75 train.seed=1" \
+        "muon_cap25_seed2 data.caption_first_prob=0.75 train.seed=2"; do
         set -- $run
         name=$1; shift
         demo "$name" 1400 train.optimizer=muon objective.guidance=8 "$@" &&
