@@ -4,40 +4,33 @@ iterations cost.
     python benchmarks/optimizer.py [--repeats 6] [--threads 2] [--precision bf16] [--out benchmarks/results]
 
 One optimizer update of the demo recipe (forward, Transfusion loss, backward, clipping, the
-optimizer) on the same packed batches, blocks of 4 steps of each optimizer in turn in one process,
-so load on the host hits both alike. Writes OUT/optimizer.json and prints a markdown table.
+optimizer) on the same packed batches, one step of each optimizer in turn in one process
+(bench.interleaved_ms), so load on the host hits both alike. Writes OUT/optimizer.json and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import machine, setup  # noqa: E402
+from bench import interleaved_ms, machine, setup  # noqa: E402
 
 BATCHES = 4
 OPTIMIZERS = ("adamw", "muon")
 
 
 def measure(repeats: int, precision: str) -> dict[str, float]:
-    """Median ms of a demo-recipe train step with each optimizer, after one warmup block."""
+    """Median ms of a demo-recipe train step with each optimizer, one step of each in turn (each
+    setup rotates through its own BATCHES batches), after a warmup of BATCHES steps."""
     steps = {name: setup("demo", [f"train.optimizer={name}"], batches=BATCHES).step for name in OPTIMIZERS}
-    times: dict[str, list[float]] = {name: [] for name in OPTIMIZERS}
-    for block in range(1 + repeats):
-        for name, step in steps.items():
-            for _ in range(BATCHES):
-                start = time.perf_counter()
-                step(precision)
-                if block:
-                    times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(kept) for name, kept in times.items()}
+    return interleaved_ms(
+        {name: lambda step=step: step(precision) for name, step in steps.items()}, BATCHES, repeats * BATCHES
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -88,14 +88,14 @@ def demo() -> Config:
     0.5): stated positions right 0.18 -> 0.66. train.precision=auto trains in bf16 where the CPU has
     AMX (about 0.84 of fp32's step time over a run; fp32 elsewhere, where bf16 is slower). 1,400
     steps was what fit in the 15 minutes beside set-up and evaluation on a slow day of the 2-core
-    host with AdamW (0.54 s per step in bf16; 1,500 steps took 15 min 14 s). The model is sampled with guidance
-    8 (objective.guidance): single-object prompts right 0.749 against 0.689 at 3, on each of three
-    seeds, prompts of all forms the same (0.366 / 0.372). Muon steps the backbone's matrices
-    (train.optimizer=muon), AdamW the rest: over three seeds (n = 256, guidance 8) caption_accuracy
-    0.724 -> 0.829 (every seed >= 0.797), geneval 0.366 -> 0.410, geneval_single 0.749 -> 0.779
-    (0.918 and 0.848 on two seeds, 0.570 on the third, which did not learn stated positions). Its
-    train step is 1.15 times AdamW's (benchmarks/optimizer.py): a fresh clone took 13 min 58 s,
-    and a slow stretch of the host would take about 17 minutes.
+    host with AdamW (0.54 s per step in bf16; 1,500 steps took 15 min 14 s). The model is sampled
+    with guidance 8 (objective.guidance): single-object prompts right 0.749 against 0.689 at 3, on
+    each of three seeds, prompts of all forms the same (0.366 / 0.372). Muon steps the backbone's
+    matrices (train.optimizer=muon), AdamW the rest: over three seeds (n = 256, guidance 8)
+    caption_accuracy 0.724 -> 0.829 (every seed >= 0.797), geneval 0.366 -> 0.410, geneval_single
+    0.749 -> 0.779 (0.918 and 0.848 on two seeds, 0.570 on the third, which did not learn stated
+    positions). Its train step is 1.17 times AdamW's (benchmarks/optimizer.py): a fresh clone took
+    13 min 58 s, and a slow stretch of the host would take about 17 minutes.
     """
     return Config(
         model=ModelConfig(
