@@ -96,8 +96,8 @@ def demo() -> Config:
     0.749 -> 0.779 (0.918 and 0.848 on two seeds, 0.570 on the third, which did not learn stated
     positions). With Muon, 25% captioning documents instead of 30% taught stated positions on every
     seed: 0.866 +- 0.020 / 0.462 +- 0.022 / 0.814 +- 0.010. Muon's train step is 1.17 times AdamW's
-    (benchmarks/optimizer.py): a fresh clone took 13 min 58 s, and a slow stretch of the host would
-    take about 17 minutes.
+    (benchmarks/optimizer.py): a fresh clone took 13 min 15 s (fp32, no AMX) and 13 min 58 s (bf16,
+    AMX), and a slow stretch of the host would take about 17 minutes.
     """
     return Config(
         model=ModelConfig(
