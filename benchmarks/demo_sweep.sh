@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -134,6 +134,21 @@ long() {  # today's demo-long (n = 64 in its report, then 256), and the one of b
     $M demo --recipe demo-long --out "$R/demo-long-v1" --n-eval 256 train.tensorboard=false $PREV
 }
 
+size08() {  # today's recipe (Muon, 25% captioning) with sizes stated in 80% of the captions, seeds 0-2, n = 256
+    local seed
+    for seed in 0 1 2; do
+        demo "cap25_size08_seed$seed" 1400 objective.guidance=8 data.caption_size_prob=0.8 train.seed=$seed &&
+            $M eval --ckpt "$R/cap25_size08_seed$seed" --n 256 --val-batches 2 --out "$R/cap25_size08_seed$seed/eval_n256.json"
+    done
+}
+
+guidance_muon() {  # today's make demo model (runs/demo: Muon, 25% captioning) at guidance 5 and 12 (8: its own n = 256 eval)
+    mkdir -p "$R/guidance"
+    for g in 5 12; do
+        $M eval --ckpt runs/demo --n 256 --val-batches 0 --guidance $g --out "$R/guidance/demo_cap25_g$g.json"
+    done
+}
+
 long_muon() {  # demo-long with make demo's Muon and 25% captioning documents; n = 256 at guidance 3 and 8
     $M demo --recipe demo-long --out "$R/demo-long-muon" train.tensorboard=false train.optimizer=muon data.caption_first_prob=0.75
     for g in 3 8; do
@@ -150,6 +165,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|eval" >&2; exit 2 ;;
 esac
