@@ -74,34 +74,24 @@ def small() -> Config:
 def demo() -> Config:
     """The default `motfusion demo`: about 15 minutes on a 2-core laptop CPU, set-up included.
 
-    Chosen by the sweep in docs/RESULTS.md ("The demo recipe"). 32px scenes (at 16px a small object
-    is 4-5 px and circles, squares and triangles look alike) through the U-Net patcher at patch 8:
-    16 tokens per image, crisp objects. Its up blocks also read the image's mean hidden state
-    (model.unet_pooled): without that path the U-Net's skip connections drew plausible objects in
-    random colors and the caption did not reach the pixels. The image tokens carry their row and
-    column (model.grid_pos, on by default): with the sequence's 1D positions alone the shapes came out
-    as blends of circle and square (single-object shape 0.55 -> 0.91). A BPE trained on the captions
-    (data.tokenizer=bpe:512) makes each word one token, sampling uses the weights' moving average
-    (train.ema), and rectified flow learns layouts and colors where DDPM still gave patch noise.
-    25% of the documents put the image first (captioning), not Transfusion's 20% (below). Every
-    caption states an object's position when it is clearly in one region
-    (data.caption_position_prob=1, not 0.5): stated positions right 0.18 -> 0.66; and its size in
-    80% of them (data.caption_size_prob=0.8, not 0.5): over three seeds stated sizes right 0.76 ->
-    0.94 and geneval_single 0.866 -> 0.957 +- 0.007 (n = 256), while prompts that state no size
-    stay right (the evaluation's prompts state it half the time). train.precision=auto trains in
-    bf16 where the CPU has AMX (about 0.84 of fp32's step time over a run; fp32 elsewhere, where
-    bf16 is slower). 1,400
-    steps was what fit in the 15 minutes beside set-up and evaluation on a slow day of the 2-core
-    host with AdamW (0.54 s per step in bf16; 1,500 steps took 15 min 14 s). The model is sampled
-    with guidance 8 (objective.guidance): single-object prompts right 0.749 against 0.689 at 3, on
-    each of three seeds, prompts of all forms the same (0.366 / 0.372). Muon steps the backbone's
-    matrices (train.optimizer=muon), AdamW the rest: over three seeds (n = 256, guidance 8)
-    caption_accuracy 0.724 -> 0.829 (every seed >= 0.797), geneval 0.366 -> 0.410, geneval_single
-    0.749 -> 0.779 (0.918 and 0.848 on two seeds, 0.570 on the third, which did not learn stated
-    positions). With Muon, 25% captioning documents instead of 30% taught stated positions on every
-    seed: 0.866 +- 0.020 / 0.462 +- 0.022 / 0.814 +- 0.010. Muon's train step is 1.17 times AdamW's
-    (benchmarks/optimizer.py): a fresh clone took 13 min 15 s (fp32, no AMX) and 13 min 58 s (bf16,
-    AMX), and a slow stretch of the host would take about 17 minutes.
+    Chosen by the sweep in docs/RESULTS.md ("The demo recipe"), one lever at a time:
+    - 32px scenes (at 16px circles, squares and triangles look alike) through the U-Net patcher at
+      patch 8: 16 tokens per image, crisp objects. Its up blocks also read the image's mean hidden
+      state (model.unet_pooled); without it the caption did not reach the pixels' colors.
+    - Image tokens know their row and column (model.grid_pos, the default): single-object shape
+      0.55 -> 0.91. A BPE trained on the captions (data.tokenizer=bpe:512), sampling from the
+      weights' moving average (train.ema), rectified flow (DDPM still gave patch noise).
+    - Captions state every clear position (data.caption_position_prob=1): stated positions right
+      0.18 -> 0.66; and sizes in 80% of them (data.caption_size_prob=0.8): stated sizes 0.76 ->
+      0.94, geneval_single 0.866 +- 0.020 -> 0.957 +- 0.007 over three seeds (n = 256), prompts
+      that state no size still right.
+    - Muon for the backbone's matrices (train.optimizer=muon), AdamW for the rest: caption_accuracy
+      0.724 -> 0.829 over three seeds; its step costs 1.17 times AdamW's. With it, 25% captioning
+      documents (not 30%) taught stated positions on every seed.
+    - Guidance 8 at sampling (objective.guidance): single objects 0.749 against 0.689 at 3.
+    - train.precision=auto: bf16 where the CPU has AMX (0.84 of fp32's step time), fp32 elsewhere.
+    - 1,400 steps: what fits in the 15 minutes beside set-up and evaluation on a slow stretch of the
+      host. A fresh clone took 13 min 15 s (fp32, AMD without AMX) and 13 min 58 s (bf16, AMX).
     """
     return Config(
         model=ModelConfig(
