@@ -142,7 +142,7 @@ size08() {  # today's recipe (Muon, 25% captioning) with sizes stated in 80% of 
     done
 }
 
-guidance_muon() {  # today's make demo model (runs/demo: Muon, 25% captioning) at guidance 5 and 12 (8: its own n = 256 eval)
+guidance_muon() {  # runs/demo as make demo of its time made it (Muon, 25% captioning, sizes in half the captions) at guidance 5 and 12
     mkdir -p "$R/guidance"
     for g in 5 12; do
         $M eval --ckpt runs/demo --n 256 --val-batches 0 --guidance $g --out "$R/guidance/demo_cap25_g$g.json"
