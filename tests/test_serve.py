@@ -380,7 +380,7 @@ def test_serve_command_binds_localhost_and_prints_its_url(edit_run):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"},
     )
     try:
         line = proc.stdout.readline()
@@ -392,7 +392,11 @@ def test_serve_command_binds_localhost_and_prints_its_url(edit_run):
         assert status == 200 and "edit" in info["capabilities"]
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # once in a full suite it did not stop: say where it hung
+            proc.send_signal(signal.SIGABRT)  # faulthandler prints every thread's stack to stderr
+            out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0 and out.strip() == "stopped", (proc.returncode, out, err)
 
 
