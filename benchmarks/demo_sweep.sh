@@ -14,6 +14,13 @@ M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
 # Every row was sampled at guidance 3, the recipe's objective.guidance before it took 8.
 demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false objective.guidance=3 "$@"; }
+# A full-length run (1,400 steps), then its evaluation at n = 256; a run that fails is skipped.
+full256() {
+    local name=$1; shift
+    if demo "$name" 1400 "$@"; then
+        $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
+    fi
+}
 FP32="train.precision=fp32"                        # the recipe before train.precision=auto
 PREV="data.caption_position_prob=0.5 $FP32"         # ... and before descriptive captions
 OLD="model.grid_pos=false $PREV"
@@ -80,21 +87,16 @@ screen2() {  # 700 steps each on today's recipe; xpred700 was a one-off patch (d
 }
 
 local_cond() {  # model.unet_local: each patch's hidden state conditions the up blocks over its own pixels
-    for run in "local model.unet_local=true" "localonly model.unet_local=true model.unet_pooled=false"; do
-        set -- $run
-        local name=$1; shift
-        demo "$name" 1400 "$@" && $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
-    done
+    full256 local model.unet_local=true
+    full256 localonly model.unet_local=true model.unet_pooled=false
 }
 
 heads() {  # at the recipe's guidance 8: 8 heads of 16 instead of 4 of 32 (same FLOPs), 70% scenes of 2-3 objects
-    local G8="objective.guidance=8" run
-    for run in "heads8 model.n_heads=8" "heads8_seed1 model.n_heads=8 train.seed=1" \
-        "heads8_seed2 model.n_heads=8 train.seed=2" "multi70 data.single_object_prob=0.3"; do
-        set -- $run
-        local name=$1; shift
-        demo "$name" 1400 "$@" $G8 && $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
-    done
+    local G8="objective.guidance=8"
+    full256 heads8 model.n_heads=8 $G8
+    full256 heads8_seed1 model.n_heads=8 train.seed=1 $G8
+    full256 heads8_seed2 model.n_heads=8 train.seed=2 $G8
+    full256 multi70 data.single_object_prob=0.3 $G8
 }
 
 rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image tokens (model.rope_2d); n = 64 only
@@ -104,15 +106,14 @@ rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image toke
 
 muon() {  # at the recipe's guidance 8: Muon on the backbone's matrices (train.optimizer=muon), seeds 0-2,
     # a learning rate of 3e-3, and 25% captioning documents instead of 30% (seeds 0-2)
-    local run name
-    for run in "muon_seed0 train.seed=0" "muon_seed1 train.seed=1" "muon_seed2 train.seed=2" "muon_lr3 train.lr=3e-3" \
-        "muon_cap25_seed0 data.caption_first_prob=0.75" "muon_cap25_seed1 data.caption_first_prob=0.75 train.seed=1" \
-        "muon_cap25_seed2 data.caption_first_prob=0.75 train.seed=2"; do
-        set -- $run
-        name=$1; shift
-        demo "$name" 1400 train.optimizer=muon objective.guidance=8 "$@" &&
-            $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
-    done
+    local MUON="train.optimizer=muon objective.guidance=8" CAP25="data.caption_first_prob=0.75"
+    full256 muon_seed0 train.seed=0 $MUON
+    full256 muon_seed1 train.seed=1 $MUON
+    full256 muon_seed2 train.seed=2 $MUON
+    full256 muon_lr3 train.lr=3e-3 $MUON
+    full256 muon_cap25_seed0 $CAP25 $MUON
+    full256 muon_cap25_seed1 $CAP25 train.seed=1 $MUON
+    full256 muon_cap25_seed2 $CAP25 train.seed=2 $MUON
 }
 
 guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at other guidance scales
@@ -134,11 +135,10 @@ long() {  # today's demo-long (n = 64 in its report, then 256), and the one of b
     $M demo --recipe demo-long --out "$R/demo-long-v1" --n-eval 256 train.tensorboard=false $PREV
 }
 
-size08() {  # today's recipe (Muon, 25% captioning) with sizes stated in 80% of the captions, seeds 0-2, n = 256
+size08() {  # today's recipe (Muon, 25% captioning) with sizes stated in 80% of the captions, seeds 0-2
     local seed
     for seed in 0 1 2; do
-        demo "cap25_size08_seed$seed" 1400 objective.guidance=8 data.caption_size_prob=0.8 train.seed=$seed &&
-            $M eval --ckpt "$R/cap25_size08_seed$seed" --n 256 --val-batches 2 --out "$R/cap25_size08_seed$seed/eval_n256.json"
+        full256 "cap25_size08_seed$seed" objective.guidance=8 data.caption_size_prob=0.8 train.seed=$seed
     done
 }
 
@@ -149,11 +149,9 @@ guidance_muon() {  # runs/demo as make demo of its time made it (Muon, 25% capti
     done
 }
 
-long_muon() {  # demo-long with make demo's Muon and 25% captioning documents; n = 256 at guidance 3 and 8
+long_muon() {  # demo-long with make demo's Muon and 25% captioning documents (sizes in half the captions); n = 256
     $M demo --recipe demo-long --out "$R/demo-long-muon" train.tensorboard=false train.optimizer=muon data.caption_first_prob=0.75
-    for g in 3 8; do
-        $M eval --ckpt "$R/demo-long-muon" --n 256 --val-batches 2 --guidance $g --out "$R/demo-long-muon/eval_n256_g$g.json"
-    done
+    $M eval --ckpt "$R/demo-long-muon" --n 256 --val-batches 2 --guidance 3 --out "$R/demo-long-muon/eval_n256_g3.json"
 }
 
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
