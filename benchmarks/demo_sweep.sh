@@ -14,10 +14,10 @@ M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
 # Every row was sampled at guidance 3, the recipe's objective.guidance before it took 8.
 demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false objective.guidance=3 "$@"; }
-# A full-length run (1,400 steps), then its evaluation at n = 256; a run that fails is skipped.
+# A run of STEPS (make demo's 1,400 when "-"), then its evaluation at n = 256; a run that fails is skipped.
 full256() {
-    local name=$1; shift
-    if demo "$name" 1400 "$@"; then
+    local name=$1 steps=$2; shift 2
+    if demo "$name" "${steps/#-/1400}" "$@"; then
         $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
     fi
 }
@@ -87,16 +87,16 @@ screen2() {  # 700 steps each on today's recipe; xpred700 was a one-off patch (d
 }
 
 local_cond() {  # model.unet_local: each patch's hidden state conditions the up blocks over its own pixels
-    full256 local model.unet_local=true
-    full256 localonly model.unet_local=true model.unet_pooled=false
+    full256 local - model.unet_local=true
+    full256 localonly - model.unet_local=true model.unet_pooled=false
 }
 
 heads() {  # at the recipe's guidance 8: 8 heads of 16 instead of 4 of 32 (same FLOPs), 70% scenes of 2-3 objects
     local G8="objective.guidance=8"
-    full256 heads8 model.n_heads=8 $G8
-    full256 heads8_seed1 model.n_heads=8 train.seed=1 $G8
-    full256 heads8_seed2 model.n_heads=8 train.seed=2 $G8
-    full256 multi70 data.single_object_prob=0.3 $G8
+    full256 heads8 - model.n_heads=8 $G8
+    full256 heads8_seed1 - model.n_heads=8 train.seed=1 $G8
+    full256 heads8_seed2 - model.n_heads=8 train.seed=2 $G8
+    full256 multi70 - data.single_object_prob=0.3 $G8
 }
 
 rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image tokens (model.rope_2d); n = 64 only
@@ -107,13 +107,13 @@ rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image toke
 muon() {  # at the recipe's guidance 8: Muon on the backbone's matrices (train.optimizer=muon), seeds 0-2,
     # a learning rate of 3e-3, and 25% captioning documents instead of 30% (seeds 0-2)
     local MUON="train.optimizer=muon objective.guidance=8" CAP25="data.caption_first_prob=0.75"
-    full256 muon_seed0 train.seed=0 $MUON
-    full256 muon_seed1 train.seed=1 $MUON
-    full256 muon_seed2 train.seed=2 $MUON
-    full256 muon_lr3 train.lr=3e-3 $MUON
-    full256 muon_cap25_seed0 $CAP25 $MUON
-    full256 muon_cap25_seed1 $CAP25 train.seed=1 $MUON
-    full256 muon_cap25_seed2 $CAP25 train.seed=2 $MUON
+    full256 muon_seed0 - train.seed=0 $MUON
+    full256 muon_seed1 - train.seed=1 $MUON
+    full256 muon_seed2 - train.seed=2 $MUON
+    full256 muon_lr3 - train.lr=3e-3 $MUON
+    full256 muon_cap25_seed0 - $CAP25 $MUON
+    full256 muon_cap25_seed1 - $CAP25 train.seed=1 $MUON
+    full256 muon_cap25_seed2 - $CAP25 train.seed=2 $MUON
 }
 
 guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at other guidance scales
@@ -121,7 +121,7 @@ guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at ot
     for g in 2 3 5 8 12 16; do
         $M eval --ckpt runs/demo --n 128 --val-batches 0 --guidance $g --out "$R/guidance/demo_g$g.json"
     done
-    for run in runs/demo "$R/bf16_1400_seed1" "$R/bf16_1400_seed2" "$R/demo-long"; do
+    for run in runs/demo "$R/bf16_1400_seed1" "$R/bf16_1400_seed2" "$R/demo-long-adamw"; do
         $M eval --ckpt "$run" --n 256 --val-batches 0 --guidance 8 --out "$R/guidance/$(basename "$run")_g8_n256.json"
     done
     for steps in 25 100; do  # Euler steps at guidance 8 (the recipe's scale now)
@@ -129,16 +129,28 @@ guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at ot
     done
 }
 
-long() {  # today's demo-long (n = 64 in its report, then 256), and the one of before (demo-long-v1)
+long() {  # today's demo-long (n = 64 in its report, then 256 at its guidance 8 and at 3), the AdamW
+    # one of before (demo-long-adamw, guidance 3) and the one before that (demo-long-v1)
+    local ADAMW="train.optimizer=adamw data.caption_first_prob=0.7 data.caption_size_prob=0.5 objective.guidance=3"
     $M demo --recipe demo-long --out "$R/demo-long" train.tensorboard=false
     [ -f "$R/demo-long/eval_n256.json" ] || $M eval --ckpt "$R/demo-long" --n 256 --out "$R/demo-long/eval_n256.json"
-    $M demo --recipe demo-long --out "$R/demo-long-v1" --n-eval 256 train.tensorboard=false $PREV
+    [ -f "$R/demo-long/eval_n256_g3.json" ] || $M eval --ckpt "$R/demo-long" --n 256 --guidance 3 \
+        --out "$R/demo-long/eval_n256_g3.json"
+    $M demo --recipe demo-long --out "$R/demo-long-adamw" train.tensorboard=false $ADAMW
+    [ -f "$R/demo-long-adamw/eval_n256.json" ] || $M eval --ckpt "$R/demo-long-adamw" --n 256 \
+        --out "$R/demo-long-adamw/eval_n256.json"
+    $M demo --recipe demo-long --out "$R/demo-long-v1" --n-eval 256 train.tensorboard=false $ADAMW $PREV
+}
+
+depth() {  # make demo's recipe (Muon, guidance 8) with 6 and 8 layers, steps cut to its training time
+    full256 L6_muon 1220 model.n_layers=6 objective.guidance=8   # 1.15x make demo's step time, alone
+    full256 L8_muon 1080 model.n_layers=8 objective.guidance=8   # about 1.3x
 }
 
 size08() {  # today's recipe (Muon, 25% captioning) with sizes stated in 80% of the captions, seeds 0-2
     local seed
     for seed in 0 1 2; do
-        full256 "cap25_size08_seed$seed" objective.guidance=8 data.caption_size_prob=0.8 train.seed=$seed
+        full256 "cap25_size08_seed$seed" - objective.guidance=8 data.caption_size_prob=0.8 train.seed=$seed
     done
 }
 
@@ -149,8 +161,8 @@ guidance_muon() {  # runs/demo as make demo of its time made it (Muon, 25% capti
     done
 }
 
-long_muon() {  # demo-long with make demo's Muon and 25% captioning documents (sizes in half the captions); n = 256
-    $M demo --recipe demo-long --out "$R/demo-long-muon" train.tensorboard=false train.optimizer=muon data.caption_first_prob=0.75
+long_muon() {  # the first demo-long with Muon and 25% captioning documents: sizes in half the captions; n = 256
+    $M demo --recipe demo-long --out "$R/demo-long-muon" train.tensorboard=false data.caption_size_prob=0.5 objective.guidance=3
     $M eval --ckpt "$R/demo-long-muon" --n 256 --val-batches 2 --guidance 3 --out "$R/demo-long-muon/eval_n256_g3.json"
 }
 
@@ -163,6 +175,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|eval" >&2; exit 2 ;;
 esac
