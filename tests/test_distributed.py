@@ -64,7 +64,8 @@ def run_cfg(*overrides: str):
 
 ALIGN = ["objective.contrastive_weight=0.5", "model.align_dim=16"]
 EDIT = ["data.dataset=shapes-edit", "data.edit_share=1.0"]  # clean source images: no noise, no loss
-MUON = "train.optimizer=muon"
+# Muon on the backbone and on the U-Net's conv filters (train.muon_convs), under FSDP too
+MUON = ("train.optimizer=muon", "model.patcher=unet", "train.muon_convs=true")
 
 
 def curve(run_dir: Path, extra: tuple[str, ...] = ()) -> list[list[float]]:
@@ -141,7 +142,7 @@ def _rank_main(rank: int, port: int, root: Path) -> None:
         train(run_cfg("train.parallel=fsdp"), root / "fsdp")
         train(run_cfg("train.parallel=fsdp", *ALIGN), root / "fsdp_align")
         train(run_cfg("train.parallel=fsdp", *EDIT), root / "fsdp_edit")
-        train(run_cfg("train.parallel=fsdp", MUON), root / "fsdp_muon")
+        train(run_cfg("train.parallel=fsdp", *MUON), root / "fsdp_muon")
         train(run_cfg("train.parallel=fsdp"), root / "one_to_fsdp", resume=True)
         train(run_cfg("train.parallel=ddp"), root / "one_to_ddp", resume=True)
         for mode in ("ddp", "fsdp"):
@@ -186,13 +187,13 @@ def runs(tmp_path_factory) -> Path:
     train(run_cfg(), root / "one")
     train(run_cfg(*ALIGN), root / "one_align")
     train(run_cfg(*EDIT), root / "one_edit")
-    train(run_cfg(MUON), root / "one_muon")
+    train(run_cfg(*MUON), root / "one_muon")
     rewind(root / "one", root / "one_to_fsdp")
     rewind(root / "one", root / "one_to_ddp")
     spawn_two_ranks(root)
     for mode in ("ddp", "fsdp"):
         train(run_cfg(f"train.parallel={mode}"), rewind(root / mode, root / f"{mode}_to_one"), resume=True)
-    train(run_cfg(MUON), rewind(root / "fsdp_muon", root / "fsdp_muon_to_one"), resume=True)
+    train(run_cfg(*MUON), rewind(root / "fsdp_muon", root / "fsdp_muon_to_one"), resume=True)
     return root
 
 

@@ -54,6 +54,25 @@ def test_muon_update_matches_a_hand_computation():
     torch.testing.assert_close(b, b_ref, rtol=0, atol=0)
 
 
+def test_muon_steps_a_conv_filter_as_its_matrix():
+    """A conv filter (out, in, k, k) steps as the matrix (out, in k k) would, at 0.2 sqrt(in k k)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 2, 3, 3, generator=g).requires_grad_()
+    lr, decay = 0.01, 0.1
+    opt = MuonAdamW([{"params": [w], "weight_decay": decay, "muon": True}], lr=lr, betas=(0.9, 0.95))
+    expected, buf = w.detach().clone().flatten(1), torch.zeros(6, 18)
+    for _ in range(2):
+        gw = torch.randn(6, 2, 3, 3, generator=g)
+        w.grad = gw
+        opt.step()
+        buf = MOMENTUM * buf + gw.flatten(1)
+        update = orthogonalize(gw.flatten(1) + MOMENTUM * buf)
+        expected = expected * (1 - lr * decay) - lr * 0.2 * math.sqrt(18) * update
+    torch.testing.assert_close(w.detach(), expected.view(6, 2, 3, 3), rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="2-D weight matrices and 4-D conv filters"):
+        MuonAdamW([{"params": [torch.zeros(3, requires_grad=True)], "muon": True}], lr=lr, betas=(0.9, 0.95))
+
+
 def test_muon_steps_the_backbone_matrices_and_adamw_the_rest(tok):
     """Muon gets exactly the blocks' attention and FFN matrices of every tower; embeddings, heads,
     norms and the U-Net patcher stay on AdamW; decay as with AdamW alone."""
@@ -70,6 +89,24 @@ def test_muon_steps_the_backbone_matrices_and_adamw_the_rest(tok):
     assert sum(len(gr["params"]) for gr in opt.param_groups) == len(list(model.parameters()))
     with pytest.raises(ConfigError, match="train.optimizer"):
         get_recipe("debug").override(["train.optimizer=sgd"])
+
+
+def test_muon_convs_adds_the_unet_filters_but_stem_and_output(tok):
+    """train.muon_convs: Muon also gets every 4-D U-Net filter except the stem and the output conv."""
+    cfg = get_recipe("debug").override(
+        ["model.patcher=unet", "train.optimizer=muon", "train.muon_convs=true"]
+    )
+    model = TransfusionModel(cfg.model, tok.vocab_size)
+    opt = build_optimizer(model, cfg.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for gr in opt.param_groups if gr["muon"] for p in gr["params"]}
+    filters = {n for n, p in model.named_parameters() if n.startswith("image.") and p.ndim == 4}
+    assert {"image.stem.weight", "image.proj_out.weight"} < filters
+    backbone = {n for n, p in model.named_parameters() if n.startswith("backbone.blocks.") and p.ndim == 2}
+    assert muon == backbone | filters - {"image.stem.weight", "image.proj_out.weight"}
+    assert sum(len(gr["params"]) for gr in opt.param_groups) == len(list(model.parameters()))
+    with pytest.raises(ConfigError, match="train.muon_convs=true needs train.optimizer=muon"):
+        get_recipe("debug").override(["train.muon_convs=true"])
 
 
 def test_resume_with_muon_is_exact(tmp_path):

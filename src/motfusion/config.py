@@ -284,6 +284,9 @@ class TrainConfig(TrackingConfig):
     optimizer: str = (
         "adamw"  # or muon: Muon on the backbone's weight matrices, AdamW on the rest (training/muon.py)
     )
+    # With optimizer=muon: Muon also steps the U-Net patcher's conv filters (as out x in*k*k matrices),
+    # all but its stem and its zero-initialised output (docs/RESULTS.md, "Muon").
+    muon_convs: bool = False
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of the weights' moving average that sampling uses (0: none); training/ema.py
     init_from: str = ""  # a run or checkpoint whose weights (not optimizer, not step) a new run starts from
@@ -314,6 +317,10 @@ class TrainConfig(TrackingConfig):
         )
         _check(
             self.optimizer in ("adamw", "muon"), f"train.optimizer={self.optimizer!r}: choose adamw or muon"
+        )
+        _check(
+            not self.muon_convs or self.optimizer == "muon",
+            "train.muon_convs=true needs train.optimizer=muon",
         )
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0: no clipping)")
         _check(

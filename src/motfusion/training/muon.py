@@ -6,7 +6,8 @@ nearest semi-orthogonal matrix, which a few Newton-Schulz iterations approximate
 the update then moves by about as much, where Adam's is dominated by a few. The step is scaled to
 AdamW's update RMS (0.2 * sqrt(max(rows, cols)), "Muon is Scalable for LLM Training", Liu et al.,
 2025), so train.lr, the schedule and train.weight_decay keep their AdamW meaning. Embeddings, heads,
-norms, biases and the image patcher (convolutions) stay on AdamW, as in every Muon recipe.
+norms, biases and the image patcher stay on AdamW, as in every Muon recipe; with train.muon_convs the
+U-Net's conv filters join Muon, each as the matrix (out, in k k), as in Muon's CIFAR-10 runs.
 
 Under FSDP each rank orthogonalizes the whole matrix (gathered) and keeps its own shard of the
 result, so 2 ranks step as 1 process does.
@@ -63,8 +64,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self, groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], eps: float = 1e-8
     ):
         for group in groups:
-            if group.get("muon") and any(p.ndim != 2 for p in group["params"]):
-                raise ValueError("Muon steps 2-D weight matrices only")
+            if group.get("muon") and any(p.ndim not in (2, 4) for p in group["params"]):
+                raise ValueError("Muon steps 2-D weight matrices and 4-D conv filters only")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=0.0, muon=False)
         super().__init__(groups, defaults)
 
@@ -80,7 +81,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 (self._muon if group["muon"] else self._adamw)(group, params)
 
     def _muon(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
-        """Matrices of one shape are orthogonalized as one batch (MoT's towers have many alike)."""
+        """Matrices of one shape are orthogonalized as one batch (MoT's towers have many alike); a conv
+        filter (out, in, k, k) as the matrix (out, in k k)."""
         lr, decay = group["lr"], group["weight_decay"]
         by_shape: dict[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         for p in params:
@@ -92,10 +94,10 @@ class MuonAdamW(torch.optim.Optimizer):
             nesterov = p.grad.add(buf, alpha=MOMENTUM)
             by_shape.setdefault(tuple(p.shape), []).append((p, _whole(nesterov)))
         for shape, pairs in by_shape.items():
-            updates = orthogonalize(torch.stack([g for _, g in pairs]))
+            updates = orthogonalize(torch.stack([g.flatten(1) for _, g in pairs]))  # (n, out, in k k)
             for (p, _), update in zip(pairs, updates):
                 p.mul_(1 - lr * decay)
-                p.add_(_like(update, p), alpha=-lr * 0.2 * math.sqrt(max(shape)))
+                p.add_(_like(update.reshape(shape), p), alpha=-lr * 0.2 * math.sqrt(max(update.shape)))
 
     def _adamw(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
         for p in params:

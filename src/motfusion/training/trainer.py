@@ -120,10 +120,19 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def muon_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def muon_groups(model: nn.Module, weight_decay: float, convs: bool = False) -> list[dict[str, Any]]:
     """param_groups, with the backbone blocks' weight matrices (attention and FFN, every tower) in a
-    group of their own that Muon steps (training/muon.py)."""
+    group of their own that Muon steps (training/muon.py); `convs`: the U-Net's conv filters too,
+    all but the stem (it reads pixels) and the output (zero-initialised)."""
     hidden = {id(p) for name, p in model.named_parameters() if "backbone.blocks." in name and p.ndim == 2}
+    if convs:
+        hidden |= {
+            id(p)
+            for name, p in model.named_parameters()
+            if name.startswith("image.")
+            and p.ndim == 4
+            and not name.startswith(("image.stem.", "image.proj_out."))
+        }
     groups = []
     for group in param_groups(model, weight_decay):
         for muon in (True, False):
@@ -134,12 +143,14 @@ def muon_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, tcfg: TrainConfig) -> torch.optim.Optimizer:
-    """train.optimizer: AdamW on every parameter, or Muon on the backbone's weight matrices and AdamW
-    on the rest (same lr, schedule and weight decay)."""
+    """train.optimizer: AdamW on every parameter, or Muon on the backbone's weight matrices (and with
+    train.muon_convs the U-Net's filters) and AdamW on the rest (same lr, schedule and weight decay)."""
     try:
         if tcfg.optimizer == "muon":
             return MuonAdamW(
-                muon_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2)
+                muon_groups(model, tcfg.weight_decay, tcfg.muon_convs),
+                lr=tcfg.lr,
+                betas=(tcfg.beta1, tcfg.beta2),
             )
         return torch.optim.AdamW(
             param_groups(model, tcfg.weight_decay), lr=tcfg.lr, betas=(tcfg.beta1, tcfg.beta2), fused=True
