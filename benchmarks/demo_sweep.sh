@@ -14,10 +14,10 @@ M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
 # Every row was sampled at guidance 3, the recipe's objective.guidance before it took 8.
 demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false objective.guidance=3 "$@"; }
-# A run of STEPS (make demo's 1,400 when "-"), then its evaluation at n = 256; a run that fails is skipped.
+# A run of STEPS (make demo's are 1,400), then its evaluation at n = 256; a run that fails is skipped.
 full256() {
     local name=$1 steps=$2; shift 2
-    if demo "$name" "${steps/#-/1400}" "$@"; then
+    if demo "$name" "$steps" "$@"; then
         $M eval --ckpt "$R/$name" --n 256 --val-batches 2 --out "$R/$name/eval_n256.json"
     fi
 }
@@ -87,16 +87,16 @@ screen2() {  # 700 steps each on today's recipe; xpred700 was a one-off patch (d
 }
 
 local_cond() {  # model.unet_local: each patch's hidden state conditions the up blocks over its own pixels
-    full256 local - model.unet_local=true
-    full256 localonly - model.unet_local=true model.unet_pooled=false
+    full256 local 1400 model.unet_local=true
+    full256 localonly 1400 model.unet_local=true model.unet_pooled=false
 }
 
 heads() {  # at the recipe's guidance 8: 8 heads of 16 instead of 4 of 32 (same FLOPs), 70% scenes of 2-3 objects
     local G8="objective.guidance=8"
-    full256 heads8 - model.n_heads=8 $G8
-    full256 heads8_seed1 - model.n_heads=8 train.seed=1 $G8
-    full256 heads8_seed2 - model.n_heads=8 train.seed=2 $G8
-    full256 multi70 - data.single_object_prob=0.3 $G8
+    full256 heads8 1400 model.n_heads=8 $G8
+    full256 heads8_seed1 1400 model.n_heads=8 train.seed=1 $G8
+    full256 heads8_seed2 1400 model.n_heads=8 train.seed=2 $G8
+    full256 multi70 1400 data.single_object_prob=0.3 $G8
 }
 
 rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image tokens (model.rope_2d); n = 64 only
@@ -107,13 +107,13 @@ rope2d() {  # at the recipe's guidance 8: 2D rotary positions for the image toke
 muon() {  # at the recipe's guidance 8: Muon on the backbone's matrices (train.optimizer=muon), seeds 0-2,
     # a learning rate of 3e-3, and 25% captioning documents instead of 30% (seeds 0-2)
     local MUON="train.optimizer=muon objective.guidance=8" CAP25="data.caption_first_prob=0.75"
-    full256 muon_seed0 - train.seed=0 $MUON
-    full256 muon_seed1 - train.seed=1 $MUON
-    full256 muon_seed2 - train.seed=2 $MUON
-    full256 muon_lr3 - train.lr=3e-3 $MUON
-    full256 muon_cap25_seed0 - $CAP25 $MUON
-    full256 muon_cap25_seed1 - $CAP25 train.seed=1 $MUON
-    full256 muon_cap25_seed2 - $CAP25 train.seed=2 $MUON
+    full256 muon_seed0 1400 train.seed=0 $MUON
+    full256 muon_seed1 1400 train.seed=1 $MUON
+    full256 muon_seed2 1400 train.seed=2 $MUON
+    full256 muon_lr3 1400 train.lr=3e-3 $MUON
+    full256 muon_cap25_seed0 1400 $CAP25 $MUON
+    full256 muon_cap25_seed1 1400 $CAP25 train.seed=1 $MUON
+    full256 muon_cap25_seed2 1400 $CAP25 train.seed=2 $MUON
 }
 
 guidance() {  # the make-demo model (runs/demo) and the bf16 seeds sampled at other guidance scales
@@ -150,14 +150,14 @@ depth() {  # make demo's recipe (Muon, guidance 8) with 6 and 8 layers, steps cu
 muon_convs() {  # the recipe with Muon for the U-Net's conv filters too (train.muon_convs), seeds 0-1
     local seed
     for seed in 0 1; do
-        full256 "mconv_seed$seed" - objective.guidance=8 train.muon_convs=true train.seed=$seed
+        full256 "mconv_seed$seed" 1400 objective.guidance=8 train.muon_convs=true train.seed=$seed
     done
 }
 
 size08() {  # today's recipe (Muon, 25% captioning) with sizes stated in 80% of the captions, seeds 0-2
     local seed
     for seed in 0 1 2; do
-        full256 "cap25_size08_seed$seed" - objective.guidance=8 data.caption_size_prob=0.8 train.seed=$seed
+        full256 "cap25_size08_seed$seed" 1400 objective.guidance=8 data.caption_size_prob=0.8 train.seed=$seed
     done
 }
 
