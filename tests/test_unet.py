@@ -174,6 +174,28 @@ def test_gradient_reaches_every_parameter(pooled, fold, local):
     assert not silent
 
 
+@pytest.mark.parametrize("fold, local", [(1, False), (2, True)])
+def test_channels_last_storage_equals_contiguous(fold, local):
+    """The U-Net keeps its activations channels last for speed; outputs and gradients are those of
+    the same weights on standard NCHW storage, and what it hands out is contiguous (the tokens
+    come out of channels-last features without a copy)."""
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10.0, 900.0])
+    results = []
+    for memory_format in (torch.channels_last, torch.contiguous_format):
+        u = patcher(8, blocks=2, pooled=True, fold=fold, local=local)
+        u.memory_format = memory_format
+        tokens, skips = u.embed(x, t)
+        out = u.predict(tokens.tanh(), 16, 16, skips)
+        assert out.is_contiguous() and (tokens.is_contiguous() or memory_format != torch.channels_last)
+        out.pow(2).mean().backward()
+        results.append((tokens, out, {n: p.grad for n, p in u.named_parameters()}))
+    (tokens, out, grads), (tokens_ref, out_ref, grads_ref) = results
+    torch.testing.assert_close(tokens, tokens_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, out_ref, atol=1e-5, rtol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, grads_ref[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_batched_equals_one_by_one():
     """Images in a batch do not see each other (GroupNorm normalises per image)."""
     u = patcher(4).eval()
