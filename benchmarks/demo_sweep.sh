@@ -12,8 +12,13 @@
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
-# Every row was sampled at guidance 3, the recipe's objective.guidance before it took 8.
-demo() { local name=$1 steps=$2; shift 2; $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false objective.guidance=3 "$@"; }
+# Every row was sampled at guidance 3, the recipe's objective.guidance before it took 8, and trained
+# the U-Net's convolutions with AdamW, as the recipe did before train.muon_convs (rows turn it on).
+demo() {
+    local name=$1 steps=$2; shift 2
+    $M demo --out "$R/$name" --steps "$steps" --n-eval 64 train.tensorboard=false objective.guidance=3 \
+        train.muon_convs=false "$@"
+}
 # A run of STEPS (make demo's are 1,400), then its evaluation at n = 256; a run that fails is skipped.
 full256() {
     local name=$1 steps=$2; shift 2
@@ -147,9 +152,9 @@ depth() {  # make demo's recipe (Muon, guidance 8) with 6 and 8 layers, steps cu
     full256 L8_muon 1080 model.n_layers=8 objective.guidance=8   # about 1.3x
 }
 
-muon_convs() {  # the recipe with Muon for the U-Net's conv filters too (train.muon_convs), seeds 0-1
+muon_convs() {  # the recipe with Muon for the U-Net's conv filters too (train.muon_convs: today's), seeds 0-2
     local seed
-    for seed in 0 1; do
+    for seed in 0 1 2; do
         full256 "mconv_seed$seed" 1400 objective.guidance=8 train.muon_convs=true train.seed=$seed
     done
 }

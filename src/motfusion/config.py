@@ -320,7 +320,7 @@ class TrainConfig(TrackingConfig):
         )
         _check(
             not self.muon_convs or self.optimizer == "muon",
-            "train.muon_convs=true needs train.optimizer=muon",
+            "train.muon_convs=true needs train.optimizer=muon; with another optimizer set train.muon_convs=false",
         )
         _check(self.grad_clip >= 0, f"train.grad_clip={self.grad_clip} must be >= 0 (0: no clipping)")
         _check(
