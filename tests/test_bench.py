@@ -13,28 +13,29 @@ import bench  # noqa: E402
 
 def test_bench_writes_every_table(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "DIMS", (32,))
+    monkeypatch.setattr(bench, "BATCH_SIZES", (2, 3))
     monkeypatch.setattr(bench, "SEQ_LENS", (256,))
     monkeypatch.setattr(bench, "SAMPLING_BATCH", 2)
     monkeypatch.setattr(sys, "argv", ["bench.py"])
     bench.main(["--repeats", "1", "--warmup", "0", "--no-compile", "--out", str(tmp_path)])
     train = json.loads((tmp_path / "train_step.json").read_text())["results"]
-    assert {(r["modalities"], r["model"]) for r in train} == {
-        (2, "dense"),
-        (2, "MoT"),
-        (3, "dense"),
-        (3, "MoT"),
+    assert {(r["batch"], r["modalities"], r["model"]) for r in train} == {
+        (b, m, model) for b in ("2x192", "3x192") for m in (2, 3) for model in ("MoT", "dense")
     }
-    for m in (2, 3):
-        mot, dense = (
-            next(r for r in train if r["modalities"] == m and r["model"] == name) for name in ("MoT", "dense")
-        )
-        assert mot["flops_per_token"] == dense["flops_per_token"]  # equal compute per token
-        assert mot["memory"]["weights_mb"] > dense["memory"]["weights_mb"]
+    for b in ("2x192", "3x192"):
+        for m in (2, 3):
+            mot, dense = (
+                next(r for r in train if (r["batch"], r["modalities"], r["model"]) == (b, m, name))
+                for name in ("MoT", "dense")
+            )
+            assert mot["flops_per_token"] == dense["flops_per_token"]  # equal compute per token
+            assert mot["memory"]["weights_mb"] > dense["memory"]["weights_mb"]
     sampling = json.loads((tmp_path / "sampling.json").read_text())["results"]
     assert len(sampling) == 8 and all(r["median_ms"] > 0 for r in sampling)
     assert all(r["tokens"] == 2 * 32 for r in sampling if r["task"] == "image_to_text")
     table = (tmp_path / "README.md").read_text()
     assert "| 3 | 32 | MoT |" in table and "| text_to_image | on | 2 |" in table
+    assert "MoT / dense train step at 2x192 tokens" in table and "at 3x192 tokens" in table
 
 
 def test_saved_activation_count_is_exact():
