@@ -6,12 +6,13 @@
    update (forward, Transfusion loss, backward, gradient clipping, AdamW) of the debug recipe widened
    to dims 64, 128 and 256, on one packed batch, with every component untied per modality (MoT) and
    with none (dense); at each --threads, and at the debug recipe's 4 rows of 192 tokens and at 16
-   (3,072 tokens, a training-size step: a tower's matmuls then see ~1,000 tokens, not ~250). Two modalities: text+image documents of the shapes data.
-   Three: the same plus text+speech documents (random units, 2 per caption character, at most 96) and
-   a speech tower. Dense and MoT steps alternate in one process, so a busy host slows both alike. Each
-   row also times forward + backward alone: the model's share, without the optimizer and clipping,
-   whose work grows with the parameter count (MoT has ~M x the backbone's). Memory: weights +
-   gradients + AdamW states + activations saved for backward (exact byte counts on CPU).
+   (3,072 tokens, a training-size step: a tower's matmuls then see ~1,000 tokens, not ~250). Two
+   modalities: text+image documents of the shapes data. Three: the same plus text+speech documents
+   (random units, 2 per caption character, at most 96) and a speech tower. Dense and MoT steps
+   alternate in one process, so a busy host slows both alike. Each row also times forward +
+   backward alone: the model's share, without the optimizer and clipping, whose work grows with the
+   parameter count (MoT has ~M x the backbone's). Memory: weights + gradients + AdamW states +
+   activations saved for backward (exact byte counts on CPU).
 2. Attention (target: full causal / documents >= 3 at 2,048 positions). sdpa forward + backward over
    a row of 256-position documents (text, one 64-patch image, text): the dense Transfusion mask, the
    `documents` backend (models/attention.py: attention per bucket of documents) and plain causal
