@@ -91,8 +91,9 @@ def demo() -> Config:
       too (train.muon_convs): geneval 0.497 +- 0.012 -> 0.533 +- 0.015 over three seeds, step 1.02-1.05x.
     - Guidance 8 at sampling (objective.guidance): single objects 0.749 against 0.689 at 3.
     - train.precision=auto: bf16 where the CPU has AMX (0.84 of fp32's step time), fp32 elsewhere.
-    - 1,400 steps: what fits in the 15 minutes beside set-up and evaluation on a slow stretch of the
-      host. A fresh clone took 13 min 15 s (fp32, AMD without AMX) and 13 min 58 s (bf16, AMX).
+    - 1,400 steps: what fits in the 15 minutes beside set-up and evaluation. A fresh clone took
+      14 min 27 s (fp32, AMD without AMX; 13 min 14 s before train.muon_convs, on a faster stretch
+      of the host) and 13 min 58 s (bf16, AMX, before Muon).
     """
     return Config(
         model=ModelConfig(
