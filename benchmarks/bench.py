@@ -670,7 +670,9 @@ def main(argv: list[str] | None = None) -> None:
     }
     tables: dict[str, object] = {"train_step": []}
     for batch_size, n, modalities, dim in itertools.product(BATCH_SIZES, threads, (2, 3), DIMS):
-        rows = bench_train_step(dim, modalities, n, batch_size, args.warmup, args.repeats, n == threads[0])
+        rows = bench_train_step(
+            dim, modalities, n, batch_size, args.warmup, args.repeats, memory=n == threads[0]
+        )
         tables["train_step"] += rows
         print(
             f"train step {rows[0]['batch']} {modalities} modalities dim {dim} threads {n}: dense "
