@@ -288,6 +288,20 @@ def test_tokens_mode_batched_equals_one_by_one(tokens_generator):
     assert gen.units(prompts, "speech") == [gen.units([p], "speech")[0] for p in prompts]
 
 
+def test_tokens_mode_best_of_keeps_the_likeliest_whole_image(tokens_generator):
+    """VQ codes have no clean image before the last code: best_of compares whole candidates, scored on
+    the codes it sampled (decoded pixels, encoded again, need not give the same codes)."""
+    k, prompts = 3, ["a red circle", "x"]
+    got = tokens_generator(best_of=k).images(prompts, torch.Generator().manual_seed(0))
+    one = tokens_generator()
+    codes = one._codes(prompts * k, torch.Generator().manual_seed(0))
+    scores = one._log_prob([Units("image", c) for c in codes], prompts * k).view(k, 2)
+    best = scores.argmax(0)
+    assert best.tolist() != [0, 0]
+    every = one.images(prompts * k, torch.Generator().manual_seed(0)).view(k, 2, 3, 16, 16)
+    torch.testing.assert_close(got, every[best, torch.arange(2)])
+
+
 @torch.no_grad()
 def test_span_decoding_uses_the_modality_head_and_stops_at_the_end(tokens_generator, tok):
     """Steer the speech head to emit 3 units then the end of the span; the interleaved sampler opens

@@ -409,6 +409,7 @@ def test_seq_len_shorter_than_every_document(tmp_path, capsys):
         ("--top-p", "nan"),
         ("--temperature", "inf"),
         ("--steps", "0"),
+        ("--best-of", "0"),
     ],
 )
 def test_sampling_numbers_must_be_finite_and_in_range(ckpt, tmp_path, capsys, option, value):

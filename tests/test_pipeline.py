@@ -89,6 +89,18 @@ def test_images_and_captions_equal_the_cli_for_the_same_seed(run, tmp_path, caps
     assert m.caption(PILImage.open(files[0]), seed=2) == [cli_caption]  # a PIL picture reads like its file
 
 
+def test_best_of_equals_the_cli_and_keeps_one_of_its_draws(run, tmp_path):
+    """--best-of N and generate_images(best_of=N) keep the same picture; it is one of the N drawn."""
+    args = ["--ckpt", str(run), "--prompt", "a red circle", "--seed", "5", "--out", str(tmp_path), *SAMPLE]
+    assert main(["generate", *args, "--best-of", "3"]) == 0
+    cli = pixels(PILImage.open(next(tmp_path.glob("*.png"))))[::4, ::4]
+    m = load(run)
+    ours = m.generate_images("a red circle", seed=5, best_of=3)
+    assert np.array_equal(cli, pixels(ours[0]))
+    drawn = m.generate_images(["a red circle"] * 3, seed=5)  # the same stream, one batch of 3
+    assert any(same_images(ours, [d]) for d in drawn)
+
+
 def test_save_pretrained_round_trip_is_exact(run, tmp_path, monkeypatch):
     m = load(run)
     m.save_pretrained(tmp_path / "saved")
@@ -191,15 +203,16 @@ def test_a_mode_the_checkpoint_cannot_do_is_a_clear_error(run):
 
 
 def test_a_run_is_sampled_with_its_recipes_guidance_unless_told_otherwise(tmp_path):
-    """objective.guidance travels in the run's config: the Python API, `generate` and `eval` sample
-    with it when no scale is given, and with the given one when it is."""
-    run = quick_run(tmp_path / "g6", "objective.guidance=6")
+    """objective.guidance and objective.best_of travel in the run's config: the Python API, `generate`
+    and `eval` sample with them when none is given, and with the given ones when they are."""
+    run = quick_run(tmp_path / "g6", "objective.guidance=6", "objective.best_of=3")
     assert MotFusion.from_pretrained(run).generator.cfg.guidance == 6.0
     assert load(run).generator.cfg.guidance == 6.0  # a SampleConfig that leaves guidance unset
-    told = MotFusion.from_pretrained(run, sample=SampleConfig(guidance=2.0))
-    assert told.generator.cfg.guidance == 2.0
+    assert load(run).generator.cfg.best_of == 3
+    told = MotFusion.from_pretrained(run, sample=SampleConfig(guidance=2.0, best_of=1))
+    assert (told.generator.cfg.guidance, told.generator.cfg.best_of) == (2.0, 1)
     for command in (["generate", "--prompt", "a"], ["eval"]):
-        for flags, want in (([], 6.0), (["--guidance", "1.5"], 1.5)):
+        for flags, want in (([], (6.0, 3)), (["--guidance", "1.5", "--best-of", "2"], (1.5, 2))):
             args = parse_args([*command, "--ckpt", str(run), *flags])
             gen, _ = load_generator(run, "cpu", sample_config(args))
-            assert gen.cfg.guidance == want
+            assert (gen.cfg.guidance, gen.cfg.best_of) == want

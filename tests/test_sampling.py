@@ -5,7 +5,8 @@ import torch
 
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.sampling import Context, Generator, SampleConfig, sample_token
-from motfusion.sequence import Text
+from motfusion.sampling.generate import PICK_AT
+from motfusion.sequence import Image, Text
 
 
 @pytest.fixture
@@ -114,3 +115,40 @@ def test_top_p_keeps_the_nucleus():
     draws = {sample_token(logits, 1.0, 0.7, g).item() for _ in range(200)}
     assert draws == {0, 1}
     assert sample_token(logits, 0.0, 1.0, None).item() == 0
+
+
+@torch.no_grad()
+def test_caption_log_prob_equals_token_by_token(model, tok, cfg):
+    """One padded pass scores each caption as the cached decoder reads it, one token at a time,
+    after its image alone: the sum of log p over the caption's tokens and EOS."""
+    gen = make(model, tok, cfg)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    texts = ["a red circle", "xy", "two blue squares on the left"]  # lengths differ: padding
+    want = []
+    for image, text in zip(images, texts):
+        ctx = Context(model, use_cache=True)
+        logits = gen._logits(ctx.run(ctx.prompt([gen._encode([Image(image)])], tok.pad)))
+        total = 0.0
+        for i in [*tok.encode(text), tok.eos]:
+            total += logits.log_softmax(-1)[0, i].item()
+            logits = gen._logits(ctx.run(ctx.tokens(torch.tensor([i]))))
+        want.append(total)
+    torch.testing.assert_close(gen.caption_log_prob(images, texts), torch.tensor(want), atol=1e-4, rtol=1e-5)
+
+
+def test_best_of_finishes_the_candidate_that_reads_best_early(model, tok, cfg):
+    """best_of k draws prompts * k as one batch from the same random stream, compares the clean images
+    they predict at the pick step by caption_log_prob, and finishes the best alone: the picture equals
+    that candidate run to the end with all the others (DDIM: no randomness after the noise)."""
+    k, B, steps = 3, len(PROMPTS), 8
+    got = make(model, tok, cfg, best_of=k, steps=steps).images(PROMPTS, torch.Generator().manual_seed(0))
+    one = make(model, tok, cfg, steps=steps)
+    noise = torch.randn((k * B, 3, 16, 16), generator=torch.Generator().manual_seed(0))
+    every = one.images(PROMPTS * k, noise=noise).view(k, B, 3, 16, 16)
+    ctx, uncond = one.guided_prompt(PROMPTS * k)
+    _, x0 = one._steps(ctx, uncond, one._sampler(), noise, range(int(steps * PICK_AT) + 1), None)
+    best = one.caption_log_prob(x0, PROMPTS * k).view(k, B).argmax(0)
+    assert best.tolist() != [0] * B  # the choice is not simply the first draw
+    torch.testing.assert_close(got, every[best, torch.arange(B)], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="best_of=1"):
+        make(model, tok, cfg, best_of=k).images(PROMPTS, noise=torch.zeros(B, 3, 16, 16))

@@ -150,7 +150,11 @@ class ObjectiveConfig:
     num_timesteps: int = 1000
     flow_timesteps: str = "uniform"  # flow's training noise levels: uniform, or logit_normal (SD3)
     cfg_dropout: float = 0.1  # probability of dropping an image's caption (classifier-free guidance)
-    guidance: float = 3.0  # the guidance scale the model is sampled with where a command gives none
+    # How the model is sampled where a command gives nothing else (SampleConfig): a recipe keeps the
+    # settings measured best for its model. Denoising steps, guidance scale, text-to-image candidates.
+    sample_steps: int = 50
+    guidance: float = 3.0
+    best_of: int = 1
     image_first_noise_cap: int | None = 500  # max timestep of an image that precedes its caption
     loss_weights: dict[str, float] = field(default_factory=dict)  # per discrete modality's LM loss; default 1
     moe_balance_weight: float = 0.01  # Switch's load-balancing loss, with model.text_moe_experts
@@ -169,6 +173,10 @@ class ObjectiveConfig:
         )
         _check(0.0 <= self.cfg_dropout < 1.0, "objective.cfg_dropout must be in [0, 1)")
         _check(math.isfinite(self.guidance), f"objective.guidance={self.guidance} must be finite (1 = off)")
+        _check(
+            self.best_of >= 1 and self.sample_steps >= 1,
+            f"objective.best_of={self.best_of} and objective.sample_steps={self.sample_steps} must be >= 1",
+        )
         _check(self.image_loss_weight >= 0, "objective.image_loss_weight must be >= 0")
         _check(
             all(w >= 0 for w in self.loss_weights.values()) and self.moe_balance_weight >= 0,

@@ -130,7 +130,8 @@ def run_demo(
         "n_captions": n_captions,
         "untie": ",".join(cfg.model.untie) or "none",
         "weights": f"moving average (train.ema={cfg.train.ema})" if cfg.train.ema else "raw",
-        "sampling": f"{gen.sampler_name} {gen.cfg.steps} steps, guidance {gen.cfg.guidance}",
+        "sampling": f"{gen.sampler_name} {gen.cfg.steps} steps, guidance {gen.cfg.guidance}"
+        + (f", best of {gen.cfg.best_of}" if gen.cfg.best_of > 1 else ""),
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))
     forms = {

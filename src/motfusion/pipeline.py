@@ -170,14 +170,16 @@ class MotFusion(ModelHubMixin, library_name="motfusion", tags=["transfusion", "m
         steps: int | None = None,
         guidance: float | None = None,
         batch_size: int = 32,
+        best_of: int | None = None,
     ) -> list[PILImage.Image]:
-        """Text to image: `n` pictures per prompt, prompt by prompt, `batch_size` at a time."""
+        """Text to image: `n` pictures per prompt, prompt by prompt, `batch_size` at a time; each the
+        best of `best_of` drawn (SampleConfig.best_of)."""
         prompts = [prompts] if isinstance(prompts, str) else prompts
         if n < 1:
             raise ValueError(f"n={n}: ask for at least one image per prompt")
         batch = [p for p in prompts for _ in range(n)]
         pixels = images_in_batches(
-            self._sampler(steps=steps, guidance=guidance), batch, self._rng(seed), batch_size
+            self._sampler(steps=steps, guidance=guidance, best_of=best_of), batch, self._rng(seed), batch_size
         )
         return [to_pil(x, scale=1) for x in pixels]
 

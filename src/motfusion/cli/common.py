@@ -81,11 +81,12 @@ def add_weights_argument(p: argparse.ArgumentParser) -> None:
 def add_sample_arguments(p: argparse.ArgumentParser) -> None:
     add_weights_argument(p)
     d = SampleConfig()
-    p.add_argument("--steps", type=int, default=d.steps, help="denoising steps")
+    p.add_argument("--steps", type=int, help="denoising steps; default: the model's objective.sample_steps")
     p.add_argument(
         "--sampler", default=d.sampler, help="ddim or ddpm (DDPM runs), euler (flow runs); auto picks"
     )
     add_guidance_argument(p)
+    add_best_of_argument(p)
     p.add_argument("--max-tokens", type=int, default=d.max_tokens)
     p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=d.top_p)
@@ -100,14 +101,26 @@ def add_guidance_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_best_of_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--best-of",
+        type=int,
+        help="text to image: draw N images per prompt, keep the one the model reads back as its prompt "
+        "best; default: the model's objective.best_of",
+    )
+
+
 def sample_config(args: argparse.Namespace) -> SampleConfig:
     if (
-        args.steps <= 0
+        (args.steps is not None and args.steps <= 0)
+        or (args.best_of is not None and args.best_of <= 0)
         or args.max_tokens <= 0
         or not 0 < args.top_p <= 1
         or not 0 <= args.temperature < math.inf
     ):
-        raise ConfigError("--steps and --max-tokens must be positive, --top-p in (0, 1], --temperature >= 0")
+        raise ConfigError(
+            "--steps, --best-of and --max-tokens must be positive, --top-p in (0, 1], --temperature >= 0"
+        )
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance={args.guidance} must be a finite number (1 = off)")
     return SampleConfig(
@@ -117,6 +130,7 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,
+        best_of=args.best_of,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from motfusion.cli.common import (
     Command,
+    add_best_of_argument,
     add_ckpt_argument,
     add_config_arguments,
     add_device_argument,
@@ -86,18 +87,25 @@ def demo_arguments(p: argparse.ArgumentParser) -> None:
         "--out", type=Path, default=Path("runs/demo"), help="run directory; the report goes to OUT/report/"
     )
     p.add_argument("--steps", type=int, help="shorthand for train.steps=N")
-    p.add_argument("--sample-steps", type=int, default=50, help="denoising steps for the evaluation samples")
+    p.add_argument(
+        "--sample-steps",
+        type=int,
+        help="denoising steps for the evaluation samples; default: the recipe's objective.sample_steps",
+    )
     add_guidance_argument(p)
+    add_best_of_argument(p)
     p.add_argument("--n-eval", type=int, default=64, help="held-out prompts and images per metric")
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     """Like train: stopped by Ctrl-C it exits 130, by SIGTERM 0, in both cases before evaluating."""
     n = args.n_eval
+    if any(v is not None and v <= 0 for v in (args.best_of, args.sample_steps)):
+        raise ConfigError(f"--best-of={args.best_of} and --sample-steps={args.sample_steps} must be positive")
     metrics = run_demo(
         config_from_args(args),
         args.out,
-        SampleConfig(steps=args.sample_steps, guidance=args.guidance),
+        SampleConfig(steps=args.sample_steps, guidance=args.guidance, best_of=args.best_of),
         n_single=n,
         n_prompts=n,
         n_captions=n,

@@ -23,8 +23,8 @@ import torch
 from motfusion.codecs.image import ImageRepr, Pixels
 from motfusion.config import ObjectiveConfig
 from motfusion.data.edits import edit_prompt
+from motfusion.diffusion import Sampler, make_process, make_sampler
 from motfusion.diffusion import cfg as guide
-from motfusion.diffusion import make_process, make_sampler
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.sampling.context import Context
 from motfusion.sequence import (
@@ -40,10 +40,13 @@ from motfusion.sequence import (
 )
 from motfusion.tokenizer import Tokenizer
 
+# best_of: the share of the denoising steps after which the candidates are compared.
+PICK_AT = 0.25
+
 
 @dataclass(kw_only=True)
 class SampleConfig:
-    steps: int = 50  # denoising steps
+    steps: int | None = None  # denoising steps; None: objective.sample_steps
     sampler: str = "auto"  # ddim for DDPM, euler for flow; or ddpm
     guidance: float | None = None  # classifier-free guidance scale, 1 = off; None: objective.guidance
     max_tokens: int = 64
@@ -51,6 +54,10 @@ class SampleConfig:
     top_p: float = 1.0
     use_cache: bool = True
     clip_x0: bool = True  # pixels live in [-1, 1]; never applied to VAE latents, which are not bounded
+    # Text to image draws this many images per prompt and keeps the one under which the model, reading
+    # it back, finds the prompt likeliest as its caption (Generator.caption_log_prob). None:
+    # objective.best_of.
+    best_of: int | None = None
 
 
 def sample_token(
@@ -84,8 +91,14 @@ class Generator:
         image_repr(cfg), on the model's device), pixels by default."""
         self.model, self.tok = model.eval(), tokenizer
         self.cfg = cfg or SampleConfig()
-        if self.cfg.guidance is None:  # the scale the run's recipe chose for its model
-            self.cfg = replace(self.cfg, guidance=objective.guidance)
+        recipe = {  # what the run's recipe chose for its model, where the caller chose nothing
+            "steps": objective.sample_steps,
+            "guidance": objective.guidance,
+            "best_of": objective.best_of,
+        }
+        self.cfg = replace(self.cfg, **{k: v for k, v in recipe.items() if getattr(self.cfg, k) is None})
+        if self.cfg.best_of < 1 or self.cfg.steps < 1:
+            raise ValueError(f"steps={self.cfg.steps}, best_of={self.cfg.best_of}: both must be >= 1")
         self.process = make_process(objective.diffusion, objective.num_timesteps)
         auto = "euler" if objective.diffusion == "flow" else "ddim"
         self.sampler_name = auto if self.cfg.sampler == "auto" else self.cfg.sampler
@@ -188,13 +201,30 @@ class Generator:
         `uncond`: an unconditional context for guidance, or `ctx` itself when its rows B..2B-1 are
         the unconditional prompts (`guided_prompt`): then each step is one batch of 2B rows.
         `noise` (B, C, H, W) fixes the starting point; otherwise it is drawn from `generator`."""
-        sampler = make_sampler(self.process, self.sampler_name, self.cfg.steps, clip_x0=self.clip_x0)
-        x = (
-            noise.to(self.device)
-            if noise is not None
-            else torch.randn((B, *self.image_shape), generator=generator, device=self.device)
-        )
-        for i in range(len(sampler)):
+        sampler = self._sampler()
+        x = noise.to(self.device) if noise is not None else self._noise(B, generator)
+        x, _ = self._steps(ctx, uncond, sampler, x, range(len(sampler)), generator)
+        return x.clamp(-1, 1) if self.clip_x0 else x
+
+    def _sampler(self) -> Sampler:
+        return make_sampler(self.process, self.sampler_name, self.cfg.steps, clip_x0=self.clip_x0)
+
+    def _noise(self, B: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.randn((B, *self.image_shape), generator=generator, device=self.device)
+
+    def _steps(
+        self,
+        ctx: Context,
+        uncond: Context | None,
+        sampler: Sampler,
+        x: torch.Tensor,
+        steps: range,
+        generator: torch.Generator | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run `steps` of `sampler` from x (see `denoise`); returns the new x and the clean image the
+        last step predicted (None when `steps` is empty)."""
+        x0 = None
+        for i in steps:
             t = sampler.batch_timesteps(i, x)
             if uncond is ctx:  # conditional and unconditional rows in one pass
                 both = ctx.run(
@@ -206,8 +236,10 @@ class Generator:
                 if uncond is not None:
                     pred_u = uncond.run(uncond.image(x, t, self.tokens_per_image), commit=False).image
                     pred = guide(pred, pred_u, self.cfg.guidance)
+            if i == steps[-1]:
+                x0 = sampler.predict_x0(x, pred, t)
             x = sampler.step(pred, i, x, generator)
-        return x.clamp(-1, 1) if self.clip_x0 else x
+        return x, x0
 
     def decode_images(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space images (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], for whatever leaves the
@@ -272,14 +304,71 @@ class Generator:
         self, prompts: list[str], generator: torch.Generator | None = None, noise: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Text to image: one image per prompt -> (B, C, H, W) in the model's image space (pixels in
-        [-1, 1], or latents: `decode_images` turns them into pixels). With VQ codes: decoded pixels."""
+        [-1, 1], or latents: `decode_images` turns them into pixels). With VQ codes: decoded pixels.
+        With best_of k: the best of k candidates per prompt (`_best_of`)."""
+        if self.cfg.best_of == 1:
+            return self._draw(prompts, generator, noise)
+        if noise is not None:
+            raise ValueError("`noise` fixes one starting point per image; it needs best_of=1")
+        return self._best_of(prompts, generator)
+
+    def _best_of(self, prompts: list[str], generator: torch.Generator | None) -> torch.Tensor:
+        """k candidates per prompt as one batch (candidate j of prompt i is row j B + i); the one whose
+        prompt has the highest caption_log_prob is kept. Diffusion compares the clean images the
+        candidates predict a quarter of the way (PICK_AT), where their layout is settled
+        (docs/RESULTS.md), and finishes only the kept one; VQ codes compare whole images."""
+        k, B = self.cfg.best_of, len(prompts)
+        if self.repr.discrete:
+            codes = self._codes(prompts * k, generator)
+            scores = self._log_prob([Units("image", c) for c in codes], prompts * k)
+            best = scores.view(k, B).argmax(0).tolist()
+            return self.repr.decode(torch.tensor([codes[j * B + i] for i, j in enumerate(best)]))
+        sampler = self._sampler()
+        pick = int(len(sampler) * PICK_AT)
+        ctx, uncond = self.guided_prompt(prompts * k)
+        x, x0 = self._steps(ctx, uncond, sampler, self._noise(k * B, generator), range(pick + 1), generator)
+        best = self.caption_log_prob(x0, prompts * k).view(k, B).argmax(0)
+        x = x.view(k, B, *x.shape[1:])[best, torch.arange(B)]
         ctx, uncond = self.guided_prompt(prompts)
+        x, _ = self._steps(ctx, uncond, sampler, x, range(pick + 1, len(sampler)), generator)
+        return x.clamp(-1, 1) if self.clip_x0 else x
+
+    def _draw(self, prompts: list[str], generator: torch.Generator | None, noise: torch.Tensor | None):
+        """`images` without best_of: one sample per prompt."""
         if not self.repr.discrete:
-            return self.denoise(ctx, uncond, len(prompts), generator, noise)
+            return self.denoise(*self.guided_prompt(prompts), len(prompts), generator, noise)
         if noise is not None:
             raise ValueError("`noise` is a diffusion starting point; this model samples images as VQ codes")
-        codes = self.span(ctx, uncond, "image", generator, length=self.tokens_per_image)
-        return self.repr.decode(torch.tensor(codes))  # (B, C, H, W)
+        return self.repr.decode(torch.tensor(self._codes(prompts, generator)))  # (B, C, H, W)
+
+    def _codes(self, prompts: list[str], generator: torch.Generator | None) -> list[list[int]]:
+        """Text to image with VQ codes: one image's codes per prompt."""
+        ctx, uncond = self.guided_prompt(prompts)
+        return self.span(ctx, uncond, "image", generator, length=self.tokens_per_image)
+
+    @torch.no_grad()
+    def caption_log_prob(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """log p(text, EOS | image) for each pair, in nats (B,): how likely the model finds each text
+        as the caption of its image, read as a captioning document (BOS, the image, the text, EOS) in
+        one pass. `images` as `images` returns them: in the model's image space, pixels for VQ."""
+        return self._log_prob(self._image_segments(images), texts)
+
+    def _log_prob(self, images: list[Segment], texts: list[str]) -> torch.Tensor:
+        """caption_log_prob of image segments (Image, or Units of VQ codes)."""
+        docs = [
+            encode_document([seg, Text(t)], self.tok, self.model.cfg.patch_size)
+            for seg, t in zip(images, texts, strict=True)
+        ]
+        ctx = Context(self.model, use_cache=False)
+        chunk = ctx.prompt(docs, self.tok.pad)
+        hidden = ctx.run(chunk).hidden[:, :-1]
+        targets = chunk.tokens[:, 1:]
+        # The caption: the text after the image's end marker (rows are left-padded to one length).
+        positions = torch.arange(chunk.tokens.shape[1], device=self.device)
+        last_image = torch.where(chunk.image >= 0, positions, -1).amax(1, keepdim=True)
+        caption = (positions[1:] > last_image + 1) & (chunk.modality[:, 1:] == TEXT)
+        log_p = self.model.logits(hidden, "text").float().log_softmax(-1)
+        return (log_p.gather(-1, targets[..., None]).squeeze(-1) * caption).sum(1)
 
     @torch.no_grad()
     def edit(
