@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | mix | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -159,6 +159,16 @@ muon_convs() {  # the recipe with Muon for the U-Net's conv filters too (train.m
     done
 }
 
+best_of() {  # the muon_convs seeds sampled at 25 Euler steps, as the best of 1, 4 and 8 (objective.best_of)
+    local seed k
+    for seed in 0 1 2; do
+        for k in 1 4 8; do
+            $M eval --ckpt "$R/mconv_seed$seed" --n 256 --val-batches 0 --steps 25 --best-of $k \
+                --out "$R/mconv_seed$seed/eval_n256_best${k}_s25.json"
+        done
+    done
+}
+
 mix() {  # today's recipe with 20% captioning documents, and with 60% of scenes of two or three objects
     full256 cap20 1400 objective.guidance=8 train.muon_convs=true data.caption_first_prob=0.8
     full256 single40 1400 objective.guidance=8 train.muon_convs=true data.single_object_prob=0.4
@@ -192,6 +202,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; mix) mix ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|mix|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|eval" >&2; exit 2 ;;
 esac
