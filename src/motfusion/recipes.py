@@ -96,8 +96,8 @@ def demo() -> Config:
       0.533 +- 0.015 -> 0.576 +- 0.022 over three seeds, at the evaluation time of before.
     - train.precision=auto: bf16 where the CPU has AMX (0.84 of fp32's step time), fp32 elsewhere.
     - 1,400 steps: what fits in the 15 minutes beside set-up and evaluation. A fresh clone took
-      14 min 27 s (fp32, AMD without AMX; 13 min 14 s before train.muon_convs, on a faster stretch
-      of the host) and 13 min 58 s (bf16, AMX, before Muon).
+      13 min 36 s and, the same training on a slower stretch of the host, 14 min 27 s (fp32, AMD
+      without AMX); 13 min 58 s (bf16, AMX, before Muon).
     """
     return Config(
         model=ModelConfig(

@@ -328,7 +328,7 @@ class Generator:
         ctx, uncond = self.guided_prompt(prompts * k)
         x, x0 = self._steps(ctx, uncond, sampler, self._noise(k * B, generator), range(pick + 1), generator)
         best = self.caption_log_prob(x0, prompts * k).view(k, B).argmax(0)
-        x = x.view(k, B, *x.shape[1:])[best, torch.arange(B)]
+        x = x.view(k, B, *x.shape[1:])[best, torch.arange(B, device=self.device)]
         ctx, uncond = self.guided_prompt(prompts)
         x, _ = self._steps(ctx, uncond, sampler, x, range(pick + 1, len(sampler)), generator)
         return x.clamp(-1, 1) if self.clip_x0 else x
