@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_mot import copy_dense_into_towers
+from test_sampling import token_by_token_log_prob
 from test_vq import make_vq_dir
 
 from motfusion.codecs.image import image_repr
@@ -286,6 +287,16 @@ def test_tokens_mode_batched_equals_one_by_one(tokens_generator):
     for i, p in enumerate(prompts):
         torch.testing.assert_close(gen.images([p]), batched[i : i + 1])
     assert gen.units(prompts, "speech") == [gen.units([p], "speech")[0] for p in prompts]
+
+
+def test_tokens_mode_caption_log_prob_equals_token_by_token(tokens_generator):
+    """With VQ codes the caption starts after the codes' end marker, as with patches."""
+    gen = tokens_generator()
+    codes = [[1, 2, 3] * 5 + [4], list(range(16))]
+    texts = ["a red circle", "two blue squares on the left"]
+    want = token_by_token_log_prob(gen, [Units("image", c) for c in codes], texts)
+    got = gen._log_prob([Units("image", c) for c in codes], texts)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
 def test_tokens_mode_best_of_keeps_the_likeliest_whole_image(tokens_generator):

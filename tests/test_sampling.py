@@ -118,22 +118,28 @@ def test_top_p_keeps_the_nucleus():
 
 
 @torch.no_grad()
-def test_caption_log_prob_equals_token_by_token(model, tok, cfg):
-    """One padded pass scores each caption as the cached decoder reads it, one token at a time,
-    after its image alone: the sum of log p over the caption's tokens and EOS."""
-    gen = make(model, tok, cfg)
-    images = torch.rand(3, 3, 16, 16) * 2 - 1
-    texts = ["a red circle", "xy", "two blue squares on the left"]  # lengths differ: padding
+def token_by_token_log_prob(gen: Generator, segments: list, texts: list[str]) -> torch.Tensor:
+    """The reference of caption_log_prob: the cached decoder reads each caption one token at a time
+    after its image alone; the sum of log p over the caption's tokens and EOS."""
     want = []
-    for image, text in zip(images, texts):
-        ctx = Context(model, use_cache=True)
-        logits = gen._logits(ctx.run(ctx.prompt([gen._encode([Image(image)])], tok.pad)))
+    for segment, text in zip(segments, texts):
+        ctx = Context(gen.model, use_cache=True)
+        logits = gen._logits(ctx.run(ctx.prompt([gen._encode([segment])], gen.tok.pad)))
         total = 0.0
-        for i in [*tok.encode(text), tok.eos]:
+        for i in [*gen.tok.encode(text), gen.tok.eos]:
             total += logits.log_softmax(-1)[0, i].item()
             logits = gen._logits(ctx.run(ctx.tokens(torch.tensor([i]))))
         want.append(total)
-    torch.testing.assert_close(gen.caption_log_prob(images, texts), torch.tensor(want), atol=1e-4, rtol=1e-5)
+    return torch.tensor(want)
+
+
+def test_caption_log_prob_equals_token_by_token(model, tok, cfg):
+    """One padded pass scores each caption as the cached decoder reads it."""
+    gen = make(model, tok, cfg)
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    texts = ["a red circle", "xy", "two blue squares on the left"]  # lengths differ: padding
+    want = token_by_token_log_prob(gen, [Image(im) for im in images], texts)
+    torch.testing.assert_close(gen.caption_log_prob(images, texts), want, atol=1e-4, rtol=1e-5)
 
 
 def test_best_of_finishes_the_candidate_that_reads_best_early(model, tok, cfg):

@@ -363,9 +363,10 @@ class Generator:
         chunk = ctx.prompt(docs, self.tok.pad)
         hidden = ctx.run(chunk).hidden[:, :-1]
         targets = chunk.tokens[:, 1:]
-        # The caption: the text after the image's end marker (rows are left-padded to one length).
+        # The caption: the text after the image's end marker (rows are left-padded to one length);
+        # the image is its patches, or its VQ codes, the only positions that are not text.
         positions = torch.arange(chunk.tokens.shape[1], device=self.device)
-        last_image = torch.where(chunk.image >= 0, positions, -1).amax(1, keepdim=True)
+        last_image = torch.where(chunk.modality != TEXT, positions, -1).amax(1, keepdim=True)
         caption = (positions[1:] > last_image + 1) & (chunk.modality[:, 1:] == TEXT)
         log_p = self.model.logits(hidden, "text").float().log_softmax(-1)
         return (log_p.gather(-1, targets[..., None]).squeeze(-1) * caption).sum(1)
