@@ -173,11 +173,11 @@ def test_info_and_page(speech_url, speech_model):
 
 
 def test_text_to_image_and_caption_equal_the_python_api(speech_url, speech_model):
-    body = {"prompt": "a red circle", "n": 3, "steps": 2, "guidance": 2.5, "seed": 7}
+    body = {"prompt": "a red circle", "n": 3, "steps": 2, "guidance": 2.5, "best_of": 2, "seed": 7}
     status, reply = request(speech_url, "/api/text_to_image", body)
     assert status == 200, reply
     pictures = [picture(u) for u in reply["images"]]
-    expected = speech_model.generate_images(["a red circle"], n=3, seed=7, steps=2, guidance=2.5)
+    expected = speech_model.generate_images(["a red circle"], n=3, seed=7, steps=2, guidance=2.5, best_of=2)
     assert same_images(pictures, expected) and pictures[0].size == (16, 16) and pictures[0].mode == "RGB"
     for fmt, mime in [("PNG", "image/png"), ("JPEG", "image/jpeg")]:
         upload = png(scene(), fmt)
@@ -239,6 +239,7 @@ BAD_REQUESTS = [  # route, body, the error
     ("text_to_image", {"prompt": "a", "steps": 201}, "steps must be an integer between 1 and 200"),
     ("text_to_image", {"prompt": "a", "guidance": 0.5}, "guidance must be a number between 1.0 and 20.0"),
     ("text_to_image", {"prompt": "a", "guidance": "3"}, "guidance must be a number between 1.0 and 20.0"),
+    ("text_to_image", {"prompt": "a", "best_of": 9}, "best_of must be an integer between 1 and 8"),
     ("text_to_image", {"prompt": "a", "seed": -1}, "seed must be an integer between 0 and 2147483647"),
     ("text_to_image", {"prompt": "a", "seed": 2**31}, "seed must be an integer between 0 and 2147483647"),
     ("text_to_image", {"n": 2}, "missing field 'prompt'"),

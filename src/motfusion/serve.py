@@ -5,7 +5,7 @@ and a small JSON API over the `MotFusion` verbs (pipeline.py):
 
     GET  /                   the page
     GET  /api/info           the checkpoint's name, capabilities, limits and sampling defaults
-    POST /api/text_to_image  {prompt, n, steps, guidance, seed}     -> {images: [PNG data URL]}
+    POST /api/text_to_image  {prompt, n, steps, guidance, best_of, seed} -> {images: [PNG data URL]}
     POST /api/caption        {image: PNG/JPEG data URL, seed}       -> {caption}
     POST /api/interleaved    {prompt, seed}                         -> {segments: [{text | image | units}]}
     POST /api/speak          {text, seed}                           -> {audio: WAV data URL, seconds_of_audio}
@@ -50,6 +50,7 @@ LIMITS = {  # field -> (lowest, highest): what every request is checked against
     "n": (1, 16),
     "steps": (1, 200),
     "guidance": (1.0, 20.0),
+    "best_of": (1, 8),
     "seed": (0, 2**31 - 1),
 }
 DEFAULT_N = 4  # images per prompt when a request names none
@@ -210,15 +211,24 @@ class Playground:
             "capabilities": sorted(self.capabilities),
             "image_size": self.model.cfg.data.image_size,
             "limits": {**LIMITS, "text_chars": MAX_TEXT_CHARS, "upload_bytes": MAX_UPLOAD_BYTES},
-            "defaults": {"n": DEFAULT_N, "steps": sample.steps, "guidance": sample.guidance, "seed": 0},
+            "defaults": {
+                "n": DEFAULT_N,
+                "steps": sample.steps,
+                "guidance": sample.guidance,
+                "best_of": sample.best_of,
+                "seed": 0,
+            },
         }
 
     def text_to_image(self, body: dict) -> dict:
         prompt = text_field(body, "prompt")
         n, seed = number_field(body, "n", DEFAULT_N), number_field(body, "seed", 0)
         steps, guidance = number_field(body, "steps", None), number_field(body, "guidance", None)
+        best_of = number_field(body, "best_of", None)
         with self.lock:
-            pics = self.model.generate_images([prompt], n=n, seed=seed, steps=steps, guidance=guidance)
+            pics = self.model.generate_images(
+                [prompt], n=n, seed=seed, steps=steps, guidance=guidance, best_of=best_of
+            )
         return {"images": [png_url(p) for p in pics]}
 
     def caption(self, body: dict) -> dict:
