@@ -152,7 +152,7 @@ def test_best_of_finishes_the_candidate_that_reads_best_early(model, tok, cfg):
     noise = torch.randn((k * B, 3, 16, 16), generator=torch.Generator().manual_seed(0))
     every = one.images(PROMPTS * k, noise=noise).view(k, B, 3, 16, 16)
     ctx, uncond = one.guided_prompt(PROMPTS * k)
-    _, x0 = one._steps(ctx, uncond, one._sampler(), noise, range(int(steps * PICK_AT) + 1), None)
+    _, x0 = one._steps(ctx, uncond, one._make_sampler(), noise, range(int(steps * PICK_AT) + 1), None)
     best = one.caption_log_prob(x0, PROMPTS * k).view(k, B).argmax(0)
     assert best.tolist() != [0] * B  # the choice is not simply the first draw
     torch.testing.assert_close(got, every[best, torch.arange(B)], atol=1e-4, rtol=1e-4)

@@ -201,12 +201,12 @@ class Generator:
         `uncond`: an unconditional context for guidance, or `ctx` itself when its rows B..2B-1 are
         the unconditional prompts (`guided_prompt`): then each step is one batch of 2B rows.
         `noise` (B, C, H, W) fixes the starting point; otherwise it is drawn from `generator`."""
-        sampler = self._sampler()
+        sampler = self._make_sampler()
         x = noise.to(self.device) if noise is not None else self._noise(B, generator)
         x, _ = self._steps(ctx, uncond, sampler, x, range(len(sampler)), generator)
         return x.clamp(-1, 1) if self.clip_x0 else x
 
-    def _sampler(self) -> Sampler:
+    def _make_sampler(self) -> Sampler:
         return make_sampler(self.process, self.sampler_name, self.cfg.steps, clip_x0=self.clip_x0)
 
     def _noise(self, B: int, generator: torch.Generator | None) -> torch.Tensor:
@@ -323,7 +323,7 @@ class Generator:
             scores = self._log_prob([Units("image", c) for c in codes], prompts * k)
             best = scores.view(k, B).argmax(0).tolist()
             return self.repr.decode(torch.tensor([codes[j * B + i] for i, j in enumerate(best)]))
-        sampler = self._sampler()
+        sampler = self._make_sampler()
         pick = int(len(sampler) * PICK_AT)
         ctx, uncond = self.guided_prompt(prompts * k)
         x, x0 = self._steps(ctx, uncond, sampler, self._noise(k * B, generator), range(pick + 1), generator)
