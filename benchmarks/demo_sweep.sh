@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | cfg_dropout | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -193,6 +193,12 @@ long_muon() {  # the first demo-long with Muon and 25% captioning documents: siz
     $M eval --ckpt "$R/demo-long-muon" --n 256 --val-batches 2 --guidance 3 --out "$R/demo-long-muon/eval_n256_g3.json"
 }
 
+cfg_dropout() {  # today's recipe with the caption dropped from 5%, 20% and 30% of images (objective.cfg_dropout; 10% before)
+    full256 cfgdrop05 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.05
+    full256 cfgdrop20 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.2
+    full256 cfgdrop30 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.3
+    full256 cfgdrop20_seed1 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.2 train.seed=1
+}
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
     for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 bf16_1400_seed1 bf16_1400_seed2 bf16_seed1 bf16_seed2 bf16_1500_seed0 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
         [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
@@ -202,6 +208,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; cfg_dropout) cfg_dropout ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|cfg_dropout|eval" >&2; exit 2 ;;
 esac
