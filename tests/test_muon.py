@@ -12,7 +12,7 @@ from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.recipes import get_recipe
 from motfusion.training.checkpoint import step_dir
-from motfusion.training.muon import MOMENTUM, MuonAdamW, orthogonalize
+from motfusion.training.muon import MOMENTUM, NS_COEFFICIENTS, MuonAdamW, orthogonalize
 from motfusion.training.trainer import build_optimizer, train
 
 
@@ -27,6 +27,25 @@ def test_orthogonalize_pushes_every_singular_value_toward_one(shape):
     s = torch.linalg.svdvals(orthogonalize(x))
     assert s.min() > 0.6 and s.max() < 1.25
     assert torch.linalg.svdvals(x).max() / torch.linalg.svdvals(x).min() > 50
+
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (3, 40, 24), (2, 3, 8, 8)])
+def test_orthogonalize_is_the_quintic_newton_schulz_iteration(shape):
+    """The fused kernels compute the iteration as Jordan et al. write it, X <- a X + (b A + c A^2) X
+    with A = X X^T on the wide side, one matrix at a time in float64, for any leading dims."""
+    a, b, c = NS_COEFFICIENTS
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    expected = []
+    for m in g.double().reshape(-1, *shape[-2:]):
+        x = m if m.shape[0] <= m.shape[1] else m.T
+        x = x / (torch.linalg.matrix_norm(x) + 1e-7)
+        for _ in range(5):
+            gram = x @ x.T
+            x = a * x + (b * gram + c * gram @ gram) @ x
+        expected.append(x if m.shape[0] <= m.shape[1] else x.T)
+    torch.testing.assert_close(
+        orthogonalize(g), torch.stack(expected).view(shape).float(), atol=1e-5, rtol=1e-4
+    )
 
 
 def test_muon_update_matches_a_hand_computation():
