@@ -204,6 +204,10 @@ cfg_dropout() {  # today's recipe with the caption dropped from 5%, 20% and 30% 
             objective.cfg_dropout=0.2 data.caption_first_prob=0.72 train.seed=$seed
     done
 }
+loss_lr() {  # today's recipe with image loss weight 10 (5 before), and a cosine to 6e-4 (1e-4 before)
+    full256 ilw10 1400 objective.image_loss_weight=10
+    full256 minlr6 1400 train.min_lr=6e-4
+}
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
     for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 bf16_1400_seed1 bf16_1400_seed2 bf16_seed1 bf16_seed2 bf16_1500_seed0 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
         [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
@@ -213,6 +217,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; cfg_dropout) cfg_dropout ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|cfg_dropout|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; cfg_dropout) cfg_dropout ;; loss_lr) loss_lr ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|cfg_dropout|loss_lr|eval" >&2; exit 2 ;;
 esac
