@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | cfg_dropout | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | cfg_dropout | loss_lr | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -194,13 +194,13 @@ long_muon() {  # the first demo-long with Muon and 25% captioning documents: siz
 }
 
 cfg_dropout() {  # today's recipe with the caption dropped from 5%, 20% and 30% of images (objective.cfg_dropout; 10% before), and 20% with 28% captioning
-    full256 cfgdrop05 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.05
-    full256 cfgdrop20 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.2
-    full256 cfgdrop30 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.3
-    full256 cfgdrop20_seed1 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.2 train.seed=1
+    full256 cfgdrop05 1400 objective.cfg_dropout=0.05
+    full256 cfgdrop20 1400 objective.cfg_dropout=0.2
+    full256 cfgdrop30 1400 objective.cfg_dropout=0.3
+    full256 cfgdrop20_seed1 1400 objective.cfg_dropout=0.2 train.seed=1
     local seed  # 20% with 28% captioning documents instead of 25%
     for seed in 0 1; do
-        full256 "cfg20cap28$([ $seed = 0 ] || echo _seed$seed)" 1400 objective.guidance=8 train.muon_convs=true \
+        full256 "cfg20cap28$([ $seed = 0 ] || echo _seed$seed)" 1400 \
             objective.cfg_dropout=0.2 data.caption_first_prob=0.72 train.seed=$seed
     done
 }

@@ -12,7 +12,7 @@ from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.recipes import get_recipe
 from motfusion.training.checkpoint import step_dir
-from motfusion.training.muon import MOMENTUM, NS_COEFFICIENTS, MuonAdamW, orthogonalize
+from motfusion.training.muon import MOMENTUM, NS_COEFFICIENTS, NS_STEPS, MuonAdamW, orthogonalize
 from motfusion.training.trainer import build_optimizer, train
 
 
@@ -39,7 +39,7 @@ def test_orthogonalize_is_the_quintic_newton_schulz_iteration(shape):
     for m in g.double().reshape(-1, *shape[-2:]):
         x = m if m.shape[0] <= m.shape[1] else m.T
         x = x / (torch.linalg.matrix_norm(x) + 1e-7)
-        for _ in range(5):
+        for _ in range(NS_STEPS):
             gram = x @ x.T
             x = a * x + (b * gram + c * gram @ gram) @ x
         expected.append(x if m.shape[0] <= m.shape[1] else x.T)
