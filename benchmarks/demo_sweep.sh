@@ -194,19 +194,19 @@ long_muon() {  # the first demo-long with Muon and 25% captioning documents: siz
 }
 
 cfg_dropout() {  # today's recipe with the caption dropped from 5%, 20% and 30% of images (objective.cfg_dropout; 10% before), and 20% with 28% captioning
-    full256 cfgdrop05 1400 objective.cfg_dropout=0.05
-    full256 cfgdrop20 1400 objective.cfg_dropout=0.2
-    full256 cfgdrop30 1400 objective.cfg_dropout=0.3
-    full256 cfgdrop20_seed1 1400 objective.cfg_dropout=0.2 train.seed=1
+    full256 cfgdrop05 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.05
+    full256 cfgdrop20 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.2
+    full256 cfgdrop30 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.3
+    full256 cfgdrop20_seed1 1400 objective.guidance=8 train.muon_convs=true objective.cfg_dropout=0.2 train.seed=1
     local seed  # 20% with 28% captioning documents instead of 25%
     for seed in 0 1; do
-        full256 "cfg20cap28$([ $seed = 0 ] || echo _seed$seed)" 1400 \
+        full256 "cfg20cap28$([ $seed = 0 ] || echo _seed$seed)" 1400 objective.guidance=8 train.muon_convs=true \
             objective.cfg_dropout=0.2 data.caption_first_prob=0.72 train.seed=$seed
     done
 }
 loss_lr() {  # today's recipe with image loss weight 10 (5 before), and a cosine to 6e-4 (1e-4 before)
-    full256 ilw10 1400 objective.image_loss_weight=10
-    full256 minlr6 1400 train.min_lr=6e-4
+    full256 ilw10 1400 objective.guidance=8 train.muon_convs=true objective.image_loss_weight=10
+    full256 minlr6 1400 objective.guidance=8 train.muon_convs=true train.min_lr=6e-4
 }
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
     for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 bf16_1400_seed1 bf16_1400_seed2 bf16_seed1 bf16_seed2 bf16_1500_seed0 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
