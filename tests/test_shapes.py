@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from motfusion.data.pipeline import build_dataset
 from motfusion.data.shapes import (
     CAPTION_REGION_MARGIN,
     FORMS,
@@ -18,9 +19,11 @@ from motfusion.data.shapes import (
     diameter,
     eval_prompts,
     in_region,
+    object_gap,
     render,
     single_object_prompts,
 )
+from motfusion.errors import ConfigError
 from motfusion.evaluation.shapes_eval import (
     caption_accuracy,
     check,
@@ -28,6 +31,7 @@ from motfusion.evaluation.shapes_eval import (
     parse_caption,
     read_scene,
 )
+from motfusion.recipes import get_recipe
 
 
 def same_objects(read: Scene, true: Scene) -> bool:
@@ -82,6 +86,38 @@ def test_images_in_range_and_objects_apart(size):
         for k, a in enumerate(boxes):
             for b in boxes[:k]:
                 assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
+
+
+def pixel_gap(a: ShapeObject, b: ShapeObject, size: int) -> int:
+    """Free pixels between two objects' boxes along the axis where they are apart."""
+    boxes = []
+    for obj in (a, b):
+        d = diameter(obj.size, size)
+        x0, y0 = round(obj.x * size - d / 2), round(obj.y * size - d / 2)
+        boxes.append((x0, y0, x0 + d, y0 + d))  # [x0, x1) x [y0, y1)
+    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
+    return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
+
+
+@pytest.mark.parametrize("gap", [None, 0, 4, 6])
+def test_objects_keep_the_gap_asked(gap):
+    """data.object_gap: two objects' boxes are at least `gap` pixels apart (None: the default), and
+    some pair sits at exactly that distance, so the gap is the one asked, not a larger one."""
+    ds = ShapesDataset(image_size=32, single_object_prob=0.0, gap=gap)
+    want = object_gap(32) if gap is None else gap
+    gaps = []
+    for i in range(300):
+        objs = ds.draw(i)[0].objects
+        gaps += [pixel_gap(a, b, 32) for k, a in enumerate(objs) for b in objs[:k]]
+    assert min(gaps) == want
+
+
+def test_data_object_gap_reaches_the_dataset():
+    cfg = get_recipe("debug")
+    assert build_dataset(cfg, "train").gap is None  # 0: the dataset's default
+    assert build_dataset(cfg.override(["data.object_gap=5"]), "train").gap == 5
+    with pytest.raises(ConfigError, match="data.object_gap"):
+        cfg.override(["data.object_gap=-1"])
 
 
 def test_captions_parse_and_are_true():

@@ -207,6 +207,7 @@ class DataConfig:
     # The evaluation's prompts and captions keep 0.5 (evaluation/shapes_suite.py).
     caption_size_prob: float = 0.5
     caption_position_prob: float = 0.5
+    object_gap: int = 0  # shapes: pixels kept free between two objects' boxes; 0: image_size / 16
     # User data (manifest:PATH, folder:PATH): checked once before training, see data/user.py.
     on_bad_sample: str = "error"  # error: stop naming the first bad file; skip: train on the rest
     val_fraction: float = 0.05  # share of samples held out for val, chosen by a hash of each sample
@@ -223,6 +224,7 @@ class DataConfig:
         _check_types(self, "data")
         _check(self.max_objects > 0, "data.max_objects must be positive")
         _check(0.0 <= self.single_object_prob <= 1.0, "data.single_object_prob must be in [0, 1]")
+        _check(self.object_gap >= 0, "data.object_gap must be >= 0 (0: image_size / 16)")
         for key in ("caption_size_prob", "caption_position_prob"):
             _check(0.0 <= getattr(self, key) <= 1.0, f"data.{key} must be in [0, 1]")
         _check(

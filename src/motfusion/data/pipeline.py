@@ -60,6 +60,7 @@ def _shapes(cfg: Config, split: str, arg: str) -> Dataset:
         single_object_prob=d.single_object_prob,
         size_prob=d.caption_size_prob,
         position_prob=d.caption_position_prob,
+        gap=d.object_gap or None,
     )
 
 

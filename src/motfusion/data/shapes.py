@@ -179,13 +179,15 @@ def relation_holds(a: ShapeObject, b: ShapeObject, relation: str, margin: float)
 # ---------------------------------------------------------------------------- scenes
 
 
-def _place(rng: np.random.Generator, image_size: int, diameters: list[int]) -> list[tuple[int, int]] | None:
+def _place(
+    rng: np.random.Generator, image_size: int, diameters: list[int], gap: int
+) -> list[tuple[int, int]] | None:
     """Top-left corners for boxes of the given sides, uniform over non-overlapping spots.
 
-    Each box is drawn uniformly among the positions that keep a gap to the boxes
+    Each box is drawn uniformly among the positions that keep `gap` pixels to the boxes
     already placed; returns None when some box has nowhere to go.
     """
-    lo, gap = border_margin(image_size), object_gap(image_size)
+    lo = border_margin(image_size)
     corners: list[tuple[int, int]] = []
     for d in diameters:
         starts = np.arange(lo, image_size - lo - d + 1)
@@ -214,14 +216,20 @@ def _sample_kinds(rng: np.random.Generator, n_objects: int, duplicate_prob: floa
 
 
 def random_scene(
-    rng: np.random.Generator, image_size: int = 32, n_objects: int = 1, duplicate_prob: float = 0.3
+    rng: np.random.Generator,
+    image_size: int = 32,
+    n_objects: int = 1,
+    duplicate_prob: float = 0.3,
+    gap: int | None = None,
 ) -> Scene:
-    """A scene of `n_objects` non-overlapping objects, fully inside the image."""
+    """A scene of `n_objects` non-overlapping objects, fully inside the image, their boxes at least
+    `gap` pixels apart (None: object_gap(image_size))."""
+    gap = object_gap(image_size) if gap is None else gap
     kinds = _sample_kinds(rng, n_objects, duplicate_prob)
     for _ in range(1000):
         sizes = [SIZES[i] for i in rng.integers(len(SIZES), size=n_objects)]
         diameters = [diameter(s, image_size) for s in sizes]
-        corners = _place(rng, image_size, diameters)
+        corners = _place(rng, image_size, diameters, gap)
         if corners is not None:
             break
     else:
@@ -371,7 +379,8 @@ class ShapesDataset:
     Sample `index` of split `split` depends only on (seed, split, index); other
     splits use disjoint seed streams. The number of objects is 1 with
     probability `single_object_prob`, otherwise uniform over 2..max_objects
-    (see `object_count_probs`). A caption states each object's size with
+    (see `object_count_probs`), their boxes `gap` pixels apart or more
+    (None: `object_gap(image_size)`). A caption states each object's size with
     probability `size_prob`, and its position, where one is clear, with
     probability `position_prob` (DALL-E 3 trains on descriptive captions for
     better prompt following).
@@ -388,6 +397,7 @@ class ShapesDataset:
         duplicate_prob: float = 0.3,
         size_prob: float = 0.5,
         position_prob: float = 0.5,
+        gap: int | None = None,
     ):
         if not 1 <= max_objects <= 3:
             raise ValueError("max_objects must be 1, 2 or 3 (captions must stay short)")
@@ -397,7 +407,7 @@ class ShapesDataset:
         self.seed = seed
         self.split = split
         self.max_objects = max_objects
-        self.duplicate_prob = duplicate_prob
+        self.duplicate_prob, self.gap = duplicate_prob, gap
         self.size_prob, self.position_prob = size_prob, position_prob
         rest = (1 - single_object_prob) / max(max_objects - 1, 1)
         self.object_count_probs = (single_object_prob,) + (rest,) * (max_objects - 1)
@@ -412,7 +422,7 @@ class ShapesDataset:
         """The scene and structured caption of sample `index`, without rendering."""
         rng = self._rng(index)
         n_objects = 1 + int(rng.choice(self.max_objects, p=self.object_count_probs))
-        scene = random_scene(rng, self.image_size, n_objects, self.duplicate_prob)
+        scene = random_scene(rng, self.image_size, n_objects, self.duplicate_prob, self.gap)
         return scene, describe(scene, rng, self.size_prob, self.position_prob)
 
     def sample(self, index: int) -> ShapesSample:
