@@ -14,6 +14,7 @@ from motfusion.data.shapes import (
     Scene,
     ShapeObject,
     ShapesDataset,
+    box,
     caption_form,
     caption_text,
     diameter,
@@ -90,12 +91,8 @@ def test_images_in_range_and_objects_apart(size):
 
 def pixel_gap(a: ShapeObject, b: ShapeObject, size: int) -> int:
     """Free pixels between two objects' boxes along the axis where they are apart."""
-    boxes = []
-    for obj in (a, b):
-        d = diameter(obj.size, size)
-        x0, y0 = round(obj.x * size - d / 2), round(obj.y * size - d / 2)
-        boxes.append((x0, y0, x0 + d, y0 + d))  # [x0, x1) x [y0, y1)
-    (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
+    (ax0, ay0, ad), (bx0, by0, bd) = box(a, size), box(b, size)
+    ax1, ay1, bx1, by1 = ax0 + ad, ay0 + ad, bx0 + bd, by0 + bd
     return max(bx0 - ax1, ax0 - bx1, by0 - ay1, ay0 - by1)
 
 

@@ -40,6 +40,7 @@ from motfusion.data.shapes import (
     ShapeObject,
     ShapesDataset,
     border_margin,
+    box,
     diameter,
     in_region,
     object_gap,
@@ -67,12 +68,6 @@ class EditTriple:
 # ---------------------------------------------------------------------------- geometry
 
 
-def _box(obj: ShapeObject, n: int) -> tuple[int, int, int]:
-    """Top-left corner and side in pixels, as `render` draws the object."""
-    d = diameter(obj.size, n)
-    return round(obj.x * n - d / 2), round(obj.y * n - d / 2), d
-
-
 def _free(d: int, others: list[ShapeObject], n: int) -> np.ndarray:
     """(y0, x0) -> whether a box of side d there is inside the margins and keeps the gap to every other
     box: a boolean (n - d + 1, n - d + 1) grid of top-left corners."""
@@ -81,7 +76,7 @@ def _free(d: int, others: list[ShapeObject], n: int) -> np.ndarray:
     inside = (starts >= lo) & (starts + d <= n - lo)
     free = inside[:, None] & inside[None, :]
     for o in others:
-        bx, by, bd = _box(o, n)
+        bx, by, bd = box(o, n)
         clear_x = (starts + d + gap <= bx) | (starts >= bx + bd + gap)
         clear_y = (starts + d + gap <= by) | (starts >= by + bd + gap)
         free &= clear_y[:, None] | clear_x[None, :]

@@ -122,6 +122,12 @@ def diameter(size: str, image_size: int) -> int:
     return 2 * int(SIZE_FRACTION[size] * image_size / 2) + 1
 
 
+def box(obj: ShapeObject, image_size: int) -> tuple[int, int, int]:
+    """Top-left corner and side in pixels, as `render` draws the object."""
+    d = diameter(obj.size, image_size)
+    return round(obj.x * image_size - d / 2), round(obj.y * image_size - d / 2), d
+
+
 def border_margin(image_size: int) -> int:
     """Minimum distance between an object and the image border."""
     return max(1, image_size // 32)
