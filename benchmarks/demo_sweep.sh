@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | cfg_dropout | loss_lr | object_gap | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | cfg_dropout | loss_lr | object_gap | batch_ema | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -218,6 +218,15 @@ object_gap() {  # 4 free pixels between objects' boxes (data.object_gap; 2 befor
     full256 gap5_seed0 1400 objective.guidance=8 train.muon_convs=true data.object_gap=5
     full256 gap4_cfg15 1400 objective.guidance=8 train.muon_convs=true data.object_gap=4 objective.cfg_dropout=0.15
 }
+batch_ema() {  # today's recipe (objects 4 pixels apart) at equal training time with a smaller batch,
+    # the moving average spanning as many tokens (a step of 6 rows takes 0.75 of 8's, of 4 rows 0.55:
+    # 60 steps of each alone, two threads); a longer moving average; a cosine to 6e-4
+    local g="objective.guidance=8 train.muon_convs=true data.object_gap=4"
+    full256 b6 1850 $g train.batch_size=6 train.ema=0.99625
+    full256 b4 2500 $g train.batch_size=4 train.ema=0.9975
+    full256 ema998 1400 $g train.ema=0.998
+    full256 minlr6g4 1400 $g train.min_lr=6e-4
+}
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
     for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 bf16_1400_seed1 bf16_1400_seed2 bf16_seed1 bf16_seed2 bf16_1500_seed0 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
         [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
@@ -227,6 +236,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; cfg_dropout) cfg_dropout ;; loss_lr) loss_lr ;; object_gap) object_gap ;; eval) evaluate ;;
-    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|cfg_dropout|loss_lr|object_gap|eval" >&2; exit 2 ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; cfg_dropout) cfg_dropout ;; loss_lr) loss_lr ;; object_gap) object_gap ;; batch_ema) batch_ema ;; eval) evaluate ;;
+    *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|cfg_dropout|loss_lr|object_gap|batch_ema|eval" >&2; exit 2 ;;
 esac

@@ -41,6 +41,15 @@ def test_decay_warms_up_to_train_ema():
     assert ema_decay(0.999, 1) == pytest.approx(2 / 11)
     assert ema_decay(0.999, 100) == pytest.approx(101 / 110)
     assert ema_decay(0.999, 100_000) == 0.999
+    assert ema_decay(0.999, 1, warmup=2) == pytest.approx(2 / 3)
+    assert ema_decay(0.995, 398, warmup=2) == 0.995
+
+
+def test_the_default_warm_up_rules_a_short_run():
+    """With train.ema_warmup 10 the warm-up, not train.ema, sets the decay of a 1,400-step run
+    (make demo's) for any train.ema of 0.9937 or more: 0.995 and 0.998 average alike."""
+    assert all(ema_decay(0.995, s) == ema_decay(0.998, s) for s in range(1, 1401))
+    assert ema_decay(0.995, 1400, warmup=2) == 0.995 != ema_decay(0.998, 1400, warmup=2)
 
 
 def test_update_matches_a_hand_computation():
@@ -98,14 +107,15 @@ def test_sampling_reads_the_average_and_raw_weights_on_request(tmp_path):
     assert all(torch.equal(exported[k], average[k]) for k in average)
 
 
-def test_resuming_a_run_without_average_starts_it_from_the_weights(tmp_path):
+@pytest.mark.parametrize("warmup", [10, 2])
+def test_resuming_a_run_without_average_starts_it_from_the_weights(tmp_path, warmup):
     train(small_cfg("train.steps=2", "train.ema=0"), tmp_path / "run")
-    result = train(small_cfg("train.steps=3"), tmp_path / "run", resume=True)
+    result = train(small_cfg("train.steps=3", f"train.ema_warmup={warmup}"), tmp_path / "run", resume=True)
     assert result.step == 3 and (step_dir(tmp_path / "run", 3) / EMA_FILE).is_file()
     two = safetensors.torch.load_file(step_dir(tmp_path / "run", 2) / MODEL_FILE)
     three = safetensors.torch.load_file(step_dir(tmp_path / "run", 3) / MODEL_FILE)
     average = safetensors.torch.load_file(step_dir(tmp_path / "run", 3) / EMA_FILE)
-    d = ema_decay(0.9, 3)
+    d = ema_decay(0.9, 3, warmup)
     for k in average:  # one update from the resumed weights, not from the initialisation
         torch.testing.assert_close(average[k], d * two[k] + (1 - d) * three[k], rtol=1e-6, atol=1e-7)
 
@@ -114,6 +124,12 @@ def test_resuming_a_run_without_average_starts_it_from_the_weights(tmp_path):
 def test_ema_out_of_range_is_a_config_error(value):
     with pytest.raises(ConfigError, match="train.ema"):
         small_cfg(f"train.ema={value}")
+
+
+@pytest.mark.parametrize("value", ["1", "0.5"])
+def test_ema_warmup_of_one_or_less_is_a_config_error(value):
+    with pytest.raises(ConfigError, match="train.ema_warmup"):
+        small_cfg(f"train.ema_warmup={value}")
 
 
 def test_cli_samples_the_average_unless_asked_for_raw_weights(tmp_path, capsys):

@@ -299,6 +299,9 @@ class TrainConfig(TrackingConfig):
     muon_convs: bool = False
     grad_clip: float = 1.0
     ema: float = 0.0  # decay of the weights' moving average that sampling uses (0: none); training/ema.py
+    # The decay at step s is min(ema, (1 + s) / (ema_warmup + s)): the average spans about
+    # s / (ema_warmup - 1) steps until it reaches 1 / (1 - ema) (training/ema.py).
+    ema_warmup: float = 10.0
     init_from: str = ""  # a run or checkpoint whose weights (not optimizer, not step) a new run starts from
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end
@@ -348,6 +351,7 @@ class TrainConfig(TrackingConfig):
             0.0 <= self.ema < 1.0,
             f"train.ema={self.ema} must be in [0, 1) (0: no moving average), e.g. 0.999",
         )
+        _check(self.ema_warmup > 1.0, f"train.ema_warmup={self.ema_warmup} must be > 1 (10: torch-ema's)")
         _check(
             self.parallel in ("auto", "none", "ddp", "fsdp"),
             f"train.parallel={self.parallel!r}: choose auto, none, ddp or fsdp",

@@ -290,7 +290,7 @@ def new_run(cfg: Config, world: World, run_dir: Path | None = None) -> Run:
     return Run(
         model=model,
         optimizer=build_optimizer(model, cfg.train),
-        ema=EMA(model, cfg.train.ema) if cfg.train.ema else None,
+        ema=EMA(model, cfg.train.ema, cfg.train.ema_warmup) if cfg.train.ema else None,
         objective=TransfusionObjective(cfg.objective),
         generator=torch.Generator(device=world.device),
         packer=Prefetcher(make_packer(cfg, tokenizer, "train", world.rank, world.world_size)),
