@@ -220,12 +220,21 @@ object_gap() {  # 4 free pixels between objects' boxes (data.object_gap; 2 befor
 }
 batch_ema() {  # today's recipe (objects 4 pixels apart) at equal training time with a smaller batch,
     # the moving average spanning as many tokens (a step of 6 rows takes 0.75 of 8's, of 4 rows 0.55:
-    # 60 steps of each alone, two threads); a longer moving average; a cosine to 6e-4
+    # 60 steps of each alone, two threads); a cosine to 6e-4; longer moving averages (train.ema 0.998
+    # changes nothing under the warm-up of train.ema_warmup 10); positions in 80% of the captions; gap 4
+    # seeds 0 and 1 without the average
     local g="objective.guidance=8 train.muon_convs=true data.object_gap=4"
     full256 b6 1850 $g train.batch_size=6 train.ema=0.99625
     full256 b4 2500 $g train.batch_size=4 train.ema=0.9975
     full256 ema998 1400 $g train.ema=0.998
     full256 minlr6g4 1400 $g train.min_lr=6e-4
+    full256 ema997w2 1400 $g train.ema=0.997 train.ema_warmup=2
+    full256 ema9985w2 1400 $g train.ema=0.9985 train.ema_warmup=2
+    full256 pos08g4 1400 $g data.caption_position_prob=0.8   # alone, two threads
+    local seed
+    for seed in 0 1; do
+        $M eval --ckpt "$R/gap4_seed$seed" --n 256 --val-batches 2 --raw-weights --out "$R/gap4_seed$seed/eval_n256_raw.json"
+    done
 }
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
     for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 bf16_1400_seed1 bf16_1400_seed2 bf16_seed1 bf16_seed2 bf16_1500_seed0 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
