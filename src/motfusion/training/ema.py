@@ -8,7 +8,8 @@ The warm-up of d (w = 10, as in torch-ema and diffusers) keeps a short run's ave
 remembering the random initialisation: with a fixed d = 0.999, 2000 steps would leave 0.999^2000 =
 13% of it in. While it rules, the average spans about step / (w - 1) steps, whatever train.ema says:
 with w = 10 a decay of 0.995 is reached only at step 1,790, so a run of 1,400 steps averages the
-same with any train.ema of 0.9937 or more. A smaller w reaches train.ema sooner (w = 2: step 2d / (1 - d)).
+same with any train.ema of 0.9937 or more. It reaches train.ema at step (w d - 1) / (1 - d): a
+smaller w, sooner (w = 2, d = 0.995: step 198).
 
 The average is kept in fp32, one tensor per parameter, laid out like the parameter: under FSDP each
 rank averages its own shards (DTensors), so the update needs no communication. Keys are the
