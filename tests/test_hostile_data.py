@@ -405,6 +405,7 @@ def test_seq_len_shorter_than_every_document(tmp_path, capsys):
     "option, value",
     [
         ("--guidance", "nan"),
+        ("--guidance-early", "inf"),
         ("--temperature", "nan"),
         ("--top-p", "nan"),
         ("--temperature", "inf"),

@@ -203,16 +203,23 @@ def test_a_mode_the_checkpoint_cannot_do_is_a_clear_error(run):
 
 
 def test_a_run_is_sampled_with_its_recipes_guidance_unless_told_otherwise(tmp_path):
-    """objective.guidance and objective.best_of travel in the run's config: the Python API, `generate`
-    and `eval` sample with them when none is given, and with the given ones when they are."""
-    run = quick_run(tmp_path / "g6", "objective.guidance=6", "objective.best_of=3")
+    """objective.guidance, guidance_early and best_of travel in the run's config: the Python API,
+    `generate` and `eval` sample with them when none is given, and with the given ones when they are."""
+    run = quick_run(
+        tmp_path / "g6", "objective.guidance=6", "objective.guidance_early=2.5", "objective.best_of=3"
+    )
     assert MotFusion.from_pretrained(run).generator.cfg.guidance == 6.0
     assert load(run).generator.cfg.guidance == 6.0  # a SampleConfig that leaves guidance unset
-    assert load(run).generator.cfg.best_of == 3
-    told = MotFusion.from_pretrained(run, sample=SampleConfig(guidance=2.0, best_of=1))
-    assert (told.generator.cfg.guidance, told.generator.cfg.best_of) == (2.0, 1)
+    assert (load(run).generator.cfg.guidance_early, load(run).generator.cfg.best_of) == (2.5, 3)
+    told = MotFusion.from_pretrained(run, sample=SampleConfig(guidance=2.0, guidance_early=4.0, best_of=1))
+    assert (told.generator.cfg.guidance, told.generator.cfg.guidance_early, told.generator.cfg.best_of) == (
+        2,
+        4,
+        1,
+    )
+    given = ["--guidance", "1.5", "--guidance-early", "1", "--best-of", "2"]
     for command in (["generate", "--prompt", "a"], ["eval"]):
-        for flags, want in (([], (6.0, 3)), (["--guidance", "1.5", "--best-of", "2"], (1.5, 2))):
+        for flags, want in (([], (6.0, 2.5, 3)), (given, (1.5, 1.0, 2))):
             args = parse_args([*command, "--ckpt", str(run), *flags])
             gen, _ = load_generator(run, "cpu", sample_config(args))
-            assert (gen.cfg.guidance, gen.cfg.best_of) == want
+            assert (gen.cfg.guidance, gen.cfg.guidance_early, gen.cfg.best_of) == want

@@ -6,6 +6,7 @@ import torch
 from test_vq import make_vq_dir
 
 from motfusion.codecs.image import image_repr
+from motfusion.errors import ConfigError
 from motfusion.models.transfusion import TransfusionModel
 from motfusion.recipes import get_recipe
 from motfusion.sampling import Context, Generator, SampleConfig
@@ -51,6 +52,31 @@ def test_each_denoising_step_is_one_forward_pass(model, tok, cfg):
     gen.images(PROMPTS[:2], torch.Generator().manual_seed(0))
     hook.remove()
     assert rows == [4] * (1 + gen.cfg.steps)  # the prompts, then one pass of 2B rows per step
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("scales", [(5.0, 2.0), (3.0, 1.0), (1.0, 3.0)])
+def test_guidance_early_guides_the_steps_up_to_the_best_of_comparison(model, tok, cfg, scales):
+    """guidance_early over steps 0..int(n PICK_AT) (0 and 1 of 4), guidance after; equal to running those
+    steps with one scale and the rest with the other, from the same noise and context. With either
+    scale at 1 the unconditional rows are still run for the other."""
+    early, late = scales
+    gen = generator(model, tok, cfg, guidance=late, guidance_early=early)
+    noise = torch.randn(2, *gen.image_shape, generator=torch.Generator().manual_seed(0))
+    got = gen.images(PROMPTS[:2], noise=noise)
+    first, second = generator(model, tok, cfg, guidance=early), generator(model, tok, cfg, guidance=late)
+    ctx, uncond = gen.guided_prompt(PROMPTS[:2])  # with unconditional rows, whichever scale is 1
+    sampler = first._make_sampler()
+    x, _ = first._steps(ctx, uncond, sampler, noise, range(2), None)
+    x, _ = second._steps(ctx, uncond, sampler, x, range(2, 4), None)
+    assert torch.equal(got, x.clamp(-1, 1))
+    one_scale = generator(model, tok, cfg, guidance=late).images(PROMPTS[:2], noise=noise)
+    assert not torch.allclose(got, one_scale)
+
+
+def test_guidance_early_must_be_finite():
+    with pytest.raises(ConfigError, match="objective.guidance_early=nan"):
+        get_recipe("debug").override(["objective.guidance_early=nan"])
 
 
 @torch.no_grad()

@@ -154,6 +154,9 @@ class ObjectiveConfig:
     # settings measured best for its model. Denoising steps, guidance scale, text-to-image candidates.
     sample_steps: int = 50
     guidance: float = 3.0
+    # The scale over the denoising steps up to best_of's comparison (the first quarter), where a
+    # sample's layout forms; None: `guidance` throughout.
+    guidance_early: float | None = None
     best_of: int = 1
     image_first_noise_cap: int | None = 500  # max timestep of an image that precedes its caption
     loss_weights: dict[str, float] = field(default_factory=dict)  # per discrete modality's LM loss; default 1
@@ -172,7 +175,11 @@ class ObjectiveConfig:
             f"objective.flow_timesteps={self.flow_timesteps!r}: choose 'uniform' or 'logit_normal'",
         )
         _check(0.0 <= self.cfg_dropout < 1.0, "objective.cfg_dropout must be in [0, 1)")
-        _check(math.isfinite(self.guidance), f"objective.guidance={self.guidance} must be finite (1 = off)")
+        for name in ("guidance", "guidance_early"):
+            scale = getattr(self, name)
+            _check(
+                scale is None or math.isfinite(scale), f"objective.{name}={scale} must be finite (1 = off)"
+            )
         _check(
             self.best_of >= 1 and self.sample_steps >= 1,
             f"objective.best_of={self.best_of} and objective.sample_steps={self.sample_steps} must be >= 1",

@@ -131,6 +131,11 @@ def run_demo(
         "untie": ",".join(cfg.model.untie) or "none",
         "weights": f"moving average (train.ema={cfg.train.ema})" if cfg.train.ema else "raw",
         "sampling": f"{gen.sampler_name} {gen.cfg.steps} steps, guidance {gen.cfg.guidance}"
+        + (
+            f" ({gen.cfg.guidance_early} over the first quarter)"
+            if gen.cfg.guidance_early is not None
+            else ""
+        )
         + (f", best of {gen.cfg.best_of}" if gen.cfg.best_of > 1 else ""),
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=2))

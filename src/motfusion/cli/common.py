@@ -99,6 +99,18 @@ def add_guidance_argument(p: argparse.ArgumentParser) -> None:
         type=float,
         help="classifier-free guidance scale (1 = off); default: the model's objective.guidance",
     )
+    p.add_argument(
+        "--guidance-early",
+        type=float,
+        help="the scale over the first quarter of the denoising steps, where the layout forms; default: "
+        "the model's objective.guidance_early (none: --guidance throughout)",
+    )
+
+
+def check_guidance(args: argparse.Namespace) -> None:
+    for flag, scale in (("--guidance", args.guidance), ("--guidance-early", args.guidance_early)):
+        if scale is not None and not math.isfinite(scale):
+            raise ConfigError(f"{flag}={scale} must be a finite number (1 = off)")
 
 
 def add_best_of_argument(p: argparse.ArgumentParser) -> None:
@@ -121,12 +133,12 @@ def sample_config(args: argparse.Namespace) -> SampleConfig:
         raise ConfigError(
             "--steps, --best-of and --max-tokens must be positive, --top-p in (0, 1], --temperature >= 0"
         )
-    if args.guidance is not None and not math.isfinite(args.guidance):
-        raise ConfigError(f"--guidance={args.guidance} must be a finite number (1 = off)")
+    check_guidance(args)
     return SampleConfig(
         steps=args.steps,
         sampler=args.sampler,
         guidance=args.guidance,
+        guidance_early=args.guidance_early,
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_p=args.top_p,

@@ -14,6 +14,7 @@ from motfusion.cli.common import (
     add_device_argument,
     add_guidance_argument,
     add_sample_arguments,
+    check_guidance,
     config_from_args,
     device_of,
     sample_config,
@@ -102,10 +103,16 @@ def run_demo_command(args: argparse.Namespace) -> int:
     n = args.n_eval
     if any(v is not None and v <= 0 for v in (args.best_of, args.sample_steps)):
         raise ConfigError(f"--best-of={args.best_of} and --sample-steps={args.sample_steps} must be positive")
+    check_guidance(args)
     metrics = run_demo(
         config_from_args(args),
         args.out,
-        SampleConfig(steps=args.sample_steps, guidance=args.guidance, best_of=args.best_of),
+        SampleConfig(
+            steps=args.sample_steps,
+            guidance=args.guidance,
+            guidance_early=args.guidance_early,
+            best_of=args.best_of,
+        ),
         n_single=n,
         n_prompts=n,
         n_captions=n,

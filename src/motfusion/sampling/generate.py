@@ -49,6 +49,9 @@ class SampleConfig:
     steps: int | None = None  # denoising steps; None: objective.sample_steps
     sampler: str = "auto"  # ddim for DDPM, euler for flow; or ddpm
     guidance: float | None = None  # classifier-free guidance scale, 1 = off; None: objective.guidance
+    # Diffusion's scale over the steps up to best_of's comparison (the first quarter), where the layout
+    # forms; None: objective.guidance_early (None there too: `guidance` throughout).
+    guidance_early: float | None = None
     max_tokens: int = 64
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -94,6 +97,7 @@ class Generator:
         recipe = {  # what the run's recipe chose for its model, where the caller chose nothing
             "steps": objective.sample_steps,
             "guidance": objective.guidance,
+            "guidance_early": objective.guidance_early,
             "best_of": objective.best_of,
         }
         self.cfg = replace(self.cfg, **{k: v for k, v in recipe.items() if getattr(self.cfg, k) is None})
@@ -230,16 +234,27 @@ class Generator:
                 both = ctx.run(
                     ctx.image(torch.cat((x, x)), torch.cat((t, t)), self.tokens_per_image), commit=False
                 )
-                pred = guide(*both.image.chunk(2), self.cfg.guidance)
+                pred = guide(*both.image.chunk(2), self._image_guidance(i, len(sampler)))
             else:
                 pred = ctx.run(ctx.image(x, t, self.tokens_per_image), commit=False).image
                 if uncond is not None:
                     pred_u = uncond.run(uncond.image(x, t, self.tokens_per_image), commit=False).image
-                    pred = guide(pred, pred_u, self.cfg.guidance)
+                    pred = guide(pred, pred_u, self._image_guidance(i, len(sampler)))
             if i == steps[-1]:
                 x0 = sampler.predict_x0(x, pred, t)
             x = sampler.step(pred, i, x, generator)
         return x, x0
+
+    def _image_guidance(self, i: int, n: int) -> float:
+        """The guidance scale of denoising step i of n: guidance_early up to the step after which
+        best_of compares its candidates (the first quarter), guidance after."""
+        early = self.cfg.guidance_early
+        return early if early is not None and i <= int(n * PICK_AT) else self.cfg.guidance
+
+    @property
+    def _uses_guidance(self) -> bool:
+        """Whether any step guides, so that unconditional rows are needed."""
+        return self.cfg.guidance != 1.0 or self.cfg.guidance_early not in (None, 1.0)
 
     def decode_images(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space images (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], for whatever leaves the
@@ -276,7 +291,7 @@ class Generator:
         return Units(modality, self.span(ctx, None, modality, generator)[0])
 
     def _unconditional(self, B: int) -> Context | None:
-        if self.cfg.guidance == 1.0:
+        if not self._uses_guidance:
             return None
         ctx = Context(self.model, self.cfg.use_cache)
         ctx.run(ctx.prompt([self._encode([], then=[self.tok.boi])] * B, self.tok.pad))
@@ -291,7 +306,7 @@ class Generator:
         self, conditional: list[list[Segment]], unconditional: list[list[Segment]]
     ) -> tuple[Context, Context | None]:
         """Each conditional prompt, then BOI; with guidance, the unconditional ones as rows B..2B-1."""
-        guided = self.cfg.guidance != 1.0
+        guided = self._uses_guidance
         docs = conditional + (unconditional if guided else [])
         ctx = Context(self.model, self.cfg.use_cache)
         ctx.run(ctx.prompt([self._encode(d, then=[self.tok.boi]) for d in docs], self.tok.pad))
