@@ -102,7 +102,7 @@ def demo() -> Config:
       0.533 +- 0.015 -> 0.576 +- 0.022 over three seeds, at the evaluation time of before.
     - train.precision=auto: bf16 where the CPU has AMX (0.84 of fp32's step time), fp32 elsewhere.
     - 1,400 steps: what fits in the 15 minutes beside set-up and evaluation. Fresh clones took
-      12 min 42 s to 14 min 27 s, by the stretch of the host (fp32, AMD without AMX); 13 min 58 s
+      12 min 42 s to 14 min 59.8 s, by the stretch of the host (fp32, AMD without AMX); 13 min 58 s
       (bf16, AMX, before Muon).
     """
     return Config(
