@@ -44,6 +44,11 @@ from motfusion.tokenizer import Tokenizer
 PICK_AT = 0.25
 
 
+def comparison_step(n: int) -> int:
+    """The step of n after which best_of compares its candidates; guidance_early guides up to it."""
+    return int(n * PICK_AT)
+
+
 @dataclass(kw_only=True)
 class SampleConfig:
     steps: int | None = None  # denoising steps; None: objective.sample_steps
@@ -249,7 +254,7 @@ class Generator:
         """The guidance scale of denoising step i of n: guidance_early up to the step after which
         best_of compares its candidates (the first quarter), guidance after."""
         early = self.cfg.guidance_early
-        return early if early is not None and i <= int(n * PICK_AT) else self.cfg.guidance
+        return early if early is not None and i <= comparison_step(n) else self.cfg.guidance
 
     @property
     def _uses_guidance(self) -> bool:
@@ -339,7 +344,7 @@ class Generator:
             best = scores.view(k, B).argmax(0).tolist()
             return self.repr.decode(torch.tensor([codes[j * B + i] for i, j in enumerate(best)]))
         sampler = self._make_sampler()
-        pick = int(len(sampler) * PICK_AT)
+        pick = comparison_step(len(sampler))
         ctx, uncond = self.guided_prompt(prompts * k)
         x, x0 = self._steps(ctx, uncond, sampler, self._noise(k * B, generator), range(pick + 1), generator)
         best = self.caption_log_prob(x0, prompts * k).view(k, B).argmax(0)
