@@ -158,3 +158,30 @@ def test_best_of_finishes_the_candidate_that_reads_best_early(model, tok, cfg):
     torch.testing.assert_close(got, every[best, torch.arange(B)], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="best_of=1"):
         make(model, tok, cfg, best_of=k).images(PROMPTS, noise=torch.zeros(B, 3, 16, 16))
+
+
+def test_best_of_runs_no_unconditional_rows_while_the_early_scale_is_one(model, tok, cfg, monkeypatch):
+    """With guidance_early=1 the candidates' steps (up to the comparison) do not guide, so they run
+    k B rows, not 2 k B; the picture equals the one drawn with those rows present (scale 1 ignores
+    them), and the steps after the comparison still guide."""
+    k, B, steps = 3, len(PROMPTS), 8
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, args: rows.append(args[0].tokens.shape[0]))
+    try:
+        draw = lambda: make(model, tok, cfg, best_of=k, steps=steps, guidance_early=1.0).images(
+            PROMPTS, torch.Generator().manual_seed(0)
+        )
+        got, seen = draw(), set(rows)
+        rows.clear()
+        monkeypatch.setattr(Generator, "_guides", lambda self, steps, n: True)  # rows for every phase
+        want, seen_all = draw(), set(rows)
+    finally:
+        hook.remove()
+    assert 2 * k * B not in seen and 2 * k * B in seen_all and 2 * B in seen
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(
+        got,
+        make(model, tok, cfg, best_of=k, steps=steps, guidance_early=1.0, guidance=1.0).images(
+            PROMPTS, torch.Generator().manual_seed(0)
+        ),
+    )

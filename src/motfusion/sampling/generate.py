@@ -261,6 +261,10 @@ class Generator:
         """Whether any step guides, so that unconditional rows are needed."""
         return self.cfg.guidance != 1.0 or self.cfg.guidance_early not in (None, 1.0)
 
+    def _guides(self, steps: range, n: int) -> bool:
+        """Whether any of these steps of n guides (scale not 1), so that they need unconditional rows."""
+        return any(self._image_guidance(i, n) != 1.0 for i in steps)
+
     def decode_images(self, x: torch.Tensor) -> torch.Tensor:
         """Model-space images (B, C, h, w) -> pixels (B, 3, H, W) in [-1, 1], for whatever leaves the
         library (PNG files, reports, scoring): the VAE decoder with latents, the identity with pixels."""
@@ -302,16 +306,20 @@ class Generator:
         ctx.run(ctx.prompt([self._encode([], then=[self.tok.boi])] * B, self.tok.pad))
         return ctx
 
-    def guided_prompt(self, prompts: list[str]) -> tuple[Context, Context | None]:
+    def guided_prompt(self, prompts: list[str], guided: bool | None = None) -> tuple[Context, Context | None]:
         """A context after each prompt's BOI, and what `denoise` and `span` take as `uncond`: with
-        guidance, the same context, whose rows B..2B-1 hold the unconditional prompts (BOS, BOI)."""
-        return self._guided([[Text(p)] for p in prompts], [[] for _ in prompts])
+        guidance, the same context, whose rows B..2B-1 hold the unconditional prompts (BOS, BOI).
+        `guided`: whether to add those rows (default: whenever any step guides)."""
+        return self._guided([[Text(p)] for p in prompts], [[] for _ in prompts], guided)
 
     def _guided(
-        self, conditional: list[list[Segment]], unconditional: list[list[Segment]]
+        self,
+        conditional: list[list[Segment]],
+        unconditional: list[list[Segment]],
+        guided: bool | None = None,
     ) -> tuple[Context, Context | None]:
         """Each conditional prompt, then BOI; with guidance, the unconditional ones as rows B..2B-1."""
-        guided = self._uses_guidance
+        guided = self._uses_guidance if guided is None else guided
         docs = conditional + (unconditional if guided else [])
         ctx = Context(self.model, self.cfg.use_cache)
         ctx.run(ctx.prompt([self._encode(d, then=[self.tok.boi]) for d in docs], self.tok.pad))
@@ -344,13 +352,16 @@ class Generator:
             best = scores.view(k, B).argmax(0).tolist()
             return self.repr.decode(torch.tensor([codes[j * B + i] for i, j in enumerate(best)]))
         sampler = self._make_sampler()
-        pick = comparison_step(len(sampler))
-        ctx, uncond = self.guided_prompt(prompts * k)
-        x, x0 = self._steps(ctx, uncond, sampler, self._noise(k * B, generator), range(pick + 1), generator)
+        n = len(sampler)
+        early, late = range(comparison_step(n) + 1), range(comparison_step(n) + 1, n)
+        # Each phase runs unconditional rows only if it guides: none for the candidates' steps at an
+        # early scale of 1, which then cost half as much.
+        ctx, uncond = self.guided_prompt(prompts * k, guided=self._guides(early, n))
+        x, x0 = self._steps(ctx, uncond, sampler, self._noise(k * B, generator), early, generator)
         best = self.caption_log_prob(x0, prompts * k).view(k, B).argmax(0)
         x = x.view(k, B, *x.shape[1:])[best, torch.arange(B, device=self.device)]
-        ctx, uncond = self.guided_prompt(prompts)
-        x, _ = self._steps(ctx, uncond, sampler, x, range(pick + 1, len(sampler)), generator)
+        ctx, uncond = self.guided_prompt(prompts, guided=self._guides(late, n))
+        x, _ = self._steps(ctx, uncond, sampler, x, late, generator)
         return x.clamp(-1, 1) if self.clip_x0 else x
 
     def _draw(self, prompts: list[str], generator: torch.Generator | None, noise: torch.Tensor | None):
