@@ -11,6 +11,9 @@ from motfusion.diffusion import (
     make_process,
     make_sampler,
 )
+from motfusion.errors import ConfigError
+from motfusion.objectives import TransfusionObjective
+from motfusion.recipes import get_recipe
 
 T = 1000
 
@@ -251,6 +254,33 @@ def test_logit_normal_flow_timesteps_favour_the_middle_within_caps():
     assert (capped <= caps).all() and capped[caps == 500.0].mean().item() == pytest.approx(250, rel=0.02)
     with pytest.raises(ValueError, match="logit_normal"):
         RectifiedFlow(T, timesteps="beta")
+
+
+def test_shifted_flow_timesteps_move_toward_noise_within_caps():
+    """shift s / (1 + (shift - 1) s) of uniform s: the median becomes shift / (1 + shift); shift 1 is
+    the unshifted draw bit for bit; capped images keep their caps."""
+    plain = RectifiedFlow(T).sample_timesteps(40000, _gen())
+    assert torch.equal(RectifiedFlow(T, shift=1.0).sample_timesteps(40000, _gen()), plain)
+    t = RectifiedFlow(T, shift=3.0).sample_timesteps(40000, _gen())
+    assert (t >= 0).all() and (t < T).all()
+    assert t.median().item() == pytest.approx(0.75 * T, rel=0.02)
+    s = plain.double() / T  # the same uniform draws, shifted by hand
+    assert torch.allclose(t.double(), (3 * s / (1 + 2 * s) * T).float().double())
+    caps = torch.tensor([10.0, 500.0]).repeat(10000)
+    capped = RectifiedFlow(T, shift=3.0).sample_timesteps(caps.numel(), _gen(), max_t=caps)
+    assert (capped <= caps).all() and capped[caps == 500.0].median().item() == pytest.approx(375, rel=0.03)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="shift"):
+            RectifiedFlow(T, shift=bad)
+
+
+def test_flow_shift_reaches_the_objective_and_is_checked():
+    cfg = get_recipe("debug").override(["objective.diffusion=flow", "objective.flow_shift=3"])
+    assert TransfusionObjective(cfg.objective).process.shift == 3.0
+    with pytest.raises(ConfigError, match="objective.flow_shift=0.0 must be a positive number"):
+        get_recipe("debug").override(["objective.diffusion=flow", "objective.flow_shift=0"])
+    with pytest.raises(ConfigError, match="use it with objective.diffusion=flow"):
+        get_recipe("debug").override(["objective.diffusion=ddpm", "objective.flow_shift=2"])
 
 
 def test_unknown_names_list_valid_choices():

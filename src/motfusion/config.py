@@ -149,6 +149,9 @@ class ObjectiveConfig:
     diffusion: str = "ddpm"  # ddpm (epsilon, cosine schedule) or flow (rectified flow, velocity)
     num_timesteps: int = 1000
     flow_timesteps: str = "uniform"  # flow's training noise levels: uniform, or logit_normal (SD3)
+    flow_shift: float = (
+        1.0  # > 1: those levels shifted toward noise, s -> shift s / (1 + (shift - 1) s) (SD3)
+    )
     cfg_dropout: float = 0.1  # probability of dropping an image's caption (classifier-free guidance)
     # How the model is sampled where a command gives nothing else (SampleConfig): a recipe keeps the
     # settings measured best for its model. Denoising steps, guidance scale, text-to-image candidates.
@@ -173,6 +176,14 @@ class ObjectiveConfig:
         _check(
             self.flow_timesteps in ("uniform", "logit_normal"),
             f"objective.flow_timesteps={self.flow_timesteps!r}: choose 'uniform' or 'logit_normal'",
+        )
+        _check(
+            math.isfinite(self.flow_shift) and self.flow_shift > 0,
+            f"objective.flow_shift={self.flow_shift} must be a positive number (1 = no shift)",
+        )
+        _check(
+            self.diffusion == "flow" or self.flow_shift == 1.0,
+            f"objective.flow_shift={self.flow_shift} shifts flow's noise levels: use it with objective.diffusion=flow",
         )
         _check(0.0 <= self.cfg_dropout < 1.0, "objective.cfg_dropout must be in [0, 1)")
         for name in ("guidance", "guidance_early"):

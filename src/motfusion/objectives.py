@@ -66,7 +66,7 @@ class GlobalBatch:
 class TransfusionObjective:
     def __init__(self, cfg: ObjectiveConfig):
         self.cfg = cfg
-        self.process = make_process(cfg.diffusion, cfg.num_timesteps, cfg.flow_timesteps)
+        self.process = make_process(cfg.diffusion, cfg.num_timesteps, cfg.flow_timesteps, cfg.flow_shift)
 
     def max_timesteps(self, image_first: torch.Tensor) -> torch.Tensor:
         """(N,) noise cap per image: images that precede their caption are capped (Transfusion 4.2)."""

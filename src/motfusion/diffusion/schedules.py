@@ -133,18 +133,23 @@ class RectifiedFlow(DiffusionProcess):
 
     Training noise levels are uniform, or logit-normal (SD3, Esser et al. 2024): s = sigmoid(u),
     u ~ N(0, 1), which spends more of the training on the middle noise levels, where the layout and
-    colors of an image are decided, and less near 0 and 1 where the velocity is easy to predict."""
+    colors of an image are decided, and less near 0 and 1 where the velocity is easy to predict.
+    `shift` > 1 then moves every draw toward noise, s -> shift s / (1 + (shift - 1) s) (SD3's
+    timestep shift; the median of uniform draws becomes shift / (1 + shift)): more of the training
+    at the high noise levels where a sample's layout, and which color goes to which object, form."""
 
     name = "flow"
     TIMESTEPS = ("uniform", "logit_normal")
 
-    def __init__(self, num_timesteps: int = 1000, timesteps: str = "uniform") -> None:
+    def __init__(self, num_timesteps: int = 1000, timesteps: str = "uniform", shift: float = 1.0) -> None:
         super().__init__(num_timesteps)
         if timesteps not in self.TIMESTEPS:
             raise ValueError(
                 f"unknown flow timestep distribution {timesteps!r}; choose from {self.TIMESTEPS}"
             )
-        self.timesteps = timesteps
+        if not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"the flow timestep shift must be a positive number, got {shift}")
+        self.timesteps, self.shift = timesteps, shift
 
     def sample_timesteps(self, n, generator=None, device=None, max_t=None):
         upper = _caps(max_t, self.num_timesteps, n, device)  # (n,)
@@ -153,6 +158,8 @@ class RectifiedFlow(DiffusionProcess):
         else:
             source = generator.device if generator is not None else device
             s = torch.randn(n, generator=generator, device=source, dtype=torch.float64).to(device).sigmoid()
+        if self.shift != 1.0:
+            s = self.shift * s / (1 + (self.shift - 1) * s)  # still in [0, 1)
         return (s * upper).float()  # in [0, upper)
 
     def noise_level(self, t: Tensor) -> Tensor:
@@ -176,10 +183,13 @@ class RectifiedFlow(DiffusionProcess):
 PROCESSES: dict[str, type[DiffusionProcess]] = {"ddpm": DDPM, "flow": RectifiedFlow}
 
 
-def make_process(name: str, num_timesteps: int = 1000, timesteps: str = "uniform") -> DiffusionProcess:
-    """`timesteps`: the training noise-level distribution of flow (uniform or logit_normal)."""
+def make_process(
+    name: str, num_timesteps: int = 1000, timesteps: str = "uniform", shift: float = 1.0
+) -> DiffusionProcess:
+    """`timesteps` and `shift`: the training noise-level distribution of flow (uniform or
+    logit_normal, then shifted toward noise by `shift`)."""
     if name not in PROCESSES:
         raise ValueError(f"unknown diffusion process {name!r}; valid choices: {sorted(PROCESSES)}")
     if name == "flow":
-        return RectifiedFlow(num_timesteps, timesteps)
+        return RectifiedFlow(num_timesteps, timesteps, shift)
     return PROCESSES[name](num_timesteps)
