@@ -8,7 +8,7 @@
 # screen, full and seeds had that today's recipe does not: no grid positions, 1,100 steps, captions
 # that state positions half the time (PREV, which the grid and levers rows add), and fp32 on every
 # CPU (FP32: before train.precision=auto, which trains in bf16 where the CPU has AMX).
-#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | cfg_dropout | loss_lr | object_gap | batch_ema | eval
+#   benchmarks/demo_sweep.sh screen | screen2 | local | heads | rope2d | muon | guidance | full | seeds | grid | levers | long | long_muon | guidance_muon | size08 | depth | muon_convs | best_of | mix | cfg_dropout | loss_lr | object_gap | batch_ema | flow_shift | eval
 set -euo pipefail
 M=${MOTFUSION:-.venv/bin/motfusion}
 R=${RUNS:-runs/sweep}
@@ -236,6 +236,23 @@ batch_ema() {  # today's recipe (objects 4 pixels apart) at equal training time 
         $M eval --ckpt "$R/gap4_seed$seed" --n 256 --val-batches 2 --raw-weights --out "$R/gap4_seed$seed/eval_n256_raw.json"
     done
 }
+flow_shift() {  # today's recipe with flow's training noise levels shifted toward noise (objective.flow_shift 2
+    # and 3; 2 on seeds 1 and 2 too); no guidance over the first quarter (--guidance-early 1) on the gap 4
+    # models, two draws; all at n = 1,024 with the recipe's sampling
+    local g="objective.guidance=8 train.muon_convs=true" run seed
+    for run in "3 0" "2 0" "2 1" "2 2"; do
+        set -- $run
+        demo "shift$1_seed$2" 1400 $g objective.flow_shift=$1 train.seed=$2
+        $M eval --ckpt "$R/shift$1_seed$2" --n 1024 --val-batches 0 --out "$R/shift$1_seed$2/eval_n1024.json"
+    done
+    for seed in 0 1 2; do
+        $M eval --ckpt "$R/gap4_seed$seed" --n 1024 --val-batches 0 --guidance-early 1 --out "$R/gap4_seed$seed/eval_n1024_early1.json"
+    done
+    for seed in 0 1; do
+        $M eval --ckpt "$R/gap4_seed$seed" --n 1024 --val-batches 0 --guidance-early 1 --seed 1 \
+            --out "$R/gap4_seed$seed/eval_n1024_s1_early1.json"
+    done
+}
 evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run without the moving average
     for run in f_cap70 seed1 seed2 demo_seed1 demo_seed2 bf16_1400_seed1 bf16_1400_seed2 bf16_seed1 bf16_seed2 bf16_1500_seed0 detail detail08 detail08_ilw15 pos1 pos1_ilw15 size08_s0 size08_s1; do
         [ -f "$R/$run/eval_n256.json" ] || $M eval --ckpt "$R/$run" --n 256 --val-batches 2 --out "$R/$run/eval_n256.json"
@@ -245,6 +262,6 @@ evaluate() {  # n = 256 for the demo recipe's seeds; --raw-weights: the same run
 }
 
 case "${1:-}" in
-    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; cfg_dropout) cfg_dropout ;; loss_lr) loss_lr ;; object_gap) object_gap ;; batch_ema) batch_ema ;; eval) evaluate ;;
+    screen) screen ;; screen2) screen2 ;; local) local_cond ;; heads) heads ;; rope2d) rope2d ;; muon) muon ;; guidance) guidance ;; full) full ;; seeds) seeds ;; grid) grid ;; levers) levers ;; long) long ;; long_muon) long_muon ;; guidance_muon) guidance_muon ;; size08) size08 ;; depth) depth ;; muon_convs) muon_convs ;; best_of) best_of ;; mix) mix ;; cfg_dropout) cfg_dropout ;; loss_lr) loss_lr ;; object_gap) object_gap ;; batch_ema) batch_ema ;; flow_shift) flow_shift ;; eval) evaluate ;;
     *) echo "usage: $0 screen|screen2|local|heads|rope2d|muon|guidance|full|seeds|grid|levers|long|long_muon|guidance_muon|size08|depth|muon_convs|best_of|mix|cfg_dropout|loss_lr|object_gap|batch_ema|eval" >&2; exit 2 ;;
 esac
