@@ -149,9 +149,8 @@ class ObjectiveConfig:
     diffusion: str = "ddpm"  # ddpm (epsilon, cosine schedule) or flow (rectified flow, velocity)
     num_timesteps: int = 1000
     flow_timesteps: str = "uniform"  # flow's training noise levels: uniform, or logit_normal (SD3)
-    flow_shift: float = (
-        1.0  # > 1: those levels shifted toward noise, s -> shift s / (1 + (shift - 1) s) (SD3)
-    )
+    # > 1: those levels shifted toward noise, s -> shift s / (1 + (shift - 1) s) (SD3's timestep shift)
+    flow_shift: float = 1.0
     cfg_dropout: float = 0.1  # probability of dropping an image's caption (classifier-free guidance)
     # How the model is sampled where a command gives nothing else (SampleConfig): a recipe keeps the
     # settings measured best for its model. Denoising steps, guidance scale, text-to-image candidates.
