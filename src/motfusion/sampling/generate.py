@@ -352,8 +352,8 @@ class Generator:
             best = scores.view(k, B).argmax(0).tolist()
             return self.repr.decode(torch.tensor([codes[j * B + i] for i, j in enumerate(best)]))
         sampler = self._make_sampler()
-        n = len(sampler)
-        early, late = range(comparison_step(n) + 1), range(comparison_step(n) + 1, n)
+        n, pick = len(sampler), comparison_step(len(sampler))
+        early, late = range(pick + 1), range(pick + 1, n)
         # Each phase runs unconditional rows only if it guides: none for the candidates' steps at an
         # early scale of 1, which then cost half as much.
         ctx, uncond = self.guided_prompt(prompts * k, guided=self._guides(early, n))
