@@ -253,10 +253,10 @@ flow_shift() {  # today's recipe with flow's training noise levels shifted towar
             --out "$R/gap4_seed$seed/eval_n1024_s1_early1.json"
     done
 }
-best_of8() {  # the best of 8 drawn without guidance over the first quarter (the recipe now) against the best of
-    # 4 at 3 there (the recipe before), on gap 4 seeds 1 and 2 and make demo's model (runs/demo, seed 0),
-    # two draws of the latter, n = 1,024; and the best of 8 at 3 there. The two mixtures of early scales in docs/RESULTS.md
-    # were a one-off patch of Generator._best_of.
+best_of8() {  # the best of 8 drawn without guidance over the first quarter (the recipe now) against
+    # the best of 4 at 3 there (the recipe before), on gap 4 seeds 1 and 2 and make demo's model
+    # (runs/demo, seed 0), two draws of the latter, n = 1,024; and the best of 8 at 3 there. The two
+    # mixtures of early scales in docs/RESULTS.md were a one-off patch of Generator._best_of.
     local run
     for run in "$R/gap4_seed1" "$R/gap4_seed2" runs/demo; do
         $M eval --ckpt "$run" --n 1024 --val-batches 0 --best-of 4 --guidance-early 3 --out "$run/eval_n1024_b4e3.json"

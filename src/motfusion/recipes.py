@@ -100,13 +100,13 @@ def demo() -> Config:
     - Over that first quarter, where the layout forms, no guidance (objective.guidance_early=1):
       guidance there draws a copy of an asked-for object into an empty quadrant. At 3 there (with
       the best of 4) geneval went 0.582 -> 0.607 over three seeds (n = 1,024); at 1 the candidates
-      draw the asked number of objects more often but bind colors less surely, so the recipe draws
-      8 of them, each half the cost (no unconditional rows), about the time of the best of 4 at 3; and
-      its reading finds candidates right in both: geneval 0.608 +- 0.010 -> 0.646 +- 0.022 over
-      three models (n = 1,024; +0.022 to +0.049 on each), single objects kept (0.96-0.99).
+      draw the asked number of objects more often but bind colors less surely, so the recipe
+      draws 8 of them, each half the cost (no unconditional rows): about the time of the best of 4
+      at 3. Among 8 the reading finds candidates right in both: geneval 0.608 +- 0.010 -> 0.646 +-
+      0.022 over three models (n = 1,024; +0.022 to +0.049 on each), single objects kept.
     - train.precision=auto: bf16 where the CPU has AMX (0.84 of fp32's step time), fp32 elsewhere.
     - 1,400 steps: what fits in the 15 minutes beside set-up and evaluation. Fresh clones took
-      12 min 42 s to 14 min 59.8 s, by the stretch of the host (fp32, AMD without AMX); 13 min 58 s
+      12 min 29 s to 14 min 59.8 s, by the stretch of the host (fp32, AMD without AMX); 13 min 58 s
       (bf16, AMX, before Muon).
     """
     return Config(
