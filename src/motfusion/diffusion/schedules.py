@@ -158,8 +158,7 @@ class RectifiedFlow(DiffusionProcess):
         else:
             source = generator.device if generator is not None else device
             s = torch.randn(n, generator=generator, device=source, dtype=torch.float64).to(device).sigmoid()
-        if self.shift != 1.0:
-            s = self.shift * s / (1 + (self.shift - 1) * s)  # still in [0, 1)
+        s = self.shift * s / (1 + (self.shift - 1) * s)  # still in [0, 1); exactly s at shift 1
         return (s * upper).float()  # in [0, upper)
 
     def noise_level(self, t: Tensor) -> Tensor:
