@@ -47,7 +47,7 @@ lint: $(DEV_STAMP)
 test: $(DEV_STAMP) debs lint
 	$(PY) -m pytest -q
 
-# Train-step and attention timings on this host (about a minute on CPU): benchmarks/results/.
+# Train-step and attention timings on this host (about 7 minutes on 2 CPU cores): benchmarks/results/.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) benchmarks/bench.py $(BENCH_ARGS)

@@ -77,6 +77,10 @@ SAMPLING_BATCH, SAMPLING_REPEATS = 8, 5
 COMPILE_BATCHES = 4  # distinct packed batches the compile benchmark rotates through
 GEMM_SIZES = (512, 1024, 1536)
 TARGETS = {"mot_over_dense": 1.05, "causal_over_documents": 3.0, "utilisation": 0.5}
+MOT_GAP = (
+    "Where MoT's extra time goes at these sizes, and how MoT / dense falls with the tokens per step: "
+    "[mot_gap.md](mot_gap.md) (`python benchmarks/mot_gap.py`)."
+)
 
 
 def median_ms(fn: Callable[[], object], warmup: int, repeats: int) -> float:
@@ -630,7 +634,7 @@ def markdown(header: dict, tables: dict, note: str) -> str:
     if note:
         lines += [f"**Note:** {note}", ""]
     sections = [
-        ("Targets", targets_table(tables)),
+        ("Targets", [*targets_table(tables), "", MOT_GAP]),
         ("1. Train step: MoT vs dense (equal FLOPs per token)", train_lines(tables["train_step"])),
         (
             "2. Attention (sdpa, forward + backward): documents vs the Transfusion mask vs causal",

@@ -86,3 +86,32 @@ def test_optimizer_bench_writes_both_optimizers(tmp_path):
     saved = json.loads((tmp_path / "optimizer.json").read_text())
     assert saved["step_ms"]["adamw"] > 0 and saved["step_ms"]["muon"] > 0
     assert saved["muon_over_adamw"] == round(saved["step_ms"]["muon"] / saved["step_ms"]["adamw"], 3)
+
+
+def test_mot_gap_sees_equal_matmul_work_split_by_tower(tmp_path, monkeypatch):
+    """benchmarks/mot_gap.py runs tiny; MoT's matmuls do dense's FLOPs, on the towers' token counts."""
+    import mot_gap
+
+    monkeypatch.setattr(mot_gap, "DIMS", (32,))
+    monkeypatch.setattr(mot_gap, "PARTS_DIMS", (32,))
+    monkeypatch.setattr(mot_gap, "PASSES", 2)
+    mot_gap.main(["--threads", "1", "--batch-sizes", "2,3", "--repeats", "1", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "mot_gap.json").read_text())
+    assert {(r["modalities"], r["rows"]) for r in saved["ratios"]} == {(m, b) for m in (2, 3) for b in (2, 3)}
+    (parts,) = saved["parts"]
+    towers, (everything,) = parts["tower_tokens"]["MoT"], parts["tower_tokens"]["dense"]
+    assert len(towers) == 3 and sum(towers) == everything
+    mm = parts["matmuls"]
+    flops = {name: sum(g["gflop"] for g in groups.values()) for name, groups in mm.items()}
+    assert flops["MoT"] == pytest.approx(flops["dense"], rel=1e-9)  # equal FLOPs, split differently
+    for tokens in towers:  # each of a block's 5 linears: forward, input and weight gradients, per layer
+        assert mm["MoT"][str(tokens)]["calls"] >= 15 * 2
+    assert mm["dense"][str(everything)]["calls"] == 15 * 2
+    assert set(parts["parts_ms"]) == {
+        "forward + backward",
+        "gradient clipping",
+        "optimizer update",
+        "whole step",
+    }
+    table = (tmp_path / "mot_gap.md").read_text()
+    assert "| **worst** |" in table and "| 32 | MoT | **all** |" in table

@@ -100,6 +100,7 @@ SKIP = {  # pattern (re.match on the line) -> why it does not run here
     r"benchmarks/reproduce\.sh": "hours of runs: every result behind docs/RESULTS.md",
     r"\.venv/bin/python benchmarks/precision\.py": "minutes of timing; tests/test_bench.py runs one row",
     r"\.venv/bin/python benchmarks/optimizer\.py": "a minute of timing; tests/test_bench.py runs it tiny",
+    r"\.venv/bin/python benchmarks/mot_gap\.py": "minutes of timing; tests/test_bench.py runs it tiny",
 }
 KNOWN_FAILURES: dict[str, str] = {}  # a documented line that fails because of the code -> the failure
 
