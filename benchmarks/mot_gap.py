@@ -1,5 +1,5 @@
 """Where a MoT train step's extra time goes, against dense at equal FLOPs per token (issue 12's
-target 1, MoT / dense <= 1.05, which `make bench` does not meet at 4 and 16 rows of 192 tokens).
+target 1, MoT / dense <= 1.05, which `make bench` does not meet at 4 and 16 rows of 192 positions).
 
     python benchmarks/mot_gap.py [--threads 1,2] [--batch-sizes 4,16,64] [--repeats 20] [--out benchmarks/results]
 
@@ -185,11 +185,11 @@ def markdown(result: dict) -> str:
             f"Machine: {m['cpu']} ({m['cpu_count']} cores), torch {m['torch']}, load average "
             f"{m['load_avg_1_5_15']} at the start.",
             "",
-            "## 1. MoT / dense step time against the tokens per step (rows of 192 tokens)",
+            "## 1. MoT / dense step time against the tokens per step (rows of 192 positions)",
             "",
             *ratio_lines(ratios, batch_sizes),
             "",
-            f"## 2. The step in parts: three modalities, {parts[0]['batch']} tokens, "
+            f"## 2. The step in parts: three modalities, {parts[0]['batch']} positions, "
             f"{result['parts_threads']} threads (MoT's towers: {tokens} tokens)",
             "",
             *parts_lines(parts),
@@ -205,7 +205,7 @@ def markdown(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", default="1,2")
-    p.add_argument("--batch-sizes", default="4,16,64", help="rows of 192 tokens per step")
+    p.add_argument("--batch-sizes", default="4,16,64", help="rows of 192 positions per step")
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = p.parse_args(argv)
