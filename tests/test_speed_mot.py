@@ -171,3 +171,22 @@ def test_kv_cache_equals_recompute_with_tower_order(tok, cfg, changes):
         outs.append((first, token, pred))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "untie, per_tower_calls",
+    [(("ffn",), {"wqkv": 1, "wo": 1, "ffn": 2}), (("attn",), {"wqkv": 2, "wo": 2, "ffn": 1})],
+)
+def test_a_shared_step_runs_once_on_the_whole_stream(tok, cfg, untie, per_tower_calls):
+    """Under a partial untie, a step whose weights (and norm) are all shared is one call over every
+    token, not one per tower; the untied steps still run per tower. Outputs: tests/test_mot.py."""
+    b = random_batch(tok, seed=3)
+    model = model_with(cfg, tok.vocab_size, untie=untie)
+    block = model.backbone.blocks[0]
+    calls = {name: 0 for name in per_tower_calls}
+    for name in calls:
+        for module in getattr(block, name).values():
+            module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    assert set(b.modality.unique().tolist()) == {MODALITIES["text"], MODALITIES["image"]}  # both towers
+    model(b, b.images, torch.zeros(b.images.shape[0]))
+    assert calls == per_tower_calls

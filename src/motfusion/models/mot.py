@@ -3,7 +3,9 @@
 Every non-embedding weight (Q/K/V/O projections, FFN, norms) can be separate per tower, while
 attention is one softmax over the whole mixed sequence. Each component keeps its weights in a
 ModuleDict keyed by tower name when it is untied, or under the single key "shared" when it is tied;
-`model.untie = ()` is the dense baseline, with the same FLOPs per token.
+`model.untie = ()` is the dense baseline, with the same FLOPs per token. A step whose weights are
+all shared (the attention's norm and projections under `model.untie=ffn`, say) runs once on the
+whole stream.
 
 Routing: once per forward, `MoTBackbone.route` orders the B * T positions tower by tower (a
 `Route`). The backbone keeps its residual stream (and RoPE angles) in that order, so each tower's
@@ -137,6 +139,9 @@ class MoTBlock(nn.Module):
             (self.q_norm[norm](q).flatten(1), self.k_norm[norm](k).flatten(1), v.flatten(1)), dim=-1
         )
 
+    def _out(self, tower: str, y: torch.Tensor) -> torch.Tensor:
+        return self.wo[self._key("attn", tower)](y)
+
     def _ffn(self, tower: str, x: torch.Tensor) -> torch.Tensor:
         return self.ffn[self._key("ffn", tower)](self.ffn_norm[self._key("norm", tower)](x))
 
@@ -154,15 +159,19 @@ class MoTBlock(nn.Module):
         row order, cached part included (None when attention ran on document buckets)."""
         B, T, D = x.shape
         H, hd = self.cfg.n_heads, self.cfg.head_dim
-        xs = split_towers(x.reshape(B * T, D), route)  # [(tower, (n_t, D))]
-        qkv = join_towers([self._qkv(t, xt) for t, xt in xs], route)  # (N, 3D)
+        x = x.reshape(B * T, D)
+        qkv = each_tower(x, self._route(route, "norm", "attn"), self._qkv)  # (N, 3D)
         q, k, v = qkv.view(B, T, 3, H, hd).unbind(2)  # (B, T, H, hd) each
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y, kv = self._attention(q, k, v, route, mask, kv)  # (N, D)
-        ys = split_towers(y, route)
-        xs = [(t, xt + self.wo[self._key("attn", t)](yt)) for (t, xt), (_, yt) in zip(xs, ys)]
-        xs = [xt + self._ffn(t, xt) for t, xt in xs]
-        return join_towers(xs, route).view(B, T, D), kv
+        x = x + each_tower(y, self._route(route, "attn"), self._out)
+        x = x + each_tower(x, self._route(route, "norm", "ffn"), self._ffn)
+        return x.view(B, T, D), kv
+
+    def _route(self, route: Route | None, *components: str) -> Route | None:
+        """The route for a step whose weights are `components`: tower by tower when any of them is
+        untied, else one call on the whole stream (a shared weight needs no split)."""
+        return route if any(is_untied(self.cfg, c) for c in components) else None
 
     def _attention(self, q, k, v, route: Route | None, mask, kv) -> tuple[torch.Tensor, tuple | None]:
         """q, k, v: (B, T, H, hd) in stream order -> (B * T, D) in stream order, and (k, v) as forward returns them."""
@@ -225,4 +234,5 @@ class MoTBackbone(nn.Module):
             x, kv = block(x, route, rope, mask, cache[i] if cache else None)
             kvs.append(kv)
         norm = lambda t, xs: self.final_norm[weight_key(self.cfg, "norm", t)](xs)
-        return to_rows(each_tower(x.reshape(B * T, D), route, norm), route).view(B, T, D), kvs
+        x = each_tower(x.reshape(B * T, D), route if is_untied(self.cfg, "norm") else None, norm)
+        return to_rows(x, route).view(B, T, D), kvs
