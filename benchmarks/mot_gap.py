@@ -143,9 +143,9 @@ def matmul_lines(rows: list[dict]) -> list[str]:
         for name, groups in r["matmuls"].items():
             total_ms = sum(g["ms"] for g in groups.values())
             total_gflop = sum(g["gflop"] for g in groups.values())
-            for rows_, g in groups.items():
+            for tokens, g in groups.items():
                 lines.append(
-                    f"| {r['dim']} | {name} | {rows_} | {g['calls']:.0f} | {g['ms']:.2f} | "
+                    f"| {r['dim']} | {name} | {tokens} | {g['calls']:.0f} | {g['ms']:.2f} | "
                     f"{g['gflop'] / g['ms'] * 1e3:.0f} |"
                 )
             lines.append(

@@ -97,6 +97,12 @@ def is_untied(cfg: ModelConfig, component: str) -> bool:
     return component in cfg.untie and len(tower_names(cfg)) > 1
 
 
+def step_route(cfg: ModelConfig, route: Route | None, *components: str) -> Route | None:
+    """The route for a step whose weights are `components`: tower by tower when any of them is
+    untied, else None, one call on the whole stream (a shared weight needs no split)."""
+    return route if any(is_untied(cfg, c) for c in components) else None
+
+
 def weight_key(cfg: ModelConfig, component: str, tower: str) -> str:
     """Which entry of a component's ModuleDict serves `tower`."""
     return tower if is_untied(cfg, component) else SHARED
@@ -160,18 +166,13 @@ class MoTBlock(nn.Module):
         B, T, D = x.shape
         H, hd = self.cfg.n_heads, self.cfg.head_dim
         x = x.reshape(B * T, D)
-        qkv = each_tower(x, self._route(route, "norm", "attn"), self._qkv)  # (N, 3D)
+        qkv = each_tower(x, step_route(self.cfg, route, "norm", "attn"), self._qkv)  # (N, 3D)
         q, k, v = qkv.view(B, T, 3, H, hd).unbind(2)  # (B, T, H, hd) each
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         y, kv = self._attention(q, k, v, route, mask, kv)  # (N, D)
-        x = x + each_tower(y, self._route(route, "attn"), self._out)
-        x = x + each_tower(x, self._route(route, "norm", "ffn"), self._ffn)
+        x = x + each_tower(y, step_route(self.cfg, route, "attn"), self._out)
+        x = x + each_tower(x, step_route(self.cfg, route, "norm", "ffn"), self._ffn)
         return x.view(B, T, D), kv
-
-    def _route(self, route: Route | None, *components: str) -> Route | None:
-        """The route for a step whose weights are `components`: tower by tower when any of them is
-        untied, else one call on the whole stream (a shared weight needs no split)."""
-        return route if any(is_untied(self.cfg, c) for c in components) else None
 
     def _attention(self, q, k, v, route: Route | None, mask, kv) -> tuple[torch.Tensor, tuple | None]:
         """q, k, v: (B, T, H, hd) in stream order -> (B * T, D) in stream order, and (k, v) as forward returns them."""
@@ -234,5 +235,5 @@ class MoTBackbone(nn.Module):
             x, kv = block(x, route, rope, mask, cache[i] if cache else None)
             kvs.append(kv)
         norm = lambda t, xs: self.final_norm[weight_key(self.cfg, "norm", t)](xs)
-        x = each_tower(x.reshape(B * T, D), route if is_untied(self.cfg, "norm") else None, norm)
+        x = each_tower(x.reshape(B * T, D), step_route(self.cfg, route, "norm"), norm)
         return to_rows(x, route).view(B, T, D), kvs
